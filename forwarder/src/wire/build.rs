@@ -70,7 +70,11 @@ pub enum BuildError {
 
 /// Builds an Ethernet frame carrying an ARP packet.
 pub fn arp(out: &mut Vec<u8>, src: EthernetAddress, dst: EthernetAddress, repr: &ArpRepr) {
-    let eth = EthernetRepr { src_addr: src, dst_addr: dst, ethertype: EthernetProtocol::Arp };
+    let eth = EthernetRepr {
+        src_addr: src,
+        dst_addr: dst,
+        ethertype: EthernetProtocol::Arp,
+    };
     reset(out, eth.buffer_len() + repr.buffer_len());
     let mut frame = EthernetFrame::new_unchecked(&mut out[..]);
     eth.emit(&mut frame);
@@ -103,7 +107,11 @@ pub fn ipv4(
         payload_len: len,
         hop_limit,
     };
-    let eth = EthernetRepr { src_addr: src_mac, dst_addr: dst_mac, ethertype: EthernetProtocol::Ipv4 };
+    let eth = EthernetRepr {
+        src_addr: src_mac,
+        dst_addr: dst_mac,
+        ethertype: EthernetProtocol::Ipv4,
+    };
     reset(out, ETHERNET_HEADER_LEN + ip.buffer_len() + len);
     let mut frame = EthernetFrame::new_unchecked(&mut out[..]);
     eth.emit(&mut frame);
@@ -113,9 +121,16 @@ pub fn ipv4(
     let (s, d) = (IpAddress::Ipv4(src), IpAddress::Ipv4(dst));
     match payload {
         Payload::Icmpv4(repr) => {
-            repr.emit(&mut Icmpv4Packet::new_unchecked(body), &ChecksumCapabilities::default());
+            repr.emit(
+                &mut Icmpv4Packet::new_unchecked(body),
+                &ChecksumCapabilities::default(),
+            );
         }
-        Payload::Udp { src_port, dst_port, data } => emit_udp(body, (&s, &d), *src_port, *dst_port, data),
+        Payload::Udp {
+            src_port,
+            dst_port,
+            data,
+        } => emit_udp(body, (&s, &d), *src_port, *dst_port, data),
         Payload::Icmpv6 { .. } => return Err(BuildError::WrongFamily),
     }
     Ok(())
@@ -147,7 +162,11 @@ pub fn ipv6(
         payload_len: len,
         hop_limit,
     };
-    let eth = EthernetRepr { src_addr: src_mac, dst_addr: dst_mac, ethertype: EthernetProtocol::Ipv6 };
+    let eth = EthernetRepr {
+        src_addr: src_mac,
+        dst_addr: dst_mac,
+        ethertype: EthernetProtocol::Ipv6,
+    };
     reset(out, ETHERNET_HEADER_LEN + IPV6_HEADER_LEN + len);
     let mut frame = EthernetFrame::new_unchecked(&mut out[..]);
     eth.emit(&mut frame);
@@ -157,14 +176,29 @@ pub fn ipv6(
     match payload {
         Payload::Icmpv6 { repr, options } => {
             let (message, trailer) = body.split_at_mut(repr.buffer_len());
-            repr.emit(&src, &dst, &mut Icmpv6Packet::new_unchecked(message), &ChecksumCapabilities::default());
+            repr.emit(
+                &src,
+                &dst,
+                &mut Icmpv6Packet::new_unchecked(message),
+                &ChecksumCapabilities::default(),
+            );
             trailer.copy_from_slice(options);
             if !options.is_empty() {
                 Icmpv6Packet::new_unchecked(body).fill_checksum(&src, &dst);
             }
         }
-        Payload::Udp { src_port, dst_port, data } => {
-            emit_udp(body, (&IpAddress::Ipv6(src), &IpAddress::Ipv6(dst)), *src_port, *dst_port, data);
+        Payload::Udp {
+            src_port,
+            dst_port,
+            data,
+        } => {
+            emit_udp(
+                body,
+                (&IpAddress::Ipv6(src), &IpAddress::Ipv6(dst)),
+                *src_port,
+                *dst_port,
+                data,
+            );
         }
         Payload::Icmpv4(_) => return Err(BuildError::WrongFamily),
     }
@@ -189,7 +223,13 @@ pub fn rdnss_option(out: &mut Vec<u8>, lifetime_s: u32, servers: &[Ipv6Addr]) {
     }
 }
 
-fn emit_udp(body: &mut [u8], (src, dst): (&IpAddress, &IpAddress), src_port: u16, dst_port: u16, data: &[u8]) {
+fn emit_udp(
+    body: &mut [u8],
+    (src, dst): (&IpAddress, &IpAddress),
+    src_port: u16,
+    dst_port: u16,
+    data: &[u8],
+) {
     let repr = UdpRepr { src_port, dst_port };
     repr.emit(
         &mut UdpPacket::new_unchecked(body),

@@ -39,15 +39,19 @@ pub fn update16(check: u16, old: u16, new: u16) -> u16 {
 /// Both slices must have the same even length; otherwise `check` is returned unchanged.
 #[must_use]
 pub fn update_bytes(check: u16, old: &[u8], new: &[u8]) -> u16 {
-    if old.len() != new.len() || old.len() % 2 != 0 {
+    if old.len() != new.len() || !old.len().is_multiple_of(2) {
         return check;
     }
-    old.chunks_exact(2).zip(new.chunks_exact(2)).fold(check, |c, (o, n)| match (o, n) {
-        ([o0, o1], [n0, n1]) => {
-            update16(c, u16::from_be_bytes([*o0, *o1]), u16::from_be_bytes([*n0, *n1]))
-        }
-        _ => c,
-    })
+    old.chunks_exact(2)
+        .zip(new.chunks_exact(2))
+        .fold(check, |c, (o, n)| match (o, n) {
+            ([o0, o1], [n0, n1]) => update16(
+                c,
+                u16::from_be_bytes([*o0, *o1]),
+                u16::from_be_bytes([*n0, *n1]),
+            ),
+            _ => c,
+        })
 }
 
 fn fold(mut acc: u32) -> u16 {
@@ -67,7 +71,10 @@ mod tests {
     #[test]
     fn rfc1071_example() {
         // RFC 1071 §3: the sum of 00 01 f2 03 f4 f5 f6 f7 is 0xddf2.
-        assert_eq!(sum(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]), 0xddf2);
+        assert_eq!(
+            sum(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]),
+            0xddf2
+        );
     }
 
     #[test]
@@ -95,7 +102,7 @@ mod tests {
             let after = full(&data);
             let incremental = update16(before, old, new);
             // 0x0000 and 0xffff are the same value in ones' complement.
-            prop_assert!(incremental == after || (incremental ^ after) == 0xffff && after % 0xffff == 0);
+            prop_assert!(incremental == after || (incremental ^ after) == 0xffff && after.is_multiple_of(0xffff));
         }
 
         #[test]
@@ -107,7 +114,7 @@ mod tests {
             data[2..6].copy_from_slice(&new);
             let after = full(&data);
             let incremental = update_bytes(before, &old, &new);
-            prop_assert!(incremental == after || (incremental ^ after) == 0xffff && after % 0xffff == 0);
+            prop_assert!(incremental == after || (incremental ^ after) == 0xffff && after.is_multiple_of(0xffff));
         }
     }
 }

@@ -10,8 +10,8 @@
 //! (bulk-leasequery options 91–94), so a malformed DISCOVER from the guest panics a debug
 //! build — found by `arbitrary_bytes_never_panic`. Its v6 decoder has no such assertions.
 
-use dhcproto::{Decodable, Decoder, Encodable, Encoder};
 pub use dhcproto::v6;
+use dhcproto::{Decodable, Decoder, Encodable, Encoder};
 pub use smoltcp::wire::{DhcpMessageType, DhcpOption, DhcpPacket, DhcpRepr};
 
 /// DHCPv4 server port (RFC 2131).

@@ -44,11 +44,10 @@ pub mod dhcp;
 use smoltcp::phy::ChecksumCapabilities;
 pub use smoltcp::wire::{
     ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
-    EthernetRepr, Icmpv4Message, Icmpv4Packet, Icmpv4Repr, Icmpv6Message, Icmpv6Packet,
-    Icmpv6Repr, IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6ExtHeader, Ipv6Packet,
-    Ipv6Repr, NdiscNeighborFlags, NdiscPrefixInfoFlags, NdiscPrefixInformation, NdiscRepr,
-    NdiscRouterFlags, RawHardwareAddress, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
-    UdpPacket, UdpRepr,
+    EthernetRepr, Icmpv4Message, Icmpv4Packet, Icmpv4Repr, Icmpv6Message, Icmpv6Packet, Icmpv6Repr,
+    IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6ExtHeader, Ipv6Packet, Ipv6Repr,
+    NdiscNeighborFlags, NdiscPrefixInfoFlags, NdiscPrefixInformation, NdiscRepr, NdiscRouterFlags,
+    RawHardwareAddress, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
 };
 
 /// Why a frame from the namespace was not processed. Each reason has its own counter.
@@ -199,7 +198,11 @@ fn parse_ipv4(payload: &[u8]) -> Result<L3<'_>, DropReason> {
         IpProtocol::Icmp => parse_icmpv4(body)?,
         IpProtocol::Udp => parse_udp(body, &src, &dst)?,
         IpProtocol::Tcp => parse_tcp(body, &src, &dst)?,
-        protocol => L4::Other { protocol, icmp_type: 0, payload: body },
+        protocol => L4::Other {
+            protocol,
+            icmp_type: 0,
+            payload: body,
+        },
     };
     Ok(L3::Ipv4 { ip, l4 })
 }
@@ -235,7 +238,11 @@ fn parse_ipv6(payload: &[u8]) -> Result<L3<'_>, DropReason> {
         IpProtocol::Icmpv6 => parse_icmpv6(body, &ip)?,
         IpProtocol::Udp => parse_udp(body, &src, &dst)?,
         IpProtocol::Tcp => parse_tcp(body, &src, &dst)?,
-        protocol => L4::Other { protocol, icmp_type: 0, payload: body },
+        protocol => L4::Other {
+            protocol,
+            icmp_type: 0,
+            payload: body,
+        },
     };
     Ok(L3::Ipv6 { ip, l4 })
 }
@@ -287,26 +294,22 @@ fn parse_icmpv6<'a>(body: &'a [u8], ip: &Ipv6Repr) -> Result<L4<'a>, DropReason>
     }
 }
 
-fn parse_udp<'a>(
-    body: &'a [u8],
-    src: &IpAddress,
-    dst: &IpAddress,
-) -> Result<L4<'a>, DropReason> {
+fn parse_udp<'a>(body: &'a [u8], src: &IpAddress, dst: &IpAddress) -> Result<L4<'a>, DropReason> {
     let packet = UdpPacket::new_checked(body).map_err(|_| DropReason::Truncated)?;
     let checksum_ok = packet.verify_checksum(src, dst)
         || (matches!(src, IpAddress::Ipv4(_)) && packet.checksum() == 0);
     if !checksum_ok {
         return Err(DropReason::BadChecksum);
     }
-    let udp = UdpRepr::parse(&packet, src, dst, &verify_all()).map_err(|_| DropReason::Malformed)?;
-    Ok(L4::Udp { udp, payload: packet.payload() })
+    let udp =
+        UdpRepr::parse(&packet, src, dst, &verify_all()).map_err(|_| DropReason::Malformed)?;
+    Ok(L4::Udp {
+        udp,
+        payload: packet.payload(),
+    })
 }
 
-fn parse_tcp<'a>(
-    body: &'a [u8],
-    src: &IpAddress,
-    dst: &IpAddress,
-) -> Result<L4<'a>, DropReason> {
+fn parse_tcp<'a>(body: &'a [u8], src: &IpAddress, dst: &IpAddress) -> Result<L4<'a>, DropReason> {
     let packet = TcpPacket::new_checked(body).map_err(|_| DropReason::Truncated)?;
     if !packet.verify_checksum(src, dst) {
         return Err(DropReason::BadChecksum);

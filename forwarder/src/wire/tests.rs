@@ -53,7 +53,11 @@ fn mac(last: u8) -> EthernetAddress {
 #[test]
 fn every_capture_parses() {
     for (name, bytes) in ALL {
-        assert!(parse(bytes).is_ok(), "{name} did not parse: {:?}", parse(bytes));
+        assert!(
+            parse(bytes).is_ok(),
+            "{name} did not parse: {:?}",
+            parse(bytes)
+        );
     }
 }
 
@@ -61,7 +65,10 @@ fn every_capture_parses() {
 fn every_truncated_prefix_is_rejected() {
     for (name, bytes) in ALL {
         for n in 0..bytes.len() {
-            assert!(parse(&bytes[..n]).is_err(), "{name} truncated to {n} bytes was accepted");
+            assert!(
+                parse(&bytes[..n]).is_err(),
+                "{name} truncated to {n} bytes was accepted"
+            );
         }
     }
 }
@@ -83,7 +90,10 @@ fn single_bit_flips_never_panic() {
             copy[i / 8] ^= 1 << (i % 8);
         }
     }
-    assert!(rejected * 2 > total, "only {rejected} of {total} corruptions rejected");
+    assert!(
+        rejected * 2 > total,
+        "only {rejected} of {total} corruptions rejected"
+    );
 }
 
 #[test]
@@ -116,7 +126,9 @@ fn unknown_ethertype_and_bad_lengths() {
 fn arp_rebuilt_byte_for_byte() {
     for bytes in [ARP_REQUEST, ARP_REPLY] {
         let frame = parse(bytes).unwrap();
-        let L3::Arp(arp) = frame.l3 else { panic!("not ARP") };
+        let L3::Arp(arp) = frame.l3 else {
+            panic!("not ARP")
+        };
         let mut out = Vec::new();
         build::arp(&mut out, frame.eth.src_addr, frame.eth.dst_addr, &arp);
         assert_eq!(out, bytes);
@@ -126,8 +138,13 @@ fn arp_rebuilt_byte_for_byte() {
 #[test]
 fn arp_request_fields() {
     let frame = parse(ARP_REQUEST).unwrap();
-    let L3::Arp(ArpRepr::EthernetIpv4 { operation, source_hardware_addr, source_protocol_addr, target_protocol_addr, .. }) =
-        frame.l3
+    let L3::Arp(ArpRepr::EthernetIpv4 {
+        operation,
+        source_hardware_addr,
+        source_protocol_addr,
+        target_protocol_addr,
+        ..
+    }) = frame.l3
     else {
         panic!("not ARP")
     };
@@ -141,15 +158,27 @@ fn arp_request_fields() {
 /// does not model (identification, DF) from the original, and compares every byte.
 fn rebuild_ipv4(bytes: &[u8]) -> Vec<u8> {
     let frame = parse(bytes).unwrap();
-    let L3::Ipv4 { ip, l4 } = &frame.l3 else { panic!("not IPv4") };
+    let L3::Ipv4 { ip, l4 } = &frame.l3 else {
+        panic!("not IPv4")
+    };
     let mut out = Vec::new();
     let payload = match l4 {
         L4::Icmpv4(repr) => Payload::Icmpv4(*repr),
-        L4::Udp { udp, payload } => Payload::Udp { src_port: udp.src_port, dst_port: udp.dst_port, data: payload },
+        L4::Udp { udp, payload } => Payload::Udp {
+            src_port: udp.src_port,
+            dst_port: udp.dst_port,
+            data: payload,
+        },
         other => panic!("cannot rebuild {other:?}"),
     };
-    build::ipv4(&mut out, (frame.eth.src_addr, frame.eth.dst_addr), (ip.src_addr, ip.dst_addr), ip.hop_limit, &payload)
-        .unwrap();
+    build::ipv4(
+        &mut out,
+        (frame.eth.src_addr, frame.eth.dst_addr),
+        (ip.src_addr, ip.dst_addr),
+        ip.hop_limit,
+        &payload,
+    )
+    .unwrap();
     let original = Ipv4Packet::new_checked(&bytes[14..]).unwrap();
     let mut packet = Ipv4Packet::new_unchecked(&mut out[14..]);
     packet.set_ident(original.ident());
@@ -169,14 +198,23 @@ fn icmpv4_and_udp_rebuilt_byte_for_byte() {
 fn icmpv6_rebuilt_byte_for_byte() {
     for bytes in [NDP_NS, NDP_NA, NDP_RS, ICMP6_ECHO] {
         let frame = parse(bytes).unwrap();
-        let L3::Ipv6 { ip, l4: L4::Icmpv6(repr) } = &frame.l3 else { panic!("not ICMPv6") };
+        let L3::Ipv6 {
+            ip,
+            l4: L4::Icmpv6(repr),
+        } = &frame.l3
+        else {
+            panic!("not ICMPv6")
+        };
         let mut out = Vec::new();
         build::ipv6(
             &mut out,
             (frame.eth.src_addr, frame.eth.dst_addr),
             (ip.src_addr, ip.dst_addr),
             ip.hop_limit,
-            &Payload::Icmpv6 { repr: *repr, options: &[] },
+            &Payload::Icmpv6 {
+                repr: *repr,
+                options: &[],
+            },
         )
         .unwrap();
         // Traffic class and flow label are not in smoltcp's Ipv6Repr: take them from the
@@ -189,10 +227,19 @@ fn icmpv6_rebuilt_byte_for_byte() {
 #[test]
 fn ipv6_extension_headers_are_walked() {
     let frame = parse(MLD_HBH).unwrap();
-    let L3::Ipv6 { ip, l4 } = frame.l3 else { panic!("not IPv6") };
+    let L3::Ipv6 { ip, l4 } = frame.l3 else {
+        panic!("not IPv6")
+    };
     assert_eq!(ip.next_header, IpProtocol::Icmpv6);
     // MLDv2 report (type 143) is passed up as an ICMPv6 type this layer does not model.
-    assert!(matches!(l4, L4::Other { protocol: IpProtocol::Icmpv6, icmp_type: 143, .. }));
+    assert!(matches!(
+        l4,
+        L4::Other {
+            protocol: IpProtocol::Icmpv6,
+            icmp_type: 143,
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -216,7 +263,13 @@ fn ipv6_extension_header_chain_is_bounded() {
 #[test]
 fn tcp_syn_options_parsed_and_reemitted() {
     let frame = parse(TCP_SYN).unwrap();
-    let L3::Ipv4 { ip, l4: L4::Tcp(tcp) } = frame.l3 else { panic!("not TCP") };
+    let L3::Ipv4 {
+        ip,
+        l4: L4::Tcp(tcp),
+    } = frame.l3
+    else {
+        panic!("not TCP")
+    };
     assert_eq!(tcp.control, TcpControl::Syn);
     assert_eq!(tcp.dst_port, 8080);
     assert_eq!(tcp.max_seg_size, Some(1460));
@@ -228,8 +281,19 @@ fn tcp_syn_options_parsed_and_reemitted() {
     // and the fixed header byte for byte.
     let (src, dst) = (IpAddress::Ipv4(ip.src_addr), IpAddress::Ipv4(ip.dst_addr));
     let mut buf = vec![0u8; tcp.buffer_len()];
-    tcp.emit(&mut TcpPacket::new_unchecked(&mut buf[..]), &src, &dst, &ChecksumCapabilities::default());
-    let reparsed = TcpRepr::parse(&TcpPacket::new_checked(&buf[..]).unwrap(), &src, &dst, &ChecksumCapabilities::default()).unwrap();
+    tcp.emit(
+        &mut TcpPacket::new_unchecked(&mut buf[..]),
+        &src,
+        &dst,
+        &ChecksumCapabilities::default(),
+    );
+    let reparsed = TcpRepr::parse(
+        &TcpPacket::new_checked(&buf[..]).unwrap(),
+        &src,
+        &dst,
+        &ChecksumCapabilities::default(),
+    )
+    .unwrap();
     assert_eq!(reparsed, tcp);
     assert_eq!(buf[..16], TCP_SYN[34..50]);
 }
@@ -237,8 +301,17 @@ fn tcp_syn_options_parsed_and_reemitted() {
 #[test]
 fn dhcp4_discover_decodes_and_reencodes() {
     let frame = parse(DHCP4_DISCOVER).unwrap();
-    let L3::Ipv4 { l4: L4::Udp { udp, payload }, .. } = frame.l3 else { panic!("not UDP") };
-    assert_eq!((udp.src_port, udp.dst_port), (dhcp::DHCP4_CLIENT_PORT, dhcp::DHCP4_SERVER_PORT));
+    let L3::Ipv4 {
+        l4: L4::Udp { udp, payload },
+        ..
+    } = frame.l3
+    else {
+        panic!("not UDP")
+    };
+    assert_eq!(
+        (udp.src_port, udp.dst_port),
+        (dhcp::DHCP4_CLIENT_PORT, dhcp::DHCP4_SERVER_PORT)
+    );
     let (msg_type, chaddr, out) = dhcp::with_v4(payload, |repr| {
         let mut out = Vec::new();
         dhcp::encode_v4(repr, &mut out).unwrap();
@@ -251,8 +324,24 @@ fn dhcp4_discover_decodes_and_reencodes() {
     // emits no padding. The fixed BOOTP part (236 bytes + magic cookie) is identical, and the
     // re-encoded message decodes to the same representation.
     assert_eq!(out[..240], payload[..240]);
-    let again = dhcp::with_v4(&out, |r| (r.message_type, r.transaction_id, r.client_hardware_address, r.parameter_request_list.map(<[u8]>::to_vec))).unwrap();
-    let first = dhcp::with_v4(payload, |r| (r.message_type, r.transaction_id, r.client_hardware_address, r.parameter_request_list.map(<[u8]>::to_vec))).unwrap();
+    let again = dhcp::with_v4(&out, |r| {
+        (
+            r.message_type,
+            r.transaction_id,
+            r.client_hardware_address,
+            r.parameter_request_list.map(<[u8]>::to_vec),
+        )
+    })
+    .unwrap();
+    let first = dhcp::with_v4(payload, |r| {
+        (
+            r.message_type,
+            r.transaction_id,
+            r.client_hardware_address,
+            r.parameter_request_list.map(<[u8]>::to_vec),
+        )
+    })
+    .unwrap();
     assert_eq!(again, first);
 }
 
@@ -263,7 +352,13 @@ fn dhcp6_messages_decode_and_reencode() {
         (DHCP6_INFO, dhcp::v6::MessageType::InformationRequest),
     ] {
         let frame = parse(bytes).unwrap();
-        let L3::Ipv6 { l4: L4::Udp { payload, .. }, .. } = frame.l3 else { panic!("not UDP") };
+        let L3::Ipv6 {
+            l4: L4::Udp { payload, .. },
+            ..
+        } = frame.l3
+        else {
+            panic!("not UDP")
+        };
         let msg = dhcp::decode_v6(payload).unwrap();
         assert_eq!(msg.msg_type(), kind);
         let mut out = Vec::new();
@@ -286,8 +381,18 @@ fn rdnss_option_layout() {
 
 fn decode_dhcp_if_udp(bytes: &[u8]) {
     let payload = match parse(bytes) {
-        Ok(Frame { l3: L3::Ipv4 { l4: L4::Udp { payload, .. }, .. }, .. }) => payload,
-        Ok(Frame { l3: L3::Ipv6 { l4: L4::Udp { payload, .. }, .. }, .. }) => payload,
+        Ok(Frame {
+            l3:
+                L3::Ipv4 {
+                    l4: L4::Udp { payload, .. },
+                    ..
+                }
+                | L3::Ipv6 {
+                    l4: L4::Udp { payload, .. },
+                    ..
+                },
+            ..
+        }) => payload,
         _ => return,
     };
     let _ = dhcp::with_v4(payload, |r| r.transaction_id);

@@ -1,0 +1,639 @@
+//! # Theory of operation
+//!
+//! The sans-IO engine (STYLE A1): everything that decides what happens to a frame, with no
+//! system call and no clock. The I/O shell (`io`) feeds it and executes what it asks for.
+//!
+//! ## Inputs (`handle_*`, each with `now`)
+//!
+//! * [`Engine::handle_frame`]: one Ethernet frame read from the tap.
+//! * [`Engine::handle_echo_reply`]: an echo reply a flow's ping socket received.
+//! * [`Engine::handle_host_error`]: a flow's host socket failed (open or send).
+//! * [`Engine::handle_timeout`]: the time [`Engine::poll_timeout`] named has come.
+//!
+//! ## Outputs (`poll_*`)
+//!
+//! * [`Engine::poll_transmit`]: frames to write to the tap, in order. Buffers come from a
+//!   pool; the shell hands them back with [`Engine::recycle`] so steady-state traffic
+//!   allocates nothing per frame.
+//! * [`Engine::poll_host_op`]: operations on host sockets ([`HostOp`]).
+//! * [`Engine::poll_timeout`]: when to call `handle_timeout` next.
+//!
+//! ## Data flow, namespace → host
+//!
+//! `wire::parse` → drop with a counted reason, or dispatch by protocol: ARP → `services::arp`;
+//! NS/RS → `services::ndp`; UDP to 67 → `services::dhcp`; UDP to 547 → `services::dhcpv6`;
+//! echo to forwarder's own addresses → answered here; other echo → the flow table, which
+//! asks the shell to open a ping socket (`HostOp::EchoOpen`) and send (`HostOp::EchoSend`).
+//!
+//! ## Data flow, host → namespace
+//!
+//! A ping socket's reply becomes an echo reply frame from the remote address to the guest,
+//! with the guest's own echo identifier restored (a ping socket picks its own).
+//!
+//! ## Timers
+//!
+//! Unsolicited router advertisements at start and then at [`RA_SCHEDULE`] offsets, then every
+//! [`RA_INTERVAL`]; the flow sweep every [`flow::SWEEP_INTERVAL`] while flows exist.
+//!
+//! ## Limits
+//!
+//! At most [`MAX_TX_QUEUE`] frames wait for the shell (more are dropped and counted
+//! `tx_queue_full`), and at most [`MAX_HOST_OPS`] host operations; the flow table is
+//! bounded by `--max-flows`.
+
+pub mod stats;
+
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, trace};
+
+use crate::config::{Network, Services};
+use crate::flow::{self, FlowId, Key, Protocol};
+use crate::services::{arp, dhcp, dhcpv6, echo, ndp};
+use crate::wire::build::{self, BuildError, Payload};
+use crate::wire::dhcp::{
+    DHCP4_CLIENT_PORT, DHCP4_SERVER_PORT, DHCP6_CLIENT_PORT, DHCP6_SERVER_PORT,
+};
+use crate::wire::{self, EthernetAddress, Icmpv4Repr, Icmpv6Repr, L3, L4, NdiscRepr};
+pub use stats::Stats;
+
+/// An operation on the host the engine asks the shell to perform.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostOp {
+    /// Open a ping socket for `flow`, connected to `remote`.
+    EchoOpen {
+        /// The flow.
+        flow: FlowId,
+        /// Where the echo requests go.
+        remote: IpAddr,
+    },
+    /// Send an echo request on `flow`'s ping socket (the kernel sets the identifier).
+    EchoSend {
+        /// The flow.
+        flow: FlowId,
+        /// Sequence number.
+        seq: u16,
+        /// Echo payload.
+        data: Vec<u8>,
+    },
+    /// Close `flow`'s host socket.
+    Close {
+        /// The flow.
+        flow: FlowId,
+    },
+}
+
+/// The engine. One owner, no interior mutability, no I/O.
+#[derive(Debug)]
+pub struct Engine {
+    net: Network,
+    services: Services,
+    stats: Stats,
+    flows: flow::Table,
+    guest_mac: Option<EthernetAddress>,
+    tx: VecDeque<Vec<u8>>,
+    pool: Vec<Vec<u8>>,
+    ops: VecDeque<HostOp>,
+    scratch: Vec<u8>,
+    options: Vec<u8>,
+    next_ra: Option<Instant>,
+    ras_sent: usize,
+    next_sweep: Option<Instant>,
+    expired: Vec<FlowId>,
+}
+
+impl Engine {
+    /// A new engine for `net`; the first unsolicited RA is due at `now`.
+    #[must_use]
+    pub fn new(net: Network, services: Services, max_flows: usize, now: Instant) -> Self {
+        let next_ra = (services.ra && net.ipv6.is_some()).then_some(now);
+        Self {
+            net,
+            services,
+            stats: Stats::default(),
+            flows: flow::Table::new(max_flows),
+            guest_mac: None,
+            tx: VecDeque::new(),
+            pool: Vec::new(),
+            ops: VecDeque::new(),
+            scratch: Vec::new(),
+            options: Vec::new(),
+            next_ra,
+            ras_sent: 0,
+            next_sweep: None,
+            expired: Vec::new(),
+        }
+    }
+
+    /// The counters.
+    #[must_use]
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The flow table (read-only).
+    #[must_use]
+    pub fn flows(&self) -> &flow::Table {
+        &self.flows
+    }
+
+    /// Handles one frame read from the tap.
+    pub fn handle_frame(&mut self, now: Instant, bytes: &[u8]) {
+        self.stats.frames_in += 1;
+        let frame = match wire::parse(bytes) {
+            Ok(frame) => frame,
+            Err(reason) => {
+                self.stats.count_drop(reason);
+                trace!(
+                    reason = reason.name(),
+                    len = bytes.len(),
+                    "dropped frame from namespace"
+                );
+                return;
+            }
+        };
+        let src_mac = frame.eth.src_addr;
+        if src_mac.is_unicast() {
+            self.guest_mac = Some(src_mac);
+        }
+        match frame.l3 {
+            L3::Arp(request) => self.handle_arp(src_mac, &request),
+            L3::Ipv4 { ip, l4 } => self.handle_ipv4(now, src_mac, &ip, &l4),
+            L3::Ipv6 { ip, l4 } => self.handle_ipv6(now, src_mac, &ip, &l4),
+        }
+    }
+
+    /// Handles an echo reply received on `flow`'s ping socket.
+    pub fn handle_echo_reply(&mut self, now: Instant, flow: FlowId, seq: u16, data: &[u8]) {
+        let Some(f) = self.flows.get(flow) else {
+            self.stats.stale_host_events += 1;
+            return;
+        };
+        let (guest, remote, ident) = (f.initiator().addr, f.target().addr, f.initiator().port);
+        self.flows.touch(flow, now);
+        self.stats.echo_replies += 1;
+        self.send_echo_reply(remote, guest, ident, seq, data, self.guest_mac);
+    }
+
+    /// Handles a failure of `flow`'s host socket: the flow is removed.
+    pub fn handle_host_error(&mut self, _now: Instant, flow: FlowId) {
+        if self.flows.remove(flow).is_some() {
+            self.stats.host_errors += 1;
+            self.push_op(HostOp::Close { flow });
+        } else {
+            self.stats.stale_host_events += 1;
+        }
+    }
+
+    /// Runs timers that are due.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.next_ra.is_some_and(|t| t <= now) {
+            self.send_router_advert(ndp::ALL_NODES, None);
+            self.ras_sent += 1;
+            let delay = RA_SCHEDULE
+                .get(self.ras_sent)
+                .copied()
+                .unwrap_or(RA_INTERVAL);
+            self.next_ra = Some(now + delay);
+        }
+        if self.next_sweep.is_some_and(|t| t <= now) {
+            self.expired.clear();
+            self.flows.expire(now, &mut self.expired);
+            for i in 0..self.expired.len() {
+                if let Some(flow) = self.expired.get(i).copied() {
+                    debug!(flow = flow.0, "echo flow idle, closing");
+                    self.push_op(HostOp::Close { flow });
+                }
+            }
+            self.next_sweep = (!self.flows.is_empty()).then_some(now + flow::SWEEP_INTERVAL);
+        }
+    }
+
+    /// When [`Engine::handle_timeout`] should run next.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match (self.next_ra, self.next_sweep) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The next frame to write to the tap.
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        let frame = self.tx.pop_front()?;
+        self.stats.frames_out += 1;
+        Some(frame)
+    }
+
+    /// Returns a transmitted frame's buffer to the pool.
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        if self.pool.len() < MAX_POOLED {
+            self.pool.push(buf);
+        }
+    }
+
+    /// The next host operation.
+    pub fn poll_host_op(&mut self) -> Option<HostOp> {
+        self.ops.pop_front()
+    }
+
+    fn handle_arp(&mut self, src_mac: EthernetAddress, request: &wire::ArpRepr) {
+        if !self.services.arp {
+            self.stats.ignored += 1;
+            return;
+        }
+        match arp::handle(&self.net, request) {
+            Some(reply) => {
+                let our_mac = self.net.our_mac;
+                self.transmit(|out| {
+                    build::arp(out, our_mac, src_mac, &reply);
+                    Ok(())
+                });
+                self.stats.arp_replies += 1;
+            }
+            None => self.stats.ignored += 1,
+        }
+    }
+
+    fn handle_ipv4(
+        &mut self,
+        now: Instant,
+        src_mac: EthernetAddress,
+        ip: &wire::Ipv4Repr,
+        l4: &L4<'_>,
+    ) {
+        match l4 {
+            L4::Udp { udp, payload } if udp.dst_port == DHCP4_SERVER_PORT => {
+                if self.services.dhcp {
+                    self.handle_dhcp(src_mac, payload);
+                } else {
+                    self.stats.ignored += 1;
+                }
+            }
+            L4::Icmpv4(Icmpv4Repr::EchoRequest {
+                ident,
+                seq_no,
+                data,
+            }) => {
+                self.handle_echo(
+                    now,
+                    src_mac,
+                    IpAddr::V4(ip.src_addr),
+                    IpAddr::V4(ip.dst_addr),
+                    *ident,
+                    *seq_no,
+                    data,
+                );
+            }
+            L4::Tcp(_) => self.stats.unhandled_tcp += 1,
+            L4::Udp { .. } => self.stats.unhandled_udp += 1,
+            _ => self.stats.ignored += 1,
+        }
+    }
+
+    fn handle_ipv6(
+        &mut self,
+        now: Instant,
+        src_mac: EthernetAddress,
+        ip: &wire::Ipv6Repr,
+        l4: &L4<'_>,
+    ) {
+        match l4 {
+            L4::Icmpv6(Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit { target_addr, .. }))
+                if self.services.ndp =>
+            {
+                match ndp::handle_solicit(&self.net, ip.src_addr, *target_addr) {
+                    Some(advert) => {
+                        let dst_mac = if advert.dst == ndp::ALL_NODES {
+                            multicast_mac(advert.dst)
+                        } else {
+                            src_mac
+                        };
+                        let (our_mac, src) = (self.net.our_mac, *target_addr);
+                        let repr = Icmpv6Repr::Ndisc(advert.repr);
+                        self.transmit(|out| {
+                            build::ipv6(
+                                out,
+                                (our_mac, dst_mac),
+                                (src, advert.dst),
+                                NDP_HOP_LIMIT,
+                                &Payload::Icmpv6 { repr, options: &[] },
+                            )
+                        });
+                        self.stats.ndp_adverts += 1;
+                    }
+                    None => self.stats.ignored += 1,
+                }
+            }
+            L4::Icmpv6(Icmpv6Repr::Ndisc(NdiscRepr::RouterSolicit { .. })) if self.services.ra => {
+                // Answered to all-nodes (RFC 4861 §6.2.6 allows unicast; multicast also
+                // refreshes any other listener and needs no neighbour entry).
+                self.send_router_advert(ndp::ALL_NODES, None);
+            }
+            L4::Icmpv6(Icmpv6Repr::EchoRequest {
+                ident,
+                seq_no,
+                data,
+            }) => {
+                self.handle_echo(
+                    now,
+                    src_mac,
+                    IpAddr::V6(ip.src_addr),
+                    IpAddr::V6(ip.dst_addr),
+                    *ident,
+                    *seq_no,
+                    data,
+                );
+            }
+            L4::Udp { udp, payload } if udp.dst_port == DHCP6_SERVER_PORT => {
+                if self.services.dhcpv6 {
+                    self.handle_dhcpv6(src_mac, ip.src_addr, payload);
+                } else {
+                    self.stats.ignored += 1;
+                }
+            }
+            L4::Tcp(_) => self.stats.unhandled_tcp += 1,
+            L4::Udp { .. } => self.stats.unhandled_udp += 1,
+            _ => self.stats.ignored += 1,
+        }
+    }
+
+    fn handle_dhcp(&mut self, src_mac: EthernetAddress, payload: &[u8]) {
+        let net = &self.net;
+        let Some(reply) = wire::dhcp::with_v4(payload, |request| dhcp::handle(net, request)) else {
+            self.stats.bad_dhcp += 1;
+            return;
+        };
+        let Some(reply) = reply else {
+            self.stats.ignored += 1;
+            return;
+        };
+        let Some(plan) = self.net.ipv4.as_ref() else {
+            return;
+        };
+        let mut body = std::mem::take(&mut self.scratch);
+        if reply.encode(&self.net, &mut body).is_err() {
+            self.scratch = body;
+            return;
+        }
+        let (dst_ip, dst_mac) = match reply.dst {
+            dhcp::Destination::Broadcast => {
+                (std::net::Ipv4Addr::BROADCAST, EthernetAddress::BROADCAST)
+            }
+            dhcp::Destination::Unicast(ip) => (
+                ip,
+                if reply.chaddr.is_unicast() {
+                    reply.chaddr
+                } else {
+                    src_mac
+                },
+            ),
+        };
+        let (our_mac, gateway) = (self.net.our_mac, plan.gateway);
+        self.transmit(|out| {
+            build::ipv4(
+                out,
+                (our_mac, dst_mac),
+                (gateway, dst_ip),
+                DEFAULT_HOP_LIMIT,
+                &Payload::Udp {
+                    src_port: DHCP4_SERVER_PORT,
+                    dst_port: DHCP4_CLIENT_PORT,
+                    data: &body,
+                },
+            )
+        });
+        self.scratch = body;
+        self.stats.dhcp_replies += 1;
+        debug!(kind = ?reply.message_type, xid = reply.xid, "DHCP reply");
+    }
+
+    fn handle_dhcpv6(&mut self, src_mac: EthernetAddress, src: std::net::Ipv6Addr, payload: &[u8]) {
+        let Some(request) = wire::dhcp::decode_v6(payload) else {
+            self.stats.bad_dhcp += 1;
+            return;
+        };
+        let Some(reply) = dhcpv6::handle(&self.net, &request) else {
+            self.stats.ignored += 1;
+            return;
+        };
+        let Some(plan) = self.net.ipv6.as_ref() else {
+            return;
+        };
+        let mut body = std::mem::take(&mut self.scratch);
+        if wire::dhcp::encode_v6(&reply, &mut body).is_err() {
+            self.scratch = body;
+            return;
+        }
+        let (our_mac, router_ll) = (self.net.our_mac, plan.router_ll);
+        self.transmit(|out| {
+            build::ipv6(
+                out,
+                (our_mac, src_mac),
+                (router_ll, src),
+                DEFAULT_HOP_LIMIT,
+                &Payload::Udp {
+                    src_port: DHCP6_SERVER_PORT,
+                    dst_port: DHCP6_CLIENT_PORT,
+                    data: &body,
+                },
+            )
+        });
+        self.scratch = body;
+        self.stats.dhcpv6_replies += 1;
+        debug!(kind = ?reply.msg_type(), "DHCPv6 reply");
+    }
+
+    #[expect(clippy::too_many_arguments, reason = "the fields of one echo request")]
+    fn handle_echo(
+        &mut self,
+        now: Instant,
+        src_mac: EthernetAddress,
+        src: IpAddr,
+        dst: IpAddr,
+        ident: u16,
+        seq: u16,
+        data: &[u8],
+    ) {
+        if !self.services.icmp {
+            self.stats.ignored += 1;
+            return;
+        }
+        if echo::is_local(&self.net, dst) {
+            self.stats.echo_local += 1;
+            self.send_echo_reply(dst, src, ident, seq, data, Some(src_mac));
+            return;
+        }
+        if self.services.echo_local_only {
+            self.stats.echo_local_fallback += 1;
+            self.send_echo_reply(dst, src, ident, seq, data, Some(src_mac));
+            return;
+        }
+        let key = Key {
+            protocol: Protocol::Icmp,
+            guest_addr: src,
+            guest_port: ident,
+            remote_addr: dst,
+            remote_port: 0,
+        };
+        let flow = match self.flows.lookup(&key) {
+            Some(flow) => flow,
+            None => match self.flows.insert(now, key) {
+                Ok(flow) => {
+                    debug!(flow = flow.0, %src, %dst, ident, "new echo flow");
+                    self.push_op(HostOp::EchoOpen { flow, remote: dst });
+                    self.next_sweep.get_or_insert(now + flow::SWEEP_INTERVAL);
+                    flow
+                }
+                Err(full) => {
+                    self.stats.flow_table_full += 1;
+                    trace!(%full, "echo refused");
+                    return;
+                }
+            },
+        };
+        self.stats.echo_forwarded += 1;
+        self.push_op(HostOp::EchoSend {
+            flow,
+            seq,
+            data: data.to_vec(),
+        });
+    }
+
+    fn send_echo_reply(
+        &mut self,
+        src: IpAddr,
+        dst: IpAddr,
+        ident: u16,
+        seq_no: u16,
+        data: &[u8],
+        dst_mac: Option<EthernetAddress>,
+    ) {
+        let our_mac = self.net.our_mac;
+        let dst_mac = dst_mac.unwrap_or(EthernetAddress::BROADCAST);
+        match (src, dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                let repr = Icmpv4Repr::EchoReply {
+                    ident,
+                    seq_no,
+                    data,
+                };
+                self.transmit(|out| {
+                    build::ipv4(
+                        out,
+                        (our_mac, dst_mac),
+                        (s, d),
+                        DEFAULT_HOP_LIMIT,
+                        &Payload::Icmpv4(repr),
+                    )
+                });
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                let repr = Icmpv6Repr::EchoReply {
+                    ident,
+                    seq_no,
+                    data,
+                };
+                self.transmit(|out| {
+                    build::ipv6(
+                        out,
+                        (our_mac, dst_mac),
+                        (s, d),
+                        DEFAULT_HOP_LIMIT,
+                        &Payload::Icmpv6 { repr, options: &[] },
+                    )
+                });
+            }
+            _ => {}
+        }
+    }
+
+    fn send_router_advert(&mut self, dst: std::net::Ipv6Addr, dst_mac: Option<EthernetAddress>) {
+        let Some(repr) = ndp::router_advert(&self.net) else {
+            return;
+        };
+        let Some(plan) = self.net.ipv6.as_ref() else {
+            return;
+        };
+        let mut options = std::mem::take(&mut self.options);
+        options.clear();
+        build::rdnss_option(
+            &mut options,
+            u32::try_from(ndp::ROUTER_LIFETIME.as_secs()).unwrap_or(u32::MAX),
+            ndp::rdnss(&self.net),
+        );
+        let (our_mac, src) = (self.net.our_mac, plan.router_ll);
+        let dst_mac = dst_mac.unwrap_or_else(|| multicast_mac(dst));
+        self.transmit(|out| {
+            build::ipv6(
+                out,
+                (our_mac, dst_mac),
+                (src, dst),
+                NDP_HOP_LIMIT,
+                &Payload::Icmpv6 {
+                    repr: Icmpv6Repr::Ndisc(repr),
+                    options: &options,
+                },
+            )
+        });
+        self.options = options;
+        self.stats.router_adverts += 1;
+    }
+
+    fn transmit(&mut self, fill: impl FnOnce(&mut Vec<u8>) -> Result<(), BuildError>) {
+        if self.tx.len() >= MAX_TX_QUEUE {
+            self.stats.tx_queue_full += 1;
+            return;
+        }
+        let mut buf = self.pool.pop().unwrap_or_default();
+        match fill(&mut buf) {
+            Ok(()) => self.tx.push_back(buf),
+            Err(err) => {
+                debug!(%err, "could not build frame");
+                self.recycle(buf);
+            }
+        }
+    }
+
+    fn push_op(&mut self, op: HostOp) {
+        if self.ops.len() < MAX_HOST_OPS {
+            self.ops.push_back(op);
+        } else {
+            self.stats.host_errors += 1;
+        }
+    }
+}
+
+/// The Ethernet multicast address for an IPv6 multicast address (RFC 2464 §7).
+#[must_use]
+pub fn multicast_mac(addr: std::net::Ipv6Addr) -> EthernetAddress {
+    let o = addr.octets();
+    EthernetAddress([0x33, 0x33, o[12], o[13], o[14], o[15]])
+}
+
+/// Frames waiting for the shell beyond which new ones are dropped.
+pub const MAX_TX_QUEUE: usize = 4096;
+/// Host operations waiting for the shell beyond which new ones are refused.
+pub const MAX_HOST_OPS: usize = 4096;
+/// Buffers kept for reuse.
+pub const MAX_POOLED: usize = 256;
+/// Hop limit of packets forwarder originates.
+pub const DEFAULT_HOP_LIMIT: u8 = 64;
+/// Hop limit NDP requires (RFC 4861 §7.1.1).
+pub const NDP_HOP_LIMIT: u8 = 255;
+/// Offsets of the first unsolicited RAs after start: guests that bring the link up a little
+/// later still hear one without soliciting.
+pub const RA_SCHEDULE: [Duration; 5] = [
+    Duration::ZERO,
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+    Duration::from_secs(8),
+    Duration::from_secs(16),
+];
+/// Interval of unsolicited RAs after the schedule (RFC 4861 MaxRtrAdvInterval default 600 s).
+pub const RA_INTERVAL: Duration = Duration::from_secs(300);
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,108 @@
+//! Counters: every frame in, every reply out, every drop with its reason.
+//!
+//! Bad input is never an error or a warning (STYLE "Errors"): it is a counter here and, at
+//! most, a `debug!` line. The counters are plain integers owned by the engine's single
+//! owner; the I/O shell publishes snapshots of them (log line on SIGUSR1 and at exit).
+
+use crate::wire::DropReason;
+
+macro_rules! counters {
+    ($($(#[doc = $doc:literal])* $name:ident,)*) => {
+        /// The engine's counters.
+        #[derive(Debug, Clone, Default, PartialEq, Eq)]
+        pub struct Stats {
+            $($(#[doc = $doc])* pub $name: u64,)*
+            /// Frames dropped by the packet layer, indexed like [`DropReason::ALL`].
+            pub dropped: [u64; DropReason::ALL.len()],
+        }
+
+        impl Stats {
+            /// Every counter with its name, drops as `drop_<reason>`.
+            pub fn iter(&self) -> impl Iterator<Item = (String, u64)> + '_ {
+                [$((stringify!($name).to_string(), self.$name),)*]
+                    .into_iter()
+                    .chain(DropReason::ALL.iter().zip(self.dropped.iter()).map(|(r, n)| (format!("drop_{}", r.name()), *n)))
+            }
+        }
+    };
+}
+
+counters! {
+    /// Frames read from the tap.
+    frames_in,
+    /// Frames written to the tap.
+    frames_out,
+    /// ARP requests answered.
+    arp_replies,
+    /// Neighbour solicitations answered.
+    ndp_adverts,
+    /// Router advertisements sent (solicited and unsolicited).
+    router_adverts,
+    /// DHCPv4 replies sent.
+    dhcp_replies,
+    /// DHCPv6 replies sent.
+    dhcpv6_replies,
+    /// Echo requests answered locally (to forwarder's own addresses).
+    echo_local,
+    /// Echo requests answered locally because ping sockets are forbidden.
+    echo_local_fallback,
+    /// Echo requests forwarded through ping sockets.
+    echo_forwarded,
+    /// Echo replies from the host relayed to the guest.
+    echo_replies,
+    /// Well-formed frames no service or flow handles (MLD, IGMP, ARP replies…).
+    ignored,
+    /// TCP segments not yet translated (no TCP translation in this build).
+    unhandled_tcp,
+    /// UDP datagrams to ports no service listens on (no UDP translation in this build).
+    unhandled_udp,
+    /// DHCP/DHCPv6 payloads that did not decode.
+    bad_dhcp,
+    /// New flows refused because the table was full.
+    flow_table_full,
+    /// Host events for flows that no longer exist.
+    stale_host_events,
+    /// Host-side failures on a flow (socket could not be opened, send failed).
+    host_errors,
+    /// Frames dropped because the transmit queue was full.
+    tx_queue_full,
+}
+
+impl Stats {
+    /// Counts a packet-layer drop.
+    pub fn count_drop(&mut self, reason: DropReason) {
+        if let Some(slot) = DropReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .and_then(|i| self.dropped.get_mut(i))
+        {
+            *slot += 1;
+        }
+    }
+
+    /// The counter for one drop reason.
+    #[must_use]
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        DropReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .and_then(|i| self.dropped.get(i))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// One `name=value` line of every non-zero counter, for logs.
+    #[must_use]
+    pub fn summary(&self) -> String {
+        let parts: Vec<String> = self
+            .iter()
+            .filter(|(_, v)| *v != 0)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        if parts.is_empty() {
+            "all counters zero".to_string()
+        } else {
+            parts.join(" ")
+        }
+    }
+}

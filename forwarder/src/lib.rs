@@ -2,9 +2,14 @@
 //!
 //! The module map, dependency arrows and glossary are in `docs/architecture.md`.
 
+pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod flow;
+pub mod io;
+pub mod netconf;
+pub mod ns;
 pub mod plan;
 pub mod services;
+pub mod sys;
 pub mod wire;

@@ -1,0 +1,267 @@
+//! The native command line: pasta-compatible names (a superset), parsed by clap into
+//! [`Args`], then validated into a [`Config`] in one place. Errors name the option and value.
+
+use std::ffi::OsString;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use clap::Parser;
+
+use crate::config::{Config, DEFAULT_MAC, DEFAULT_MAX_FLOWS, DEFAULT_MTU, Services, Target};
+use crate::plan::{self, HostInfo, Overrides};
+use crate::wire::EthernetAddress;
+
+/// forwarder — give a network namespace full IPv4/IPv6 connectivity without privileges.
+///
+/// Without --netns, forwarder creates a new user and network namespace, runs CMD (default:
+/// $SHELL) in it and exits with CMD's status. With --netns it serves an existing namespace
+/// until interrupted. The namespace sees the host's address, gateway and DNS (override with
+/// -a/-n/-g/-D) and can use DHCP, DHCPv6 and SLAAC against forwarder, or be configured
+/// directly with --config-net.
+#[derive(Debug, Parser)]
+#[command(name = "forwarder", version, max_term_width = 100)]
+#[expect(clippy::struct_excessive_bools, reason = "command-line switches")]
+pub struct Args {
+    /// Serve this existing network namespace: a path (/run/netns/NAME, /proc/PID/ns/net),
+    /// an `ip netns` name, or a PID.
+    #[arg(long, value_name = "PATH|NAME|PID")]
+    pub netns: Option<String>,
+
+    /// Join this user namespace before the network namespace (default for a PID: its own).
+    #[arg(long, value_name = "PATH", requires = "netns")]
+    pub userns: Option<PathBuf>,
+
+    /// Name of the tap device in the namespace (created if missing).
+    #[arg(short = 'I', long, value_name = "NAME", default_value = "tap0")]
+    pub ns_ifname: String,
+
+    /// Configure the namespace directly (lo and tap up, MTU, addresses, default routes).
+    #[arg(long)]
+    pub config_net: bool,
+
+    /// Address for the namespace, ADDR or ADDR/LEN; once per family. Default: the host's.
+    #[arg(short = 'a', long = "address", value_name = "ADDR[/LEN]", value_parser = parse_addr)]
+    pub addresses: Vec<(IpAddr, Option<u8>)>,
+
+    /// IPv4 netmask, dotted (255.255.255.0) or a prefix length (24).
+    #[arg(short = 'n', long, value_name = "MASK", value_parser = parse_netmask)]
+    pub netmask: Option<u8>,
+
+    /// Gateway for the namespace; once per family. Default: the host's.
+    #[arg(short = 'g', long = "gateway", value_name = "ADDR")]
+    pub gateways: Vec<IpAddr>,
+
+    /// MTU advertised to and set in the namespace (68-65520).
+    #[arg(short = 'm', long, value_name = "MTU", default_value_t = DEFAULT_MTU, value_parser = clap::value_parser!(u16).range(68..=65520))]
+    pub mtu: u16,
+
+    /// MAC address forwarder uses on the tap.
+    #[arg(short = 'M', long, value_name = "MAC", value_parser = parse_mac)]
+    pub mac_addr: Option<EthernetAddress>,
+
+    /// DNS server to advertise (repeatable). Default: the host's non-loopback resolvers.
+    #[arg(short = 'D', long = "dns", value_name = "ADDR")]
+    pub dns: Vec<IpAddr>,
+
+    /// IPv4 only.
+    #[arg(short = '4', long = "ipv4-only", conflicts_with = "ipv6_only")]
+    pub ipv4_only: bool,
+
+    /// IPv6 only.
+    #[arg(short = '6', long = "ipv6-only")]
+    pub ipv6_only: bool,
+
+    /// Do not answer ARP.
+    #[arg(long)]
+    pub no_arp: bool,
+    /// Do not answer neighbour solicitations.
+    #[arg(long)]
+    pub no_ndp: bool,
+    /// Do not send router advertisements.
+    #[arg(long)]
+    pub no_ra: bool,
+    /// Do not run the DHCPv4 server.
+    #[arg(long)]
+    pub no_dhcp: bool,
+    /// Do not run the DHCPv6 server.
+    #[arg(long)]
+    pub no_dhcpv6: bool,
+    /// Do not answer or forward ICMP/ICMPv6 echo.
+    #[arg(long)]
+    pub no_icmp: bool,
+
+    /// DHCP/DHCPv6 lease time in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 86400, value_parser = clap::value_parser!(u64).range(60..=u64::from(u32::MAX)))]
+    pub lease_time: u64,
+
+    /// Most flows tracked at once; new flows beyond it are refused.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_FLOWS, value_parser = parse_max_flows)]
+    pub max_flows: usize,
+
+    /// Write forwarder's PID to FILE once the namespace is ready.
+    #[arg(short = 'P', long = "pid", value_name = "FILE")]
+    pub pid_file: Option<PathBuf>,
+
+    /// Log at debug level.
+    #[arg(short = 'd', long)]
+    pub debug: bool,
+    /// Log at trace level (per packet).
+    #[arg(long)]
+    pub trace: bool,
+    /// Log warnings and errors only.
+    #[arg(short = 'q', long, conflicts_with_all = ["debug", "trace"])]
+    pub quiet: bool,
+    /// Log to FILE instead of standard error.
+    #[arg(short = 'l', long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+
+    /// Command to run in a new namespace (default: $SHELL).
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<OsString>,
+}
+
+impl Args {
+    /// Builds the configuration, resolving the address plan against `host`.
+    ///
+    /// # Errors
+    ///
+    /// An error naming the option and value that cannot work.
+    pub fn into_config(self, host: &HostInfo) -> Result<Config> {
+        let target = match (&self.netns, self.command.is_empty()) {
+            (Some(_), false) => bail!("--netns and a command cannot be combined: a command gets a new namespace"),
+            (Some(netns), true) => crate::ns::attach_target(netns, self.userns.clone())?,
+            (None, false) => Target::Spawn { command: self.command.clone() },
+            (None, true) => {
+                let shell = std::env::var_os("SHELL").filter(|s| !s.is_empty()).unwrap_or_else(|| "/bin/sh".into());
+                Target::Spawn { command: vec![shell] }
+            }
+        };
+        let per_family = |v: IpAddr| (v.is_ipv4(), v.is_ipv6());
+        for (list, option) in [(self.addresses.iter().map(|(a, _)| *a).collect::<Vec<_>>(), "--address"), (self.gateways.clone(), "--gateway")] {
+            let v4 = list.iter().filter(|a| per_family(**a).0).count();
+            let v6 = list.iter().filter(|a| per_family(**a).1).count();
+            if v4 > 1 || v6 > 1 {
+                bail!("{option} given more than once for one address family");
+            }
+        }
+        let overrides = Overrides {
+            addresses: self.addresses.clone(),
+            netmask: self.netmask,
+            gateways: self.gateways.clone(),
+            dns: self.dns.clone(),
+            mtu: self.mtu,
+            mac: self.mac_addr.unwrap_or(DEFAULT_MAC),
+            families: (!self.ipv6_only, !self.ipv4_only),
+            lease: Duration::from_secs(self.lease_time),
+        };
+        let network = plan::resolve(host, &overrides)?;
+        let services = Services {
+            arp: !self.no_arp,
+            ndp: !self.no_ndp,
+            ra: !self.no_ra,
+            dhcp: !self.no_dhcp,
+            dhcpv6: !self.no_dhcpv6,
+            icmp: !self.no_icmp,
+            echo_local_only: false,
+        };
+        Ok(Config {
+            target,
+            ifname: self.ns_ifname,
+            config_net: self.config_net,
+            network,
+            services,
+            max_flows: self.max_flows,
+            pid_file: self.pid_file,
+        })
+    }
+}
+
+fn parse_addr(s: &str) -> Result<(IpAddr, Option<u8>), String> {
+    let (addr, len) = match s.split_once('/') {
+        Some((a, l)) => (a, Some(l.parse::<u8>().map_err(|_| format!("prefix length {l:?} is not a number"))?)),
+        None => (s, None),
+    };
+    let addr: IpAddr = addr.parse().map_err(|_| format!("{addr:?} is not an IP address"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    if len.is_some_and(|l| l > max) {
+        return Err(format!("prefix length must be at most {max}"));
+    }
+    Ok((addr, len))
+}
+
+fn parse_netmask(s: &str) -> Result<u8, String> {
+    if let Ok(len) = s.parse::<u8>() {
+        return if len <= 32 { Ok(len) } else { Err("prefix length must be 0-32".into()) };
+    }
+    let mask: std::net::Ipv4Addr = s.parse().map_err(|_| format!("{s:?} is neither a prefix length nor a dotted mask"))?;
+    let bits = u32::from(mask);
+    if bits.leading_ones() + bits.trailing_zeros() != 32 {
+        return Err(format!("{s} is not a contiguous netmask"));
+    }
+    u8::try_from(bits.leading_ones()).map_err(|_| "bad mask".into())
+}
+
+fn parse_mac(s: &str) -> Result<EthernetAddress, String> {
+    let bytes: Vec<u8> = s.split(':').map(|p| u8::from_str_radix(p, 16)).collect::<Result<_, _>>().map_err(|_| format!("{s:?} is not a MAC address"))?;
+    let arr: [u8; 6] = bytes.try_into().map_err(|_| format!("{s:?} is not a MAC address (six hex bytes)"))?;
+    let mac = EthernetAddress(arr);
+    if !mac.is_unicast() {
+        return Err(format!("{s} is a multicast address"));
+    }
+    Ok(mac)
+}
+
+fn parse_max_flows(s: &str) -> Result<usize, String> {
+    let n: usize = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if (1..=MAX_MAX_FLOWS).contains(&n) { Ok(n) } else { Err(format!("must be 1-{MAX_MAX_FLOWS}")) }
+}
+
+/// The largest `--max-flows` accepted.
+pub const MAX_MAX_FLOWS: usize = 1 << 20;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("forwarder").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn value_parsers() {
+        assert_eq!(parse_netmask("255.255.255.0"), Ok(24));
+        assert_eq!(parse_netmask("16"), Ok(16));
+        assert!(parse_netmask("255.0.255.0").is_err());
+        assert!(parse_mac("01:00:5e:00:00:01").is_err());
+        assert_eq!(parse_mac("02:00:00:00:00:01").unwrap(), EthernetAddress([2, 0, 0, 0, 0, 1]));
+        assert_eq!(parse_addr("10.0.2.100/24"), Ok(("10.0.2.100".parse().unwrap(), Some(24))));
+        assert!(parse_addr("10.0.2.100/33").is_err());
+    }
+
+    #[test]
+    fn bad_values_are_rejected_by_clap() {
+        assert!(parse(&["--mtu", "70000"]).is_err());
+        assert!(parse(&["--mtu", "12"]).is_err());
+        assert!(parse(&["-4", "-6"]).is_err());
+        assert!(parse(&["--max-flows", "0"]).is_err());
+        assert!(parse(&["--bogus"]).is_err());
+    }
+
+    #[test]
+    fn command_after_double_dash() {
+        let args = parse(&["--config-net", "--", "sh", "-c", "true"]).unwrap();
+        let host = HostInfo::default();
+        let cfg = args.into_config(&host).unwrap();
+        assert_eq!(cfg.target, Target::Spawn { command: vec!["sh".into(), "-c".into(), "true".into()] });
+        assert!(cfg.config_net);
+    }
+
+    #[test]
+    fn duplicate_family_is_refused() {
+        let args = parse(&["-a", "10.0.0.2", "-a", "10.0.0.3", "--", "true"]).unwrap();
+        let err = args.into_config(&HostInfo::default()).unwrap_err().to_string();
+        assert!(err.contains("--address given more than once"), "{err}");
+    }
+}

@@ -1,0 +1,214 @@
+//! # Theory of operation
+//!
+//! rtnetlink, through the `rtnetlink` crate (no `ip` shell-outs), for two jobs at start-up:
+//!
+//! * [`host_info`]: read the host's default routes (main table), the interface they leave
+//!   through, and its global addresses and prefix lengths — the input of the address plan.
+//!   Resolvers come from `/etc/resolv.conf`.
+//! * [`configure_namespace`]: `--config-net` inside the namespace: `lo` up, the tap's MTU,
+//!   addresses (IPv6 with `nodad`, so it is usable at once) and default routes, then the
+//!   tap up. Always: `lo` up (pasta does the same), even without `--config-net`.
+//!
+//! Both run on a private current-thread tokio runtime that is dropped before they return,
+//! so they can be called from the single-threaded start-up code and from the forked helper
+//! inside the namespace: the netlink socket is bound to the namespace of the thread that
+//! opens it.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use anyhow::{Context, Result, anyhow};
+use futures::TryStreamExt;
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressScope};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+
+use crate::config::Network;
+use crate::plan::HostInfo;
+
+/// Reads the host's default-route interfaces and resolvers.
+///
+/// # Errors
+///
+/// When netlink cannot be opened or queried.
+pub fn host_info() -> Result<HostInfo> {
+    let mut info = block_on(async {
+        let handle = connect()?;
+        let v4 = default_route(&handle, AddressFamily::Inet).await?;
+        let v6 = default_route(&handle, AddressFamily::Inet6).await?;
+        let mut info = HostInfo::default();
+        if let Some((oif, IpAddr::V4(gw))) = v4 {
+            info.v4 = addresses(&handle, oif).await?.into_iter().find_map(|(a, len)| match a {
+                IpAddr::V4(a) => Some((a, len, gw)),
+                IpAddr::V6(_) => None,
+            });
+        }
+        if let Some((oif, IpAddr::V6(gw))) = v6 {
+            info.v6 = addresses(&handle, oif).await?.into_iter().find_map(|(a, len)| match a {
+                IpAddr::V6(a) => Some((a, len, gw)),
+                IpAddr::V4(_) => None,
+            });
+        }
+        Ok::<_, anyhow::Error>(info)
+    })?;
+    info.resolvers = read_resolvers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
+    Ok(info)
+}
+
+/// Brings `lo` up and, when `config_net`, configures the tap `ifname` with `net`.
+///
+/// # Errors
+///
+/// The failing step, naming the interface and address.
+pub fn configure_namespace(ifname: &str, net: &Network, config_net: bool) -> Result<()> {
+    block_on(async {
+        let handle = connect()?;
+        let lo = link_index(&handle, "lo").await?;
+        handle.link().set(LinkUnspec::new_with_index(lo).up().build()).execute().await.context("bring lo up")?;
+        if !config_net {
+            return Ok(());
+        }
+        let tap = link_index(&handle, ifname).await?;
+        handle
+            .link()
+            .set(LinkUnspec::new_with_index(tap).mtu(u32::from(net.mtu)).build())
+            .execute()
+            .await
+            .with_context(|| format!("set MTU {} on {ifname}", net.mtu))?;
+        if let Some(v4) = &net.ipv4 {
+            handle
+                .address()
+                .add(tap, IpAddr::V4(v4.guest), v4.prefix_len)
+                .execute()
+                .await
+                .with_context(|| format!("add {}/{} to {ifname}", v4.guest, v4.prefix_len))?;
+        }
+        if let Some(v6) = &net.ipv6 {
+            let mut req = handle.address().add(tap, IpAddr::V6(v6.guest), v6.prefix_len);
+            req.message_mut().attributes.push(AddressAttribute::Flags(AddressFlags::Nodad));
+            req.execute().await.with_context(|| format!("add {}/{} to {ifname}", v6.guest, v6.prefix_len))?;
+        }
+        handle.link().set(LinkUnspec::new_with_index(tap).up().build()).execute().await.with_context(|| format!("bring {ifname} up"))?;
+        if let Some(v4) = &net.ipv4 {
+            let mut route = RouteMessageBuilder::<Ipv4Addr>::new().output_interface(tap).gateway(v4.gateway);
+            if !in_subnet4(v4.gateway, v4.guest, v4.prefix_len) {
+                route = route.onlink();
+            }
+            handle.route().add(route.build()).execute().await.with_context(|| format!("add default route via {}", v4.gateway))?;
+        }
+        if let Some(v6) = &net.ipv6 {
+            let route = RouteMessageBuilder::<Ipv6Addr>::new().output_interface(tap).gateway(v6.gateway).build();
+            handle.route().add(route).execute().await.with_context(|| format!("add default route via {}", v6.gateway))?;
+        }
+        Ok(())
+    })
+}
+
+/// Parses `nameserver` lines of a resolv.conf.
+#[must_use]
+pub fn read_resolvers(text: &str) -> Vec<IpAddr> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|v| v.split_whitespace().next())
+        // Scoped addresses ("fe80::1%eth0") cannot be advertised to the guest.
+        .filter_map(|v| v.parse().ok())
+        .collect()
+}
+
+fn block_on<T>(fut: impl Future<Output = Result<T>>) -> Result<T> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_io().build().context("start netlink runtime")?;
+    rt.block_on(fut)
+}
+
+fn connect() -> Result<Handle> {
+    let (conn, handle, _) = rtnetlink::new_connection().context("open rtnetlink socket")?;
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+async fn link_index(handle: &Handle, name: &str) -> Result<u32> {
+    let link = handle
+        .link()
+        .get()
+        .match_name(name.to_string())
+        .execute()
+        .try_next()
+        .await
+        .with_context(|| format!("look up interface {name}"))?
+        .ok_or_else(|| anyhow!("no interface {name}"))?;
+    Ok(link.header.index)
+}
+
+async fn default_route(handle: &Handle, family: AddressFamily) -> Result<Option<(u32, IpAddr)>> {
+    let query = match family {
+        AddressFamily::Inet6 => RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        _ => RouteMessageBuilder::<Ipv4Addr>::new().build(),
+    };
+    let mut routes = handle.route().get(query).execute();
+    let mut best: Option<(u32, u32, IpAddr)> = None;
+    while let Some(route) = routes.try_next().await.context("dump routes")? {
+        if route.header.destination_prefix_length != 0 || route.header.table != MAIN_TABLE {
+            continue;
+        }
+        if let Some((oif, gw, metric)) = gateway_of(&route)
+            && best.is_none_or(|(m, _, _)| metric < m)
+        {
+            best = Some((metric, oif, gw));
+        }
+    }
+    Ok(best.map(|(_, oif, gw)| (oif, gw)))
+}
+
+fn gateway_of(route: &RouteMessage) -> Option<(u32, IpAddr, u32)> {
+    let mut oif = None;
+    let mut gw = None;
+    let mut metric = 0;
+    for attr in &route.attributes {
+        match attr {
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Gateway(RouteAddress::Inet(a)) => gw = Some(IpAddr::V4(*a)),
+            RouteAttribute::Gateway(RouteAddress::Inet6(a)) => gw = Some(IpAddr::V6(*a)),
+            RouteAttribute::Priority(p) => metric = *p,
+            _ => {}
+        }
+    }
+    Some((oif?, gw?, metric))
+}
+
+async fn addresses(handle: &Handle, index: u32) -> Result<Vec<(IpAddr, u8)>> {
+    let mut stream = handle.address().get().set_link_index_filter(index).execute();
+    let mut out = Vec::new();
+    while let Some(msg) = stream.try_next().await.context("dump addresses")? {
+        if msg.header.scope != AddressScope::Universe {
+            continue;
+        }
+        let addr = msg.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Address(ip) => Some(*ip),
+            _ => None,
+        });
+        if let Some(addr) = addr {
+            out.push((addr, msg.header.prefix_len));
+        }
+    }
+    Ok(out)
+}
+
+fn in_subnet4(a: Ipv4Addr, b: Ipv4Addr, len: u8) -> bool {
+    let mask = u32::from(crate::config::prefix_to_mask4(len));
+    u32::from(a) & mask == u32::from(b) & mask
+}
+
+/// The kernel's main routing table (RT_TABLE_MAIN).
+const MAIN_TABLE: u8 = 254;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf_parsing() {
+        let text = "# comment\nnameserver 127.0.0.53\nsearch example\nnameserver  2001:db8::53 \nnameserver fe80::1%eth0\nnameserver bogus\n";
+        let got = read_resolvers(text);
+        assert_eq!(got, vec!["127.0.0.53".parse::<IpAddr>().unwrap(), "2001:db8::53".parse().unwrap()]);
+    }
+}

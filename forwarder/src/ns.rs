@@ -1,0 +1,271 @@
+//! # Theory of operation
+//!
+//! Getting a tap inside the target network namespace while the forwarder itself — and every
+//! host socket it opens — stays in the host's namespaces.
+//!
+//! ## Why a child process
+//!
+//! An unprivileged process can only enter a network namespace after joining the user
+//! namespace that owns it (`setns(CLONE_NEWNET)` needs `CAP_SYS_ADMIN` in both the target's
+//! owner and the caller's own user namespace), and joining a user namespace is one-way and
+//! forbidden to multithreaded processes. So the work inside the namespace is done by a
+//! forked child, before any thread exists, and the results travel back as file
+//! descriptors: a tap fd keeps its namespace wherever it is used.
+//!
+//! ## Spawn (`forwarder [-- CMD]`)
+//!
+//! The child `unshare`s a new user and network namespace and asks the parent (`b"U"`) to
+//! write its id maps: only a process in the parent user namespace may map more than its
+//! own id, and root wants the identity map of all ids (so e.g. dhcpcd can still switch to
+//! its own user); unprivileged, the map is `0 → euid`, one id, after `setgroups deny`. The
+//! parent answers `b"M"`. The child then brings `lo` up, opens the tap,
+//! applies `--config-net`, sends the tap fd over a `SOCK_SEQPACKET` socketpair, waits for
+//! the parent's go byte (sent once the data plane is serving) and `exec`s CMD. It dies
+//! with SIGKILL if the forwarder dies first (`PR_SET_PDEATHSIG`), rather than live on
+//! without a network.
+//!
+//! ## Attach (`--netns PATH|PID [--userns PATH]`)
+//!
+//! A helper child joins the user namespace (if given, or — for a PID target, unprivileged —
+//! the PID's own when it differs from ours), then the network namespace, does the same
+//! tap work, sends the fd and exits.
+//!
+//! ## Messages on the socketpair
+//!
+//! `b"T"` + `SCM_RIGHTS(tap)` on success, `b"E"` + a UTF-8 error chain on failure (shown to
+//! the user as the cause); the parent reaps a failed child and exits non-zero, so nothing
+//! is half-applied from its side. Limit: error text is cut at [`MAX_MESSAGE`] bytes.
+
+use std::ffi::CString;
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use nix::fcntl::{OFlag, open};
+use nix::sched::{CloneFlags, setns, unshare};
+use nix::sys::signal::Signal;
+use nix::sys::socket::{
+    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg, sendmsg, socketpair,
+};
+use nix::sys::stat::Mode;
+use nix::sys::wait::waitpid;
+use nix::unistd::{ForkResult, Pid, execvp};
+
+use crate::config::{Config, Target};
+use crate::{netconf, sys};
+
+/// The namespace side, as seen from the forwarder.
+#[derive(Debug)]
+pub struct Namespace {
+    /// The tap, bound to the namespace.
+    pub tap: OwnedFd,
+    /// The spawned command, waiting for [`PendingCommand::release`].
+    pub command: Option<PendingCommand>,
+}
+
+/// A spawned command that has not started yet.
+#[derive(Debug)]
+pub struct PendingCommand {
+    /// Its process.
+    pub pid: Pid,
+    /// Our end of the socketpair.
+    control: OwnedFd,
+}
+
+impl PendingCommand {
+    /// Lets the command start (the data plane is serving).
+    ///
+    /// # Errors
+    ///
+    /// When the command is already gone.
+    pub fn release(self) -> Result<Pid> {
+        nix::unistd::write(&self.control, b"G").context("release the command")?;
+        Ok(self.pid)
+    }
+}
+
+/// Sets up the namespace side of `cfg`. Must run while the process is single-threaded.
+///
+/// # Errors
+///
+/// The failing step, with the child's own error chain when it failed inside the namespace.
+pub fn setup(cfg: &Config) -> Result<Namespace> {
+    let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+        .context("create socketpair")?;
+    match sys::fork_single_threaded().context("fork the namespace helper")? {
+        ForkResult::Child => {
+            drop(ours);
+            let code = match child_main(cfg, &theirs) {
+                Ok(()) => 0,
+                Err(err) => {
+                    let mut msg = format!("E{err:#}").into_bytes();
+                    msg.truncate(MAX_MESSAGE);
+                    let _ = nix::unistd::write(&theirs, &msg);
+                    1
+                }
+            };
+            sys::exit_now(code)
+        }
+        ForkResult::Parent { child } => {
+            drop(theirs);
+            let tap = match receive_after_maps(&ours, child, &cfg.target) {
+                Ok(tap) => tap,
+                Err(err) => {
+                    let _ = waitpid(child, None);
+                    return Err(err);
+                }
+            };
+            match &cfg.target {
+                Target::Spawn { .. } => Ok(Namespace { tap, command: Some(PendingCommand { pid: child, control: ours }) }),
+                Target::Attach { .. } => {
+                    let _ = waitpid(child, None);
+                    Ok(Namespace { tap, command: None })
+                }
+            }
+        }
+    }
+}
+
+fn child_main(cfg: &Config, sock: &OwnedFd) -> Result<()> {
+    match &cfg.target {
+        Target::Spawn { command } => {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).context("set parent-death signal")?;
+            unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNET).context("create user and network namespace")?;
+            nix::unistd::write(sock, b"U").context("ask for id maps")?;
+            let mut mapped = [0u8; 1];
+            if nix::unistd::read(sock, &mut mapped).context("wait for id maps")? != 1 || mapped != *b"M" {
+                bail!("the forwarder could not map ids in the new namespace");
+            }
+            let tap = open_in_namespace(cfg)?;
+            send(sock, &tap)?;
+            drop(tap);
+            let mut go = [0u8; 1];
+            let n = nix::unistd::read(sock, &mut go).context("wait for the forwarder")?;
+            if n == 0 {
+                bail!("forwarder exited before the command could start");
+            }
+            let argv: Vec<CString> = command
+                .iter()
+                .map(|a| CString::new(a.as_encoded_bytes()).map_err(|_| anyhow!("argument {a:?} contains a NUL byte")))
+                .collect::<Result<_>>()?;
+            let program = argv.first().ok_or_else(|| anyhow!("empty command"))?;
+            let err = execvp(program, &argv).unwrap_err();
+            bail!("run {}: {err}", program.to_string_lossy())
+        }
+        Target::Attach { netns, userns } => {
+            if let Some(userns) = userns {
+                enter(userns, CloneFlags::CLONE_NEWUSER)?;
+            }
+            enter(netns, CloneFlags::CLONE_NEWNET)?;
+            let tap = open_in_namespace(cfg)?;
+            send(sock, &tap)
+        }
+    }
+}
+
+fn open_in_namespace(cfg: &Config) -> Result<OwnedFd> {
+    let tap = sys::open_tap(&cfg.ifname).with_context(|| format!("open tap {} in the namespace", cfg.ifname))?;
+    netconf::configure_namespace(&cfg.ifname, &cfg.network, cfg.config_net)?;
+    Ok(tap)
+}
+
+fn enter(path: &Path, kind: CloneFlags) -> Result<()> {
+    let what = if kind == CloneFlags::CLONE_NEWUSER { "user" } else { "network" };
+    let fd = open(path, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
+        .with_context(|| format!("open {what} namespace {}", path.display()))?;
+    setns(&fd, kind).with_context(|| format!("join {what} namespace {}", path.display()))
+}
+
+/// Writes the id maps of `child`'s new user namespace, from the parent namespace.
+fn write_id_maps(child: Pid) -> Result<()> {
+    let (uid, gid) = (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw());
+    let dir = PathBuf::from(format!("/proc/{child}"));
+    let (uid_map, gid_map) = if uid == 0 {
+        // Root may map every id: commands in the namespace keep all their users.
+        ("0 0 4294967295".to_string(), "0 0 4294967295".to_string())
+    } else {
+        // An unprivileged user may map exactly itself, after giving up setgroups.
+        std::fs::write(dir.join("setgroups"), "deny").context("write setgroups of the new namespace")?;
+        (format!("0 {uid} 1"), format!("0 {gid} 1"))
+    };
+    std::fs::write(dir.join("uid_map"), uid_map).context("write uid_map of the new namespace")?;
+    std::fs::write(dir.join("gid_map"), gid_map).context("write gid_map of the new namespace")?;
+    Ok(())
+}
+
+/// Receives the tap, first serving a spawned child's request for id maps.
+fn receive_after_maps(sock: &OwnedFd, child: Pid, target: &Target) -> Result<OwnedFd> {
+    if matches!(target, Target::Spawn { .. }) {
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        let n = nix::unistd::read(sock, &mut buf).context("wait for the new namespace")?;
+        match buf.get(..n) {
+            Some([b'U']) => {
+                write_id_maps(child)?;
+                nix::unistd::write(sock, b"M").context("confirm id maps")?;
+            }
+            Some([b'E', rest @ ..]) => bail!("{}", String::from_utf8_lossy(rest)),
+            _ => bail!("namespace helper exited before creating the namespace"),
+        }
+    }
+    receive(sock)
+}
+
+fn send(sock: &OwnedFd, tap: &OwnedFd) -> Result<()> {
+    let fds = [tap.as_raw_fd()];
+    sendmsg::<()>(sock.as_raw_fd(), &[IoSlice::new(b"T")], &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None)
+        .context("send the tap to the forwarder")?;
+    Ok(())
+}
+
+fn receive(sock: &OwnedFd) -> Result<OwnedFd> {
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
+        .context("receive the tap from the namespace helper")?;
+    let mut tap = None;
+    for c in msg.cmsgs().context("read control messages")? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            for fd in fds {
+                let owned = sys::adopt_received_fd(fd);
+                tap.get_or_insert(owned);
+            }
+        }
+    }
+    let len = msg.bytes;
+    let data = buf.get(..len).unwrap_or_default();
+    match (data.first(), tap) {
+        (Some(b'T'), Some(tap)) => Ok(tap),
+        (Some(b'E'), _) => Err(anyhow!("{}", String::from_utf8_lossy(data.get(1..).unwrap_or_default()))),
+        _ => Err(anyhow!("namespace helper exited without a result")),
+    }
+}
+
+/// Resolves `--netns PID|PATH` and `--userns` into a target.
+///
+/// # Errors
+///
+/// When a PID target does not exist.
+pub fn attach_target(netns: &str, userns: Option<PathBuf>) -> Result<Target> {
+    if let Ok(pid) = netns.parse::<u32>() {
+        let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+        if !proc_dir.exists() {
+            bail!("--netns {pid}: no such process");
+        }
+        let userns = userns.or_else(|| {
+            let theirs = proc_dir.join("ns/user");
+            let differs = std::fs::metadata(&theirs).ok().map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+                != std::fs::metadata("/proc/self/ns/user").ok().map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+            (differs && !nix::unistd::geteuid().is_root()).then_some(theirs)
+        });
+        return Ok(Target::Attach { netns: proc_dir.join("ns/net"), userns });
+    }
+    let path = PathBuf::from(netns);
+    // `ip netns` names: a bare name means /run/netns/NAME.
+    let path = if path.components().count() == 1 && !path.exists() { Path::new("/run/netns").join(path) } else { path };
+    Ok(Target::Attach { netns: path, userns })
+}
+
+/// Largest message on the socketpair.
+pub const MAX_MESSAGE: usize = 4096;

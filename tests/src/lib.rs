@@ -1,1 +1,218 @@
+//! End-to-end test harness: builds the test world of DESIGN.md from network namespaces and
+//! always tears it down.
+//!
+//! ```text
+//!  [remote]  198.51.100.1/24 2001:db8:1::1/64 on dn0; 203.0.113.1 and 2001:db8:2::1 on lo
+//!     | veth
+//!  [host]    198.51.100.2/24 2001:db8:1::2/64 on up0, default routes via remote; forwarder runs here
+//!     | tap (owned by forwarder)
+//!  [guest]   the namespace under test (created by the test, or by forwarder itself)
+//! ```
+//!
+//! Address rule: only documentation prefixes, only inside namespaces this harness created.
+//! The host namespace has no route to the machine's own network, so nothing the guest sends
+//! can leave the world. Namespace names carry the test process id and a counter, so
+//! parallel tests never collide, and [`World`]'s `Drop` deletes them even when a test panics.
+//! `cargo xtask run-integration` also sweeps leftovers (`fwt-*`) before it starts.
+#![allow(clippy::missing_panics_doc, reason = "test harness: panics are test failures")]
 
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether privileged tests can run; when they cannot, says why on stderr. Under
+/// `FORWARDER_REQUIRE_PRIVILEGED=1` (set by `cargo xtask run-integration`, which CI runs as
+/// root) a missing privilege is a failure, not a skip.
+#[must_use]
+pub fn privileged() -> bool {
+    if nix_euid() == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var_os("FORWARDER_REQUIRE_PRIVILEGED").is_none(),
+        "FORWARDER_REQUIRE_PRIVILEGED is set but the tests do not run as root"
+    );
+    eprintln!("SKIP: end-to-end tests need root to create network namespaces");
+    false
+}
+
+fn nix_euid() -> u32 {
+    let out = Command::new("id").arg("-u").output().expect("run id -u");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(u32::MAX)
+}
+
+/// The forwarder binary under test.
+#[must_use]
+pub fn forwarder_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("FORWARDER_BIN") {
+        return PathBuf::from(p);
+    }
+    // target/<profile>/deps/<test> → target/<profile>/forwarder
+    let exe = std::env::current_exe().expect("current exe");
+    let bin = exe.parent().and_then(|d| d.parent()).expect("target dir").join("forwarder");
+    assert!(bin.exists(), "{} missing: build it first (cargo build -p forwarder)", bin.display());
+    bin
+}
+
+/// A test world: remote and host namespaces, optionally a guest namespace.
+#[derive(Debug)]
+pub struct World {
+    /// The host namespace (forwarder runs here).
+    pub host: String,
+    /// The remote namespace (servers).
+    pub remote: String,
+    /// A guest namespace created by [`World::add_guest`].
+    pub guest: Option<String>,
+    children: Vec<Child>,
+    /// Scratch directory for logs and scripts.
+    pub dir: PathBuf,
+}
+
+impl World {
+    /// Builds remote ↔ host.
+    #[must_use]
+    pub fn new() -> Self {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let tag = format!("{}-{n}", std::process::id());
+        let dir = std::env::temp_dir().join(format!("fwt-{tag}"));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let world = Self { host: format!("fwt-h-{tag}"), remote: format!("fwt-r-{tag}"), guest: None, children: vec![], dir };
+        let (h, r) = (&world.host, &world.remote);
+        let script = format!(
+            "set -e
+            ip netns add {h}; ip netns add {r}
+            ip -n {h} link add up0 type veth peer name dn0 netns {r}
+            ip -n {h} link set lo up; ip -n {r} link set lo up
+            ip -n {r} addr add 198.51.100.1/24 dev dn0; ip -n {r} addr add 2001:db8:1::1/64 dev dn0 nodad
+            ip -n {r} addr add 203.0.113.1/32 dev lo; ip -n {r} addr add 2001:db8:2::1/128 dev lo
+            ip -n {h} addr add 198.51.100.2/24 dev up0; ip -n {h} addr add 2001:db8:1::2/64 dev up0 nodad
+            ip -n {h} link set up0 up; ip -n {r} link set dn0 up
+            ip -n {h} route add default via 198.51.100.1; ip -n {h} -6 route add default via 2001:db8:1::1
+            ip netns exec {h} sysctl -qw net.ipv4.ping_group_range='0 2147483647'"
+        );
+        sh_ok(&script);
+        world
+    }
+
+    /// Creates an empty guest namespace (`ip netns add`).
+    pub fn add_guest(&mut self) -> String {
+        let name = self.host.replace("fwt-h-", "fwt-g-");
+        sh_ok(&format!("ip netns add {name} && ip -n {name} link set lo up"));
+        self.guest = Some(name.clone());
+        name
+    }
+
+    /// Runs `script` with `sh -c` inside namespace `ns`.
+    #[must_use]
+    pub fn run_in(&self, ns: &str, script: &str) -> Output {
+        Command::new("ip").args(["netns", "exec", ns, "sh", "-c", script]).output().expect("ip netns exec")
+    }
+
+    /// Starts forwarder in the host namespace attached to the guest, with a log file.
+    /// Waits until the tap exists in the guest.
+    pub fn start_attached(&mut self, extra: &[&str]) -> (u32, PathBuf) {
+        let guest = self.guest.clone().expect("add_guest first");
+        let log = self.dir.join("forwarder.log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.host])
+            .arg(forwarder_bin())
+            .args(["--netns", &guest, "-l"])
+            .arg(&log)
+            .args(extra)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start forwarder");
+        let pid = child.id();
+        self.children.push(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.run_in(&guest, "ip link show tap0").status.success() {
+            assert!(Instant::now() < deadline, "tap0 did not appear; log:\n{}", read(&log));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (pid, log)
+    }
+
+    /// Runs forwarder in the host namespace in spawn mode: `forwarder ARGS -- sh -c SCRIPT`.
+    #[must_use]
+    pub fn spawn(&self, args: &[&str], script: &str) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.host])
+            .arg(forwarder_bin())
+            .args(args)
+            .args(["--", "sh", "-c", script])
+            .output()
+            .expect("run forwarder")
+    }
+
+    /// Kills every process left in the guest namespace (DHCP clients' daemons).
+    pub fn kill_guest_processes(&self) {
+        if let Some(g) = &self.guest {
+            let _ = Command::new("sh").args(["-c", &format!("ip netns pids {g} | xargs -r kill -9")]).status();
+        }
+    }
+
+    /// Sends SIGUSR1 to forwarder and returns the stats line it logs.
+    #[must_use]
+    pub fn stats(pid: u32, log: &std::path::Path) -> String {
+        let _ = Command::new("kill").args(["-USR1", &pid.to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(line) = read(log).lines().rev().find(|l| l.contains("stats: ")) {
+                return line.to_string();
+            }
+            assert!(Instant::now() < deadline, "no stats line in log:\n{}", read(log));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Default for World {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.kill_guest_processes();
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for ns in [Some(&self.host), Some(&self.remote), self.guest.as_ref()].into_iter().flatten() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs a shell script, panicking with its output on failure.
+pub fn sh_ok(script: &str) {
+    let out = Command::new("sh").args(["-c", script]).output().expect("sh");
+    assert!(out.status.success(), "script failed: {script}\n{}{}", text(&out.stdout), text(&out.stderr));
+}
+
+/// Lossy UTF-8.
+#[must_use]
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Reads a file, empty if missing.
+#[must_use]
+pub fn read(path: &std::path::Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// The value of counter `name` in a stats line, 0 when absent.
+#[must_use]
+pub fn counter(stats: &str, name: &str) -> u64 {
+    stats
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}

@@ -130,16 +130,30 @@ impl Args {
     /// An error naming the option and value that cannot work.
     pub fn into_config(self, host: &HostInfo) -> Result<Config> {
         let target = match (&self.netns, self.command.is_empty()) {
-            (Some(_), false) => bail!("--netns and a command cannot be combined: a command gets a new namespace"),
+            (Some(_), false) => {
+                bail!("--netns and a command cannot be combined: a command gets a new namespace")
+            }
             (Some(netns), true) => crate::ns::attach_target(netns, self.userns.clone())?,
-            (None, false) => Target::Spawn { command: self.command.clone() },
+            (None, false) => Target::Spawn {
+                command: self.command.clone(),
+            },
             (None, true) => {
-                let shell = std::env::var_os("SHELL").filter(|s| !s.is_empty()).unwrap_or_else(|| "/bin/sh".into());
-                Target::Spawn { command: vec![shell] }
+                let shell = std::env::var_os("SHELL")
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| "/bin/sh".into());
+                Target::Spawn {
+                    command: vec![shell],
+                }
             }
         };
         let per_family = |v: IpAddr| (v.is_ipv4(), v.is_ipv6());
-        for (list, option) in [(self.addresses.iter().map(|(a, _)| *a).collect::<Vec<_>>(), "--address"), (self.gateways.clone(), "--gateway")] {
+        for (list, option) in [
+            (
+                self.addresses.iter().map(|(a, _)| *a).collect::<Vec<_>>(),
+                "--address",
+            ),
+            (self.gateways.clone(), "--gateway"),
+        ] {
             let v4 = list.iter().filter(|a| per_family(**a).0).count();
             let v6 = list.iter().filter(|a| per_family(**a).1).count();
             if v4 > 1 || v6 > 1 {
@@ -180,10 +194,18 @@ impl Args {
 
 fn parse_addr(s: &str) -> Result<(IpAddr, Option<u8>), String> {
     let (addr, len) = match s.split_once('/') {
-        Some((a, l)) => (a, Some(l.parse::<u8>().map_err(|_| format!("prefix length {l:?} is not a number"))?)),
+        Some((a, l)) => (
+            a,
+            Some(
+                l.parse::<u8>()
+                    .map_err(|_| format!("prefix length {l:?} is not a number"))?,
+            ),
+        ),
         None => (s, None),
     };
-    let addr: IpAddr = addr.parse().map_err(|_| format!("{addr:?} is not an IP address"))?;
+    let addr: IpAddr = addr
+        .parse()
+        .map_err(|_| format!("{addr:?} is not an IP address"))?;
     let max = if addr.is_ipv4() { 32 } else { 128 };
     if len.is_some_and(|l| l > max) {
         return Err(format!("prefix length must be at most {max}"));
@@ -193,9 +215,15 @@ fn parse_addr(s: &str) -> Result<(IpAddr, Option<u8>), String> {
 
 fn parse_netmask(s: &str) -> Result<u8, String> {
     if let Ok(len) = s.parse::<u8>() {
-        return if len <= 32 { Ok(len) } else { Err("prefix length must be 0-32".into()) };
+        return if len <= 32 {
+            Ok(len)
+        } else {
+            Err("prefix length must be 0-32".into())
+        };
     }
-    let mask: std::net::Ipv4Addr = s.parse().map_err(|_| format!("{s:?} is neither a prefix length nor a dotted mask"))?;
+    let mask: std::net::Ipv4Addr = s
+        .parse()
+        .map_err(|_| format!("{s:?} is neither a prefix length nor a dotted mask"))?;
     let bits = u32::from(mask);
     if bits.leading_ones() + bits.trailing_zeros() != 32 {
         return Err(format!("{s} is not a contiguous netmask"));
@@ -204,8 +232,14 @@ fn parse_netmask(s: &str) -> Result<u8, String> {
 }
 
 fn parse_mac(s: &str) -> Result<EthernetAddress, String> {
-    let bytes: Vec<u8> = s.split(':').map(|p| u8::from_str_radix(p, 16)).collect::<Result<_, _>>().map_err(|_| format!("{s:?} is not a MAC address"))?;
-    let arr: [u8; 6] = bytes.try_into().map_err(|_| format!("{s:?} is not a MAC address (six hex bytes)"))?;
+    let bytes: Vec<u8> = s
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16))
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("{s:?} is not a MAC address"))?;
+    let arr: [u8; 6] = bytes
+        .try_into()
+        .map_err(|_| format!("{s:?} is not a MAC address (six hex bytes)"))?;
     let mac = EthernetAddress(arr);
     if !mac.is_unicast() {
         return Err(format!("{s} is a multicast address"));
@@ -215,7 +249,11 @@ fn parse_mac(s: &str) -> Result<EthernetAddress, String> {
 
 fn parse_max_flows(s: &str) -> Result<usize, String> {
     let n: usize = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
-    if (1..=MAX_MAX_FLOWS).contains(&n) { Ok(n) } else { Err(format!("must be 1-{MAX_MAX_FLOWS}")) }
+    if (1..=MAX_MAX_FLOWS).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("must be 1-{MAX_MAX_FLOWS}"))
+    }
 }
 
 /// The largest `--max-flows` accepted.
@@ -235,8 +273,14 @@ mod tests {
         assert_eq!(parse_netmask("16"), Ok(16));
         assert!(parse_netmask("255.0.255.0").is_err());
         assert!(parse_mac("01:00:5e:00:00:01").is_err());
-        assert_eq!(parse_mac("02:00:00:00:00:01").unwrap(), EthernetAddress([2, 0, 0, 0, 0, 1]));
-        assert_eq!(parse_addr("10.0.2.100/24"), Ok(("10.0.2.100".parse().unwrap(), Some(24))));
+        assert_eq!(
+            parse_mac("02:00:00:00:00:01").unwrap(),
+            EthernetAddress([2, 0, 0, 0, 0, 1])
+        );
+        assert_eq!(
+            parse_addr("10.0.2.100/24"),
+            Ok(("10.0.2.100".parse().unwrap(), Some(24)))
+        );
         assert!(parse_addr("10.0.2.100/33").is_err());
     }
 
@@ -254,14 +298,22 @@ mod tests {
         let args = parse(&["--config-net", "--", "sh", "-c", "true"]).unwrap();
         let host = HostInfo::default();
         let cfg = args.into_config(&host).unwrap();
-        assert_eq!(cfg.target, Target::Spawn { command: vec!["sh".into(), "-c".into(), "true".into()] });
+        assert_eq!(
+            cfg.target,
+            Target::Spawn {
+                command: vec!["sh".into(), "-c".into(), "true".into()]
+            }
+        );
         assert!(cfg.config_net);
     }
 
     #[test]
     fn duplicate_family_is_refused() {
         let args = parse(&["-a", "10.0.0.2", "-a", "10.0.0.3", "--", "true"]).unwrap();
-        let err = args.into_config(&HostInfo::default()).unwrap_err().to_string();
+        let err = args
+            .into_config(&HostInfo::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("--address given more than once"), "{err}");
     }
 }

@@ -37,18 +37,29 @@ fn run(args: Args) -> Result<ExitCode> {
     let mut cfg = args.into_config(&host)?;
     if cfg.services.icmp && !io::ping_sockets_allowed() {
         cfg.services.echo_local_only = true;
-        info!("ping sockets are not allowed for this group (net.ipv4.ping_group_range): answering ICMP echo locally");
+        info!(
+            "ping sockets are not allowed for this group (net.ipv4.ping_group_range): answering ICMP echo locally"
+        );
     }
     log_plan(&cfg);
     let ns::Namespace { tap, command } = ns::setup(&cfg)?;
     if let Some(path) = &cfg.pid_file {
-        std::fs::write(path, format!("{}\n", std::process::id())).with_context(|| format!("write PID file {}", path.display()))?;
+        std::fs::write(path, format!("{}\n", std::process::id()))
+            .with_context(|| format!("write PID file {}", path.display()))?;
     }
-    let engine = Engine::new(cfg.network.clone(), cfg.services, cfg.max_flows, Instant::now());
+    let engine = Engine::new(
+        cfg.network.clone(),
+        cfg.services,
+        cfg.max_flows,
+        Instant::now(),
+    );
     let plane = io::spawn(tap, engine)?;
     let child = command.map(ns::PendingCommand::release).transpose()?;
     info!(tap = %cfg.ifname, "forwarding");
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("start the control runtime")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the control runtime")?;
     let outcome = runtime.block_on(supervise(child, &plane));
     let stats = plane.stop()?;
     info!("final stats: {}", stats.summary());
@@ -122,16 +133,29 @@ fn init_logging(args: &Args) -> Result<()> {
     } else {
         "info"
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(format!("forwarder={level}")));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("forwarder={level}")));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
     match &args.log_file {
         Some(path) => {
-            let file = std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("open log file {}", path.display()))?;
-            builder.with_ansi(false).with_writer(std::sync::Mutex::new(file)).init();
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("open log file {}", path.display()))?;
+            builder
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .init();
         }
         None => {
             use std::io::IsTerminal;
-            builder.with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).init();
+            builder
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(std::io::stderr)
+                .init();
         }
     }
     Ok(())

@@ -38,20 +38,27 @@ pub fn host_info() -> Result<HostInfo> {
         let v6 = default_route(&handle, AddressFamily::Inet6).await?;
         let mut info = HostInfo::default();
         if let Some((oif, IpAddr::V4(gw))) = v4 {
-            info.v4 = addresses(&handle, oif).await?.into_iter().find_map(|(a, len)| match a {
-                IpAddr::V4(a) => Some((a, len, gw)),
-                IpAddr::V6(_) => None,
-            });
+            info.v4 = addresses(&handle, oif)
+                .await?
+                .into_iter()
+                .find_map(|(a, len)| match a {
+                    IpAddr::V4(a) => Some((a, len, gw)),
+                    IpAddr::V6(_) => None,
+                });
         }
         if let Some((oif, IpAddr::V6(gw))) = v6 {
-            info.v6 = addresses(&handle, oif).await?.into_iter().find_map(|(a, len)| match a {
-                IpAddr::V6(a) => Some((a, len, gw)),
-                IpAddr::V4(_) => None,
-            });
+            info.v6 = addresses(&handle, oif)
+                .await?
+                .into_iter()
+                .find_map(|(a, len)| match a {
+                    IpAddr::V6(a) => Some((a, len, gw)),
+                    IpAddr::V4(_) => None,
+                });
         }
         Ok::<_, anyhow::Error>(info)
     })?;
-    info.resolvers = read_resolvers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
+    info.resolvers =
+        read_resolvers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
     Ok(info)
 }
 
@@ -64,14 +71,23 @@ pub fn configure_namespace(ifname: &str, net: &Network, config_net: bool) -> Res
     block_on(async {
         let handle = connect()?;
         let lo = link_index(&handle, "lo").await?;
-        handle.link().set(LinkUnspec::new_with_index(lo).up().build()).execute().await.context("bring lo up")?;
+        handle
+            .link()
+            .set(LinkUnspec::new_with_index(lo).up().build())
+            .execute()
+            .await
+            .context("bring lo up")?;
         if !config_net {
             return Ok(());
         }
         let tap = link_index(&handle, ifname).await?;
         handle
             .link()
-            .set(LinkUnspec::new_with_index(tap).mtu(u32::from(net.mtu)).build())
+            .set(
+                LinkUnspec::new_with_index(tap)
+                    .mtu(u32::from(net.mtu))
+                    .build(),
+            )
             .execute()
             .await
             .with_context(|| format!("set MTU {} on {ifname}", net.mtu))?;
@@ -84,21 +100,47 @@ pub fn configure_namespace(ifname: &str, net: &Network, config_net: bool) -> Res
                 .with_context(|| format!("add {}/{} to {ifname}", v4.guest, v4.prefix_len))?;
         }
         if let Some(v6) = &net.ipv6 {
-            let mut req = handle.address().add(tap, IpAddr::V6(v6.guest), v6.prefix_len);
-            req.message_mut().attributes.push(AddressAttribute::Flags(AddressFlags::Nodad));
-            req.execute().await.with_context(|| format!("add {}/{} to {ifname}", v6.guest, v6.prefix_len))?;
+            let mut req = handle
+                .address()
+                .add(tap, IpAddr::V6(v6.guest), v6.prefix_len);
+            req.message_mut()
+                .attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+            req.execute()
+                .await
+                .with_context(|| format!("add {}/{} to {ifname}", v6.guest, v6.prefix_len))?;
         }
-        handle.link().set(LinkUnspec::new_with_index(tap).up().build()).execute().await.with_context(|| format!("bring {ifname} up"))?;
+        handle
+            .link()
+            .set(LinkUnspec::new_with_index(tap).up().build())
+            .execute()
+            .await
+            .with_context(|| format!("bring {ifname} up"))?;
         if let Some(v4) = &net.ipv4 {
-            let mut route = RouteMessageBuilder::<Ipv4Addr>::new().output_interface(tap).gateway(v4.gateway);
+            let mut route = RouteMessageBuilder::<Ipv4Addr>::new()
+                .output_interface(tap)
+                .gateway(v4.gateway);
             if !in_subnet4(v4.gateway, v4.guest, v4.prefix_len) {
                 route = route.onlink();
             }
-            handle.route().add(route.build()).execute().await.with_context(|| format!("add default route via {}", v4.gateway))?;
+            handle
+                .route()
+                .add(route.build())
+                .execute()
+                .await
+                .with_context(|| format!("add default route via {}", v4.gateway))?;
         }
         if let Some(v6) = &net.ipv6 {
-            let route = RouteMessageBuilder::<Ipv6Addr>::new().output_interface(tap).gateway(v6.gateway).build();
-            handle.route().add(route).execute().await.with_context(|| format!("add default route via {}", v6.gateway))?;
+            let route = RouteMessageBuilder::<Ipv6Addr>::new()
+                .output_interface(tap)
+                .gateway(v6.gateway)
+                .build();
+            handle
+                .route()
+                .add(route)
+                .execute()
+                .await
+                .with_context(|| format!("add default route via {}", v6.gateway))?;
         }
         Ok(())
     })
@@ -116,7 +158,10 @@ pub fn read_resolvers(text: &str) -> Vec<IpAddr> {
 }
 
 fn block_on<T>(fut: impl Future<Output = Result<T>>) -> Result<T> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_io().build().context("start netlink runtime")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .context("start netlink runtime")?;
     rt.block_on(fut)
 }
 
@@ -176,7 +221,11 @@ fn gateway_of(route: &RouteMessage) -> Option<(u32, IpAddr, u32)> {
 }
 
 async fn addresses(handle: &Handle, index: u32) -> Result<Vec<(IpAddr, u8)>> {
-    let mut stream = handle.address().get().set_link_index_filter(index).execute();
+    let mut stream = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute();
     let mut out = Vec::new();
     while let Some(msg) = stream.try_next().await.context("dump addresses")? {
         if msg.header.scope != AddressScope::Universe {
@@ -209,6 +258,12 @@ mod tests {
     fn resolv_conf_parsing() {
         let text = "# comment\nnameserver 127.0.0.53\nsearch example\nnameserver  2001:db8::53 \nnameserver fe80::1%eth0\nnameserver bogus\n";
         let got = read_resolvers(text);
-        assert_eq!(got, vec!["127.0.0.53".parse::<IpAddr>().unwrap(), "2001:db8::53".parse().unwrap()]);
+        assert_eq!(
+            got,
+            vec![
+                "127.0.0.53".parse::<IpAddr>().unwrap(),
+                "2001:db8::53".parse().unwrap()
+            ]
+        );
     }
 }

@@ -46,7 +46,8 @@ use nix::fcntl::{OFlag, open};
 use nix::sched::{CloneFlags, setns, unshare};
 use nix::sys::signal::Signal;
 use nix::sys::socket::{
-    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg, sendmsg, socketpair,
+    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg,
+    sendmsg, socketpair,
 };
 use nix::sys::stat::Mode;
 use nix::sys::wait::waitpid;
@@ -91,8 +92,13 @@ impl PendingCommand {
 ///
 /// The failing step, with the child's own error chain when it failed inside the namespace.
 pub fn setup(cfg: &Config) -> Result<Namespace> {
-    let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
-        .context("create socketpair")?;
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .context("create socketpair")?;
     match sys::fork_single_threaded().context("fork the namespace helper")? {
         ForkResult::Child => {
             drop(ours);
@@ -117,7 +123,13 @@ pub fn setup(cfg: &Config) -> Result<Namespace> {
                 }
             };
             match &cfg.target {
-                Target::Spawn { .. } => Ok(Namespace { tap, command: Some(PendingCommand { pid: child, control: ours }) }),
+                Target::Spawn { .. } => Ok(Namespace {
+                    tap,
+                    command: Some(PendingCommand {
+                        pid: child,
+                        control: ours,
+                    }),
+                }),
                 Target::Attach { .. } => {
                     let _ = waitpid(child, None);
                     Ok(Namespace { tap, command: None })
@@ -131,10 +143,13 @@ fn child_main(cfg: &Config, sock: &OwnedFd) -> Result<()> {
     match &cfg.target {
         Target::Spawn { command } => {
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).context("set parent-death signal")?;
-            unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNET).context("create user and network namespace")?;
+            unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNET)
+                .context("create user and network namespace")?;
             nix::unistd::write(sock, b"U").context("ask for id maps")?;
             let mut mapped = [0u8; 1];
-            if nix::unistd::read(sock, &mut mapped).context("wait for id maps")? != 1 || mapped != *b"M" {
+            if nix::unistd::read(sock, &mut mapped).context("wait for id maps")? != 1
+                || mapped != *b"M"
+            {
                 bail!("the forwarder could not map ids in the new namespace");
             }
             let tap = open_in_namespace(cfg)?;
@@ -147,7 +162,10 @@ fn child_main(cfg: &Config, sock: &OwnedFd) -> Result<()> {
             }
             let argv: Vec<CString> = command
                 .iter()
-                .map(|a| CString::new(a.as_encoded_bytes()).map_err(|_| anyhow!("argument {a:?} contains a NUL byte")))
+                .map(|a| {
+                    CString::new(a.as_encoded_bytes())
+                        .map_err(|_| anyhow!("argument {a:?} contains a NUL byte"))
+                })
                 .collect::<Result<_>>()?;
             let program = argv.first().ok_or_else(|| anyhow!("empty command"))?;
             let err = execvp(program, &argv).unwrap_err();
@@ -165,13 +183,18 @@ fn child_main(cfg: &Config, sock: &OwnedFd) -> Result<()> {
 }
 
 fn open_in_namespace(cfg: &Config) -> Result<OwnedFd> {
-    let tap = sys::open_tap(&cfg.ifname).with_context(|| format!("open tap {} in the namespace", cfg.ifname))?;
+    let tap = sys::open_tap(&cfg.ifname)
+        .with_context(|| format!("open tap {} in the namespace", cfg.ifname))?;
     netconf::configure_namespace(&cfg.ifname, &cfg.network, cfg.config_net)?;
     Ok(tap)
 }
 
 fn enter(path: &Path, kind: CloneFlags) -> Result<()> {
-    let what = if kind == CloneFlags::CLONE_NEWUSER { "user" } else { "network" };
+    let what = if kind == CloneFlags::CLONE_NEWUSER {
+        "user"
+    } else {
+        "network"
+    };
     let fd = open(path, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
         .with_context(|| format!("open {what} namespace {}", path.display()))?;
     setns(&fd, kind).with_context(|| format!("join {what} namespace {}", path.display()))
@@ -179,14 +202,18 @@ fn enter(path: &Path, kind: CloneFlags) -> Result<()> {
 
 /// Writes the id maps of `child`'s new user namespace, from the parent namespace.
 fn write_id_maps(child: Pid) -> Result<()> {
-    let (uid, gid) = (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw());
+    let (uid, gid) = (
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    );
     let dir = PathBuf::from(format!("/proc/{child}"));
     let (uid_map, gid_map) = if uid == 0 {
         // Root may map every id: commands in the namespace keep all their users.
         ("0 0 4294967295".to_string(), "0 0 4294967295".to_string())
     } else {
         // An unprivileged user may map exactly itself, after giving up setgroups.
-        std::fs::write(dir.join("setgroups"), "deny").context("write setgroups of the new namespace")?;
+        std::fs::write(dir.join("setgroups"), "deny")
+            .context("write setgroups of the new namespace")?;
         (format!("0 {uid} 1"), format!("0 {gid} 1"))
     };
     std::fs::write(dir.join("uid_map"), uid_map).context("write uid_map of the new namespace")?;
@@ -213,8 +240,14 @@ fn receive_after_maps(sock: &OwnedFd, child: Pid, target: &Target) -> Result<Own
 
 fn send(sock: &OwnedFd, tap: &OwnedFd) -> Result<()> {
     let fds = [tap.as_raw_fd()];
-    sendmsg::<()>(sock.as_raw_fd(), &[IoSlice::new(b"T")], &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None)
-        .context("send the tap to the forwarder")?;
+    sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[IoSlice::new(b"T")],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .context("send the tap to the forwarder")?;
     Ok(())
 }
 
@@ -222,8 +255,13 @@ fn receive(sock: &OwnedFd) -> Result<OwnedFd> {
     let mut buf = vec![0u8; MAX_MESSAGE];
     let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
     let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-    let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
-        .context("receive the tap from the namespace helper")?;
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .context("receive the tap from the namespace helper")?;
     let mut tap = None;
     for c in msg.cmsgs().context("read control messages")? {
         if let ControlMessageOwned::ScmRights(fds) = c {
@@ -237,7 +275,10 @@ fn receive(sock: &OwnedFd) -> Result<OwnedFd> {
     let data = buf.get(..len).unwrap_or_default();
     match (data.first(), tap) {
         (Some(b'T'), Some(tap)) => Ok(tap),
-        (Some(b'E'), _) => Err(anyhow!("{}", String::from_utf8_lossy(data.get(1..).unwrap_or_default()))),
+        (Some(b'E'), _) => Err(anyhow!(
+            "{}",
+            String::from_utf8_lossy(data.get(1..).unwrap_or_default())
+        )),
         _ => Err(anyhow!("namespace helper exited without a result")),
     }
 }
@@ -255,16 +296,30 @@ pub fn attach_target(netns: &str, userns: Option<PathBuf>) -> Result<Target> {
         }
         let userns = userns.or_else(|| {
             let theirs = proc_dir.join("ns/user");
-            let differs = std::fs::metadata(&theirs).ok().map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-                != std::fs::metadata("/proc/self/ns/user").ok().map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+            let differs = std::fs::metadata(&theirs)
+                .ok()
+                .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+                != std::fs::metadata("/proc/self/ns/user")
+                    .ok()
+                    .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
             (differs && !nix::unistd::geteuid().is_root()).then_some(theirs)
         });
-        return Ok(Target::Attach { netns: proc_dir.join("ns/net"), userns });
+        return Ok(Target::Attach {
+            netns: proc_dir.join("ns/net"),
+            userns,
+        });
     }
     let path = PathBuf::from(netns);
     // `ip netns` names: a bare name means /run/netns/NAME.
-    let path = if path.components().count() == 1 && !path.exists() { Path::new("/run/netns").join(path) } else { path };
-    Ok(Target::Attach { netns: path, userns })
+    let path = if path.components().count() == 1 && !path.exists() {
+        Path::new("/run/netns").join(path)
+    } else {
+        path
+    };
+    Ok(Target::Attach {
+        netns: path,
+        userns,
+    })
 }
 
 /// Largest message on the socketpair.

@@ -14,7 +14,11 @@
 //! can leave the world. Namespace names carry the test process id and a counter, so
 //! parallel tests never collide, and [`World`]'s `Drop` deletes them even when a test panics.
 //! `cargo xtask run-integration` also sweeps leftovers (`fwt-*`) before it starts.
-#![allow(clippy::missing_panics_doc, reason = "test harness: panics are test failures")]
+#![allow(
+    clippy::missing_panics_doc,
+    clippy::expect_used,
+    reason = "test harness: a panic is a test failure"
+)]
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
@@ -41,7 +45,10 @@ pub fn privileged() -> bool {
 
 fn nix_euid() -> u32 {
     let out = Command::new("id").arg("-u").output().expect("run id -u");
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(u32::MAX)
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(u32::MAX)
 }
 
 /// The forwarder binary under test.
@@ -52,8 +59,16 @@ pub fn forwarder_bin() -> PathBuf {
     }
     // target/<profile>/deps/<test> → target/<profile>/forwarder
     let exe = std::env::current_exe().expect("current exe");
-    let bin = exe.parent().and_then(|d| d.parent()).expect("target dir").join("forwarder");
-    assert!(bin.exists(), "{} missing: build it first (cargo build -p forwarder)", bin.display());
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .join("forwarder");
+    assert!(
+        bin.exists(),
+        "{} missing: build it first (cargo build -p forwarder)",
+        bin.display()
+    );
     bin
 }
 
@@ -79,7 +94,13 @@ impl World {
         let tag = format!("{}-{n}", std::process::id());
         let dir = std::env::temp_dir().join(format!("fwt-{tag}"));
         std::fs::create_dir_all(&dir).expect("scratch dir");
-        let world = Self { host: format!("fwt-h-{tag}"), remote: format!("fwt-r-{tag}"), guest: None, children: vec![], dir };
+        let world = Self {
+            host: format!("fwt-h-{tag}"),
+            remote: format!("fwt-r-{tag}"),
+            guest: None,
+            children: vec![],
+            dir,
+        };
         let (h, r) = (&world.host, &world.remote);
         let script = format!(
             "set -e
@@ -100,7 +121,9 @@ impl World {
     /// Creates an empty guest namespace (`ip netns add`).
     pub fn add_guest(&mut self) -> String {
         let name = self.host.replace("fwt-h-", "fwt-g-");
-        sh_ok(&format!("ip netns add {name} && ip -n {name} link set lo up"));
+        sh_ok(&format!(
+            "ip netns add {name} && ip -n {name} link set lo up"
+        ));
         self.guest = Some(name.clone());
         name
     }
@@ -108,7 +131,10 @@ impl World {
     /// Runs `script` with `sh -c` inside namespace `ns`.
     #[must_use]
     pub fn run_in(&self, ns: &str, script: &str) -> Output {
-        Command::new("ip").args(["netns", "exec", ns, "sh", "-c", script]).output().expect("ip netns exec")
+        Command::new("ip")
+            .args(["netns", "exec", ns, "sh", "-c", script])
+            .output()
+            .expect("ip netns exec")
     }
 
     /// Starts forwarder in the host namespace attached to the guest, with a log file.
@@ -129,7 +155,11 @@ impl World {
         self.children.push(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while !self.run_in(&guest, "ip link show tap0").status.success() {
-            assert!(Instant::now() < deadline, "tap0 did not appear; log:\n{}", read(&log));
+            assert!(
+                Instant::now() < deadline,
+                "tap0 did not appear; log:\n{}",
+                read(&log)
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         (pid, log)
@@ -150,20 +180,28 @@ impl World {
     /// Kills every process left in the guest namespace (DHCP clients' daemons).
     pub fn kill_guest_processes(&self) {
         if let Some(g) = &self.guest {
-            let _ = Command::new("sh").args(["-c", &format!("ip netns pids {g} | xargs -r kill -9")]).status();
+            let _ = Command::new("sh")
+                .args(["-c", &format!("ip netns pids {g} | xargs -r kill -9")])
+                .status();
         }
     }
 
     /// Sends SIGUSR1 to forwarder and returns the stats line it logs.
     #[must_use]
     pub fn stats(pid: u32, log: &std::path::Path) -> String {
-        let _ = Command::new("kill").args(["-USR1", &pid.to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-USR1", &pid.to_string()])
+            .status();
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             if let Some(line) = read(log).lines().rev().find(|l| l.contains("stats: ")) {
                 return line.to_string();
             }
-            assert!(Instant::now() < deadline, "no stats line in log:\n{}", read(log));
+            assert!(
+                Instant::now() < deadline,
+                "no stats line in log:\n{}",
+                read(log)
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -182,7 +220,10 @@ impl Drop for World {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for ns in [Some(&self.host), Some(&self.remote), self.guest.as_ref()].into_iter().flatten() {
+        for ns in [Some(&self.host), Some(&self.remote), self.guest.as_ref()]
+            .into_iter()
+            .flatten()
+        {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -191,8 +232,16 @@ impl Drop for World {
 
 /// Runs a shell script, panicking with its output on failure.
 pub fn sh_ok(script: &str) {
-    let out = Command::new("sh").args(["-c", script]).output().expect("sh");
-    assert!(out.status.success(), "script failed: {script}\n{}{}", text(&out.stdout), text(&out.stderr));
+    let out = Command::new("sh")
+        .args(["-c", script])
+        .output()
+        .expect("sh");
+    assert!(
+        out.status.success(),
+        "script failed: {script}\n{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
 }
 
 /// Lossy UTF-8.

@@ -22,25 +22,54 @@ fn config_net_gives_addresses_routes_and_echo_both_ways() {
     let mut w = World::new();
     let guest = w.add_guest();
     let (pid, log) = w.start_attached(&["--config-net"]);
-    let addrs = text(&w.run_in(&guest, "ip -br addr show tap0; ip route; ip -6 route").stdout);
+    let addrs = text(
+        &w.run_in(&guest, "ip -br addr show tap0; ip route; ip -6 route")
+            .stdout,
+    );
     assert!(addrs.contains("198.51.100.2/24"), "{addrs}");
     assert!(addrs.contains("2001:db8:1::2/64"), "{addrs}");
-    assert!(addrs.contains("default via 198.51.100.1 dev tap0"), "{addrs}");
-    assert!(addrs.contains("default via 2001:db8:1::1 dev tap0"), "{addrs}");
+    assert!(
+        addrs.contains("default via 198.51.100.1 dev tap0"),
+        "{addrs}"
+    );
+    assert!(
+        addrs.contains("default via 2001:db8:1::1 dev tap0"),
+        "{addrs}"
+    );
     assert!(text(&w.run_in(&guest, "ip link show tap0").stdout).contains("mtu 65520"));
 
     // The gateway answers locally, v4 and v6.
     assert!(ok(&w.run_in(&guest, "ping -c1 -W2 198.51.100.1")));
     assert!(ok(&w.run_in(&guest, "ping -6 -c1 -W2 2001:db8:1::1")));
     // The remote answers through ping sockets...
-    assert!(ok(&w.run_in(&guest, PING4_REMOTE)), "v4 remote ping failed; log:\n{}", read(&log));
-    assert!(ok(&w.run_in(&guest, PING6_REMOTE)), "v6 remote ping failed; log:\n{}", read(&log));
+    assert!(
+        ok(&w.run_in(&guest, PING4_REMOTE)),
+        "v4 remote ping failed; log:\n{}",
+        read(&log)
+    );
+    assert!(
+        ok(&w.run_in(&guest, PING6_REMOTE)),
+        "v6 remote ping failed; log:\n{}",
+        read(&log)
+    );
     let stats = World::stats(pid, &log);
-    assert!(counter(&stats, "echo_forwarded") >= 2 && counter(&stats, "echo_replies") >= 2, "{stats}");
+    assert!(
+        counter(&stats, "echo_forwarded") >= 2 && counter(&stats, "echo_replies") >= 2,
+        "{stats}"
+    );
     // ...and really from the remote: take its addresses away and the pings must fail.
-    sh_ok(&format!("ip -n {r} addr del 203.0.113.1/32 dev lo; ip -n {r} addr del 2001:db8:2::1/128 dev lo", r = w.remote));
-    assert!(!ok(&w.run_in(&guest, PING4_REMOTE)), "v4 ping succeeded with the remote gone");
-    assert!(!ok(&w.run_in(&guest, PING6_REMOTE)), "v6 ping succeeded with the remote gone");
+    sh_ok(&format!(
+        "ip -n {r} addr del 203.0.113.1/32 dev lo; ip -n {r} addr del 2001:db8:2::1/128 dev lo",
+        r = w.remote
+    ));
+    assert!(
+        !ok(&w.run_in(&guest, PING4_REMOTE)),
+        "v4 ping succeeded with the remote gone"
+    );
+    assert!(
+        !ok(&w.run_in(&guest, PING6_REMOTE)),
+        "v6 ping succeeded with the remote gone"
+    );
 }
 
 #[test]
@@ -58,21 +87,39 @@ fn udhcpc_dhclient_and_dhcpcd_get_the_planned_ipv4_config() {
     std::fs::write(w.dir.join("udhcpc.sh"), format!("#!/bin/sh\n[ \"$1\" = bound ] && echo \"ip=$ip mask=$mask router=$router dns=$dns mtu=$mtu\" > {dir}/udhcpc.out\nexit 0\n")).unwrap();
     let out = w.run_in(&guest, &format!("chmod +x {dir}/udhcpc.sh; timeout 15 busybox udhcpc -i tap0 -n -q -t5 -T1 -O mtu -s {dir}/udhcpc.sh"));
     let got = read(&w.dir.join("udhcpc.out"));
-    assert_eq!(got.trim(), "ip=198.51.100.2 mask=24 router=198.51.100.1 dns=198.51.100.53 mtu=65520", "udhcpc: {}{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(
+        got.trim(),
+        "ip=198.51.100.2 mask=24 router=198.51.100.1 dns=198.51.100.53 mtu=65520",
+        "udhcpc: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
     w.kill_guest_processes();
 
     // ISC dhclient, its hook replaced so nothing outside the world is touched.
     std::fs::write(w.dir.join("dhclient.sh"), format!("#!/bin/sh\nenv | grep -E '^new_(ip_address|subnet_mask|routers|domain_name_servers|interface_mtu|ip6_address|ip6_prefixlen|dhcp6_name_servers)=' | sort > {dir}/dhclient.$reason\nexit 0\n")).unwrap();
     let out = w.run_in(&guest, &format!("chmod +x {dir}/dhclient.sh; timeout 20 dhclient -4 -1 -sf {dir}/dhclient.sh -lf {dir}/dh4.lease -pf {dir}/dh4.pid tap0"));
     let got = read(&w.dir.join("dhclient.BOUND"));
-    for want in ["new_ip_address=198.51.100.2", "new_routers=198.51.100.1", "new_subnet_mask=255.255.255.0", "new_domain_name_servers=198.51.100.53"] {
-        assert!(got.contains(want), "dhclient missing {want}: {got}\n{}", text(&out.stderr));
+    for want in [
+        "new_ip_address=198.51.100.2",
+        "new_routers=198.51.100.1",
+        "new_subnet_mask=255.255.255.0",
+        "new_domain_name_servers=198.51.100.53",
+    ] {
+        assert!(
+            got.contains(want),
+            "dhclient missing {want}: {got}\n{}",
+            text(&out.stderr)
+        );
     }
     w.kill_guest_processes();
 
     // dhcpcd in test mode: prints what it would configure. Its privilege-separation helpers
     // outlive -T and would hold a pipe open, so it writes to a file and is killed after.
-    let _ = w.run_in(&guest, &format!("(timeout 30 dhcpcd -T -4 -1 -t 20 --noipv4ll tap0 > {dir}/dhcpcd.out 2>&1 &)"));
+    let _ = w.run_in(
+        &guest,
+        &format!("(timeout 30 dhcpcd -T -4 -1 -t 20 --noipv4ll tap0 > {dir}/dhcpcd.out 2>&1 &)"),
+    );
     let mut got = String::new();
     for _ in 0..250 {
         got = read(&w.dir.join("dhcpcd.out")).replace('\'', "");
@@ -82,7 +129,12 @@ fn udhcpc_dhclient_and_dhcpcd_get_the_planned_ipv4_config() {
         std::thread::sleep(Duration::from_millis(100));
     }
     w.kill_guest_processes();
-    for want in ["new_ip_address=198.51.100.2", "new_routers=198.51.100.1", "new_domain_name_servers=198.51.100.53", "new_subnet_mask=255.255.255.0"] {
+    for want in [
+        "new_ip_address=198.51.100.2",
+        "new_routers=198.51.100.1",
+        "new_domain_name_servers=198.51.100.53",
+        "new_subnet_mask=255.255.255.0",
+    ] {
         assert!(got.contains(want), "dhcpcd missing {want}:\n{got}");
     }
     let stats = World::stats(pid, &log);
@@ -103,24 +155,46 @@ fn dhcpv6_and_slaac_configure_ipv6() {
     // a default route learned from the RA.
     let mut seen = String::new();
     for _ in 0..100 {
-        seen = text(&w.run_in(&guest, "ip -6 addr show dev tap0 scope global; ip -6 route show default").stdout);
+        seen = text(
+            &w.run_in(
+                &guest,
+                "ip -6 addr show dev tap0 scope global; ip -6 route show default",
+            )
+            .stdout,
+        );
         if seen.contains("2001:db8:1:0:") && seen.contains("proto ra") {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(seen.contains("2001:db8:1:0:") && seen.contains("dynamic"), "no SLAAC address:\n{seen}");
-    assert!(seen.contains("default via fe80::9855:9aff:fe55:9a55"), "no RA default route:\n{seen}");
+    assert!(
+        seen.contains("2001:db8:1:0:") && seen.contains("dynamic"),
+        "no SLAAC address:\n{seen}"
+    );
+    assert!(
+        seen.contains("default via fe80::9855:9aff:fe55:9a55"),
+        "no RA default route:\n{seen}"
+    );
 
     let dir = w.dir.display().to_string();
     std::fs::write(w.dir.join("dhclient.sh"), format!("#!/bin/sh\nenv | grep -E '^new_(ip6_address|ip6_prefixlen|dhcp6_name_servers)=' | sort > {dir}/dhclient.$reason\nexit 0\n")).unwrap();
     let out = w.run_in(&guest, &format!("chmod +x {dir}/dhclient.sh; timeout 20 dhclient -6 -1 -sf {dir}/dhclient.sh -lf {dir}/dh6.lease -pf {dir}/dh6.pid tap0"));
     let got = read(&w.dir.join("dhclient.BOUND6"));
-    assert!(got.contains("new_ip6_address=2001:db8:1::2"), "dhclient -6: {got}\n{}", text(&out.stderr));
-    assert!(got.contains("new_dhcp6_name_servers=2001:db8:1::53"), "dhclient -6: {got}");
+    assert!(
+        got.contains("new_ip6_address=2001:db8:1::2"),
+        "dhclient -6: {got}\n{}",
+        text(&out.stderr)
+    );
+    assert!(
+        got.contains("new_dhcp6_name_servers=2001:db8:1::53"),
+        "dhclient -6: {got}"
+    );
     w.kill_guest_processes();
     let stats = World::stats(pid, &log);
-    assert!(counter(&stats, "router_adverts") >= 1 && counter(&stats, "dhcpv6_replies") >= 2, "{stats}");
+    assert!(
+        counter(&stats, "router_adverts") >= 1 && counter(&stats, "dhcpv6_replies") >= 2,
+        "{stats}"
+    );
 }
 
 #[test]
@@ -130,7 +204,13 @@ fn spawned_command_runs_in_new_namespace_and_its_status_is_returned() {
     }
     let w = World::new();
     let out = w.spawn(&["--config-net", "-q"], &format!("{PING4_REMOTE} >/dev/null && {PING6_REMOTE} >/dev/null && ip -br addr show tap0 && exit 7"));
-    assert_eq!(out.status.code(), Some(7), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
     assert!(text(&out.stdout).contains("198.51.100.2/24"));
 }
 
@@ -145,7 +225,11 @@ fn unprivileged_uid_65534_gets_the_same_service() {
     let tun = w.dir.join("tun");
     let bin = w.dir.join("forwarder");
     std::fs::copy(forwarder_bin(), &bin).unwrap();
-    sh_ok(&format!("mknod -m 0666 {} c 10 200 && chmod 755 {}", tun.display(), w.dir.display()));
+    sh_ok(&format!(
+        "mknod -m 0666 {} c 10 200 && chmod 755 {}",
+        tun.display(),
+        w.dir.display()
+    ));
     let script = format!(
         "ip link set tap0 up; busybox udhcpc -i tap0 -n -q -t5 -T1 -s /bin/true >/dev/null 2>&1 && echo DHCP-OK; \
          ping -c1 -W2 198.51.100.1 >/dev/null && echo GW4-OK; {PING4_REMOTE} >/dev/null && echo REMOTE4-OK; \
@@ -162,7 +246,11 @@ fn unprivileged_uid_65534_gets_the_same_service() {
         .unwrap();
     let got = text(&out.stdout);
     for want in ["DHCP-OK", "GW4-OK", "REMOTE4-OK", "REMOTE6-OK"] {
-        assert!(got.contains(want), "unprivileged run missing {want}:\n{got}{}", text(&out.stderr));
+        assert!(
+            got.contains(want),
+            "unprivileged run missing {want}:\n{got}{}",
+            text(&out.stderr)
+        );
     }
     // Inside its own user namespace the command is root, mapped to 65534 outside.
     assert!(got.trim_end().ends_with('0'), "{got}");
@@ -174,12 +262,22 @@ fn ping_sockets_forbidden_falls_back_to_local_echo() {
         return;
     }
     let mut w = World::new();
-    sh_ok(&format!("ip netns exec {} sysctl -qw net.ipv4.ping_group_range='1 0'", w.host));
+    sh_ok(&format!(
+        "ip netns exec {} sysctl -qw net.ipv4.ping_group_range='1 0'",
+        w.host
+    ));
     let guest = w.add_guest();
     let (pid, log) = w.start_attached(&["--config-net"]);
-    assert!(read(&log).contains("answering ICMP echo locally"), "{}", read(&log));
+    assert!(
+        read(&log).contains("answering ICMP echo locally"),
+        "{}",
+        read(&log)
+    );
     // Documented fallback: the remote's address is answered by forwarder itself.
-    sh_ok(&format!("ip -n {} addr del 203.0.113.1/32 dev lo", w.remote));
+    sh_ok(&format!(
+        "ip -n {} addr del 203.0.113.1/32 dev lo",
+        w.remote
+    ));
     assert!(ok(&w.run_in(&guest, PING4_REMOTE)));
     let stats = World::stats(pid, &log);
     assert!(counter(&stats, "echo_local_fallback") >= 1, "{stats}");
@@ -222,18 +320,39 @@ for _ in range(500):
     assert!(counter(&stats, "drop_truncated") >= 40, "{stats}");
     assert!(counter(&stats, "drop_bad_checksum") >= 20, "{stats}");
     assert!(counter(&stats, "drop_unknown_ethertype") >= 20, "{stats}");
-    assert!(!read(&log).contains("WARN"), "bad input must not log warnings:\n{}", read(&log));
+    assert!(
+        !read(&log).contains("WARN"),
+        "bad input must not log warnings:\n{}",
+        read(&log)
+    );
 }
 
 #[test]
 fn bad_command_lines_are_refused_with_the_option_named() {
-    let out = std::process::Command::new(forwarder_bin()).args(["--mtu", "99999", "--", "true"]).output().unwrap();
+    let out = std::process::Command::new(forwarder_bin())
+        .args(["--mtu", "99999", "--", "true"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("--mtu"), "{}", text(&out.stderr));
-    let out = std::process::Command::new(forwarder_bin()).args(["-a", "198.51.100.2", "-g", "198.51.100.2", "--", "true"]).output().unwrap();
+    let out = std::process::Command::new(forwarder_bin())
+        .args(["-a", "198.51.100.2", "-g", "198.51.100.2", "--", "true"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("--gateway 198.51.100.2: is the guest's own address"), "{}", text(&out.stderr));
-    let out = std::process::Command::new(forwarder_bin()).args(["--netns", "/nonexistent/netns"]).output().unwrap();
+    assert!(
+        text(&out.stderr).contains("--gateway 198.51.100.2: is the guest's own address"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = std::process::Command::new(forwarder_bin())
+        .args(["--netns", "/nonexistent/netns"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("/nonexistent/netns"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("/nonexistent/netns"),
+        "{}",
+        text(&out.stderr)
+    );
 }

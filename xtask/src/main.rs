@@ -1,1 +1,143 @@
-fn main() {}
+//! Project tasks. `cargo xtask run-integration` is the whole test suite (what `.ci/run`
+//! calls); `cargo xtask setup` installs what the tests need from Debian's packages.
+//!
+//! Every task does its own set-up and is idempotent, so both work on a fresh machine.
+
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, Result, bail};
+
+/// Debian packages the end-to-end tests use: the real clients and tools.
+const PACKAGES: &[(&str, &str)] = &[
+    ("busybox", "busybox"),
+    ("dhclient", "isc-dhcp-client"),
+    ("dhcpcd", "dhcpcd5"),
+    ("ping", "iputils-ping"),
+    ("ip", "iproute2"),
+    ("setpriv", "util-linux"),
+    ("python3", "python3"),
+];
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("setup") => setup(),
+        Some("run-integration") => run_integration(),
+        _ => {
+            eprintln!("usage: cargo xtask <setup|run-integration>");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Installs missing test tools with apt (root only; otherwise lists what is missing).
+fn setup() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(bin, _)| !have(bin))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        println!("xtask: test tools present");
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing test tools; install as root: apt-get install {}",
+            missing.join(" ")
+        );
+    }
+    println!("xtask: installing {}", missing.join(" "));
+    run(Command::new("apt-get")
+        .args(["update", "-qq"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// Formatting, lints, unit and property tests, then the end-to-end tests in namespaces.
+fn run_integration() -> Result<()> {
+    setup()?;
+    sweep_stale_namespaces();
+    run(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
+    run(Command::new("cargo").args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(Command::new("cargo").args(["build", "--package", "forwarder"]))?;
+    run(Command::new("cargo").args(["test", "--workspace", "--exclude", "forwarder-tests"]))?;
+    let mut e2e = Command::new("cargo");
+    e2e.args([
+        "test",
+        "--package",
+        "forwarder-tests",
+        "--",
+        "--test-threads=2",
+    ]);
+    if is_root() {
+        // CI runs as root: privileged tests must run there, never skip.
+        e2e.env("FORWARDER_REQUIRE_PRIVILEGED", "1");
+    } else {
+        println!("xtask: not root: end-to-end tests will skip (they need to create namespaces)");
+    }
+    let result = run(&mut e2e);
+    sweep_stale_namespaces();
+    result
+}
+
+/// Deletes test namespaces a killed run may have left (names start with `fwt-`).
+fn sweep_stale_namespaces() {
+    if !is_root() {
+        return;
+    }
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for name in String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+    {
+        if name.starts_with("fwt-") {
+            let _ = Command::new("sh")
+                .args(["-c", &format!("ip netns pids {name} | xargs -r kill -9")])
+                .status();
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+            println!("xtask: removed stale namespace {name}");
+        }
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn have(bin: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {bin}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+}

@@ -44,7 +44,10 @@ use anyhow::{Context, Result};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use nix::errno::Errno;
-use nix::sys::socket::{AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn, SockaddrIn6, connect, recv, send, socket};
+use nix::sys::socket::{
+    AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn, SockaddrIn6, connect,
+    recv, send, socket,
+};
 use tracing::{debug, info, warn};
 
 use crate::engine::{Engine, HostOp, Stats};
@@ -93,7 +96,9 @@ impl Handle {
     /// Whether the loop has ended on its own (an error).
     #[must_use]
     pub fn is_finished(&self) -> bool {
-        self.thread.as_ref().is_none_or(std::thread::JoinHandle::is_finished)
+        self.thread
+            .as_ref()
+            .is_none_or(std::thread::JoinHandle::is_finished)
     }
 }
 
@@ -109,18 +114,35 @@ pub fn spawn(tap: OwnedFd, engine: Engine) -> Result<Handle> {
         .register(&mut SourceFd(&tap.as_raw_fd()), TAP, Interest::READABLE)
         .context("register the tap")?;
     let (tx, rx) = mpsc::channel();
-    let plane = Dataplane { poll, tap, engine, rx, sockets: HashMap::new(), buf: vec![0; MAX_FRAME], tap_pending: false };
+    let plane = Dataplane {
+        poll,
+        tap,
+        engine,
+        rx,
+        sockets: HashMap::new(),
+        buf: vec![0; MAX_FRAME],
+        tap_pending: false,
+    };
     let thread = std::thread::Builder::new()
         .name("dataplane".into())
         .spawn(move || plane.run())
         .context("start the data plane thread")?;
-    Ok(Handle { tx, waker, thread: Some(thread) })
+    Ok(Handle {
+        tx,
+        waker,
+        thread: Some(thread),
+    })
 }
 
 /// Whether this process may open unprivileged ping sockets (`net.ipv4.ping_group_range`).
 #[must_use]
 pub fn ping_sockets_allowed() -> bool {
-    match socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, SockProtocol::Icmp) {
+    match socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::Icmp,
+    ) {
         Ok(_) => true,
         Err(err) => {
             debug!(%err, "ping socket probe failed");
@@ -153,7 +175,9 @@ impl Dataplane {
             let timeout = if self.tap_pending {
                 Some(Duration::ZERO)
             } else {
-                self.engine.poll_timeout().map(|t| t.saturating_duration_since(now))
+                self.engine
+                    .poll_timeout()
+                    .map(|t| t.saturating_duration_since(now))
             };
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
@@ -168,7 +192,9 @@ impl Dataplane {
                     WAKER => {
                         while let Ok(cmd) = self.rx.try_recv() {
                             match cmd {
-                                Command::LogStats => info!("stats: {}", self.engine.stats().summary()),
+                                Command::LogStats => {
+                                    info!("stats: {}", self.engine.stats().summary())
+                                }
                                 Command::Stop => return Ok(self.engine.stats().clone()),
                             }
                         }
@@ -192,9 +218,10 @@ impl Dataplane {
         self.tap_pending = false;
         for _ in 0..TAP_BATCH {
             match nix::unistd::read(&self.tap, &mut self.buf) {
-                Ok(0) => return,
-                Ok(n) => self.engine.handle_frame(now, self.buf.get(..n).unwrap_or_default()),
-                Err(Errno::EAGAIN | Errno::EINTR) => return,
+                Ok(n) if n > 0 => self
+                    .engine
+                    .handle_frame(now, self.buf.get(..n).unwrap_or_default()),
+                Ok(_) | Err(Errno::EAGAIN | Errno::EINTR) => return,
                 Err(err) => {
                     warn!(%err, "reading the tap failed");
                     return;
@@ -205,11 +232,15 @@ impl Dataplane {
     }
 
     fn drain_echo(&mut self, now: Instant, flow: FlowId) {
-        let Some(sock) = self.sockets.get(&flow) else { return };
+        let Some(sock) = self.sockets.get(&flow) else {
+            return;
+        };
         loop {
             match recv(sock.fd.as_raw_fd(), &mut self.buf, MsgFlags::MSG_DONTWAIT) {
                 Ok(n) => {
-                    if let Some((seq, data)) = wire::parse_echo_reply(self.buf.get(..n).unwrap_or_default(), sock.v6) {
+                    if let Some((seq, data)) =
+                        wire::parse_echo_reply(self.buf.get(..n).unwrap_or_default(), sock.v6)
+                    {
                         self.engine.handle_echo_reply(now, flow, seq, data);
                     }
                 }
@@ -229,13 +260,27 @@ impl Dataplane {
             match op {
                 HostOp::EchoOpen { flow, remote } => match open_ping(remote) {
                     Ok(fd) => {
-                        let token = Token(usize::try_from(flow.0).unwrap_or(usize::MAX).saturating_add(FIRST_FLOW_TOKEN.0));
-                        if let Err(err) = self.poll.registry().register(&mut SourceFd(&fd.as_raw_fd()), token, Interest::READABLE) {
+                        let token = Token(
+                            usize::try_from(flow.0)
+                                .unwrap_or(usize::MAX)
+                                .saturating_add(FIRST_FLOW_TOKEN.0),
+                        );
+                        if let Err(err) = self.poll.registry().register(
+                            &mut SourceFd(&fd.as_raw_fd()),
+                            token,
+                            Interest::READABLE,
+                        ) {
                             debug!(%err, "register ping socket");
                             self.engine.handle_host_error(now, flow);
                             continue;
                         }
-                        self.sockets.insert(flow, EchoSocket { fd, v6: remote.is_ipv6() });
+                        self.sockets.insert(
+                            flow,
+                            EchoSocket {
+                                fd,
+                                v6: remote.is_ipv6(),
+                            },
+                        );
                     }
                     Err(err) => {
                         debug!(%remote, %err, "open ping socket");
@@ -243,7 +288,9 @@ impl Dataplane {
                     }
                 },
                 HostOp::EchoSend { flow, seq, data } => {
-                    let Some(sock) = self.sockets.get(&flow) else { continue };
+                    let Some(sock) = self.sockets.get(&flow) else {
+                        continue;
+                    };
                     wire::build::echo_request(scratch, sock.v6, seq, &data);
                     if let Err(err) = send(sock.fd.as_raw_fd(), scratch, MsgFlags::MSG_DONTWAIT) {
                         debug!(flow = flow.0, %err, "echo send failed");
@@ -251,7 +298,10 @@ impl Dataplane {
                 }
                 HostOp::Close { flow } => {
                     if let Some(sock) = self.sockets.remove(&flow) {
-                        let _ = self.poll.registry().deregister(&mut SourceFd(&sock.fd.as_raw_fd()));
+                        let _ = self
+                            .poll
+                            .registry()
+                            .deregister(&mut SourceFd(&sock.fd.as_raw_fd()));
                     }
                 }
             }
@@ -272,13 +322,26 @@ fn open_ping(remote: IpAddr) -> nix::Result<OwnedFd> {
     let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
     match remote {
         IpAddr::V4(a) => {
-            let fd = socket(AddressFamily::Inet, SockType::Datagram, flags, SockProtocol::Icmp)?;
+            let fd = socket(
+                AddressFamily::Inet,
+                SockType::Datagram,
+                flags,
+                SockProtocol::Icmp,
+            )?;
             connect(fd.as_raw_fd(), &SockaddrIn::from(SocketAddrV4::new(a, 0)))?;
             Ok(fd)
         }
         IpAddr::V6(a) => {
-            let fd = socket(AddressFamily::Inet6, SockType::Datagram, flags, SockProtocol::IcmpV6)?;
-            connect(fd.as_raw_fd(), &SockaddrIn6::from(SocketAddrV6::new(a, 0, 0, 0)))?;
+            let fd = socket(
+                AddressFamily::Inet6,
+                SockType::Datagram,
+                flags,
+                SockProtocol::IcmpV6,
+            )?;
+            connect(
+                fd.as_raw_fd(),
+                &SockaddrIn6::from(SocketAddrV6::new(a, 0, 0, 0)),
+            )?;
             Ok(fd)
         }
     }

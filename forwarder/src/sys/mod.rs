@@ -12,7 +12,10 @@
 //! * [`adopt_received_fd`]: ownership of a descriptor received with `SCM_RIGHTS`.
 //!
 //! Platform: Linux only (tun ioctls, `/proc/self/status`).
-#![allow(unsafe_code, reason = "this module is the crate's one home for unsafe system calls")]
+#![allow(
+    unsafe_code,
+    reason = "this module is the crate's one home for unsafe system calls"
+)]
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -31,16 +34,26 @@ nix::ioctl_write_ptr_bad!(tunsetiff, libc::TUNSETIFF, libc::ifreq);
 /// non-tap device of that name, or missing `CAP_NET_ADMIN` over the namespace).
 pub fn open_tap(name: &str) -> io::Result<OwnedFd> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("interface name {name:?} must be 1-15 bytes")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("interface name {name:?} must be 1-15 bytes"),
+        ));
     }
-    let fd = open("/dev/net/tun", OFlag::O_RDWR | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC, Mode::empty())
-        .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("open /dev/net/tun: {e}")))?;
+    let fd = open(
+        "/dev/net/tun",
+        OFlag::O_RDWR | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("open /dev/net/tun: {e}")))?;
     // SAFETY: ifreq is a plain C struct for which all-zero bytes are a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
         *dst = src.cast_signed();
     }
-    #[expect(clippy::cast_possible_truncation, reason = "IFF_TAP | IFF_NO_PI is 0x1002, fits c_short")]
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "IFF_TAP | IFF_NO_PI is 0x1002, fits c_short"
+    )]
     {
         req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
     }
@@ -59,7 +72,9 @@ pub fn open_tap(name: &str) -> io::Result<OwnedFd> {
 pub fn fork_single_threaded() -> io::Result<ForkResult> {
     let threads = thread_count()?;
     if threads != 1 {
-        return Err(io::Error::other(format!("refusing to fork with {threads} threads running")));
+        return Err(io::Error::other(format!(
+            "refusing to fork with {threads} threads running"
+        )));
     }
     // SAFETY: the process has exactly one thread (checked just above), so the child
     // inherits no lock held by another thread and may run ordinary Rust code.

@@ -253,13 +253,29 @@ pub const NDP_OPTION_RDNSS: u8 = 25;
 /// The kernel sets the identifier and the checksum of ping-socket messages.
 pub fn echo_request(out: &mut Vec<u8>, v6: bool, seq_no: u16, data: &[u8]) {
     if v6 {
-        let repr = Icmpv6Repr::EchoRequest { ident: 0, seq_no, data };
+        let repr = Icmpv6Repr::EchoRequest {
+            ident: 0,
+            seq_no,
+            data,
+        };
         reset(out, repr.buffer_len());
         let unspecified = Ipv6Addr::UNSPECIFIED;
-        repr.emit(&unspecified, &unspecified, &mut Icmpv6Packet::new_unchecked(&mut out[..]), &ChecksumCapabilities::ignored());
+        repr.emit(
+            &unspecified,
+            &unspecified,
+            &mut Icmpv6Packet::new_unchecked(&mut out[..]),
+            &ChecksumCapabilities::ignored(),
+        );
     } else {
-        let repr = Icmpv4Repr::EchoRequest { ident: 0, seq_no, data };
+        let repr = Icmpv4Repr::EchoRequest {
+            ident: 0,
+            seq_no,
+            data,
+        };
         reset(out, repr.buffer_len());
-        repr.emit(&mut Icmpv4Packet::new_unchecked(&mut out[..]), &ChecksumCapabilities::ignored());
+        repr.emit(
+            &mut Icmpv4Packet::new_unchecked(&mut out[..]),
+            &ChecksumCapabilities::ignored(),
+        );
     }
 }

@@ -322,7 +322,6 @@ fn parse_tcp<'a>(body: &'a [u8], src: &IpAddress, dst: &IpAddress) -> Result<L4<
 /// The most IPv6 extension headers walked before the packet is dropped.
 pub const MAX_IPV6_EXT_HEADERS: usize = 8;
 
-
 /// Parses what a ping socket returns (an ICMP/ICMPv6 message without IP header): the
 /// sequence number and data of an echo reply, `None` for anything else. The kernel has
 /// verified the checksum.
@@ -330,10 +329,12 @@ pub const MAX_IPV6_EXT_HEADERS: usize = 8;
 pub fn parse_echo_reply(bytes: &[u8], v6: bool) -> Option<(u16, &[u8])> {
     if v6 {
         let packet = Icmpv6Packet::new_checked(bytes).ok()?;
-        (packet.msg_type() == Icmpv6Message::EchoReply).then(|| (packet.echo_seq_no(), packet.payload()))
+        (packet.msg_type() == Icmpv6Message::EchoReply)
+            .then(|| (packet.echo_seq_no(), packet.payload()))
     } else {
         let packet = Icmpv4Packet::new_checked(bytes).ok()?;
-        (packet.msg_type() == Icmpv4Message::EchoReply).then(|| (packet.echo_seq_no(), packet.data()))
+        (packet.msg_type() == Icmpv4Message::EchoReply)
+            .then(|| (packet.echo_seq_no(), packet.data()))
     }
 }
 

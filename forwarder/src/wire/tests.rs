@@ -380,20 +380,20 @@ fn rdnss_option_layout() {
 }
 
 fn decode_dhcp_if_udp(bytes: &[u8]) {
-    let payload = match parse(bytes) {
-        Ok(Frame {
-            l3:
-                L3::Ipv4 {
-                    l4: L4::Udp { payload, .. },
-                    ..
-                }
-                | L3::Ipv6 {
-                    l4: L4::Udp { payload, .. },
-                    ..
-                },
-            ..
-        }) => payload,
-        _ => return,
+    let Ok(Frame {
+        l3:
+            L3::Ipv4 {
+                l4: L4::Udp { payload, .. },
+                ..
+            }
+            | L3::Ipv6 {
+                l4: L4::Udp { payload, .. },
+                ..
+            },
+        ..
+    }) = parse(bytes)
+    else {
+        return;
     };
     let _ = dhcp::with_v4(payload, |r| r.transaction_id);
     let _ = dhcp::decode_v6(payload);

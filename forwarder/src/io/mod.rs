@@ -193,7 +193,7 @@ impl Dataplane {
                         while let Ok(cmd) = self.rx.try_recv() {
                             match cmd {
                                 Command::LogStats => {
-                                    info!("stats: {}", self.engine.stats().summary())
+                                    info!("stats: {}", self.engine.stats().summary());
                                 }
                                 Command::Stop => return Ok(self.engine.stats().clone()),
                             }

@@ -120,7 +120,7 @@ pub fn configure_namespace(ifname: &str, net: &Network, config_net: bool) -> Res
             let mut route = RouteMessageBuilder::<Ipv4Addr>::new()
                 .output_interface(tap)
                 .gateway(v4.gateway);
-            if !in_subnet4(v4.gateway, v4.guest, v4.prefix_len) {
+            if !crate::plan::same_subnet4(v4.gateway, v4.guest, v4.prefix_len) {
                 route = route.onlink();
             }
             handle
@@ -240,11 +240,6 @@ async fn addresses(handle: &Handle, index: u32) -> Result<Vec<(IpAddr, u8)>> {
         }
     }
     Ok(out)
-}
-
-fn in_subnet4(a: Ipv4Addr, b: Ipv4Addr, len: u8) -> bool {
-    let mask = u32::from(crate::config::prefix_to_mask4(len));
-    u32::from(a) & mask == u32::from(b) & mask
 }
 
 /// The kernel's main routing table (RT_TABLE_MAIN).

@@ -259,7 +259,9 @@ pub fn link_local(mac: EthernetAddress) -> Ipv6Addr {
     ])
 }
 
-fn same_subnet4(a: Ipv4Addr, b: Ipv4Addr, len: u8) -> bool {
+/// Whether `a` and `b` share the first `len` bits.
+#[must_use]
+pub fn same_subnet4(a: Ipv4Addr, b: Ipv4Addr, len: u8) -> bool {
     let mask = u32::from(crate::config::prefix_to_mask4(len));
     u32::from(a) & mask == u32::from(b) & mask
 }

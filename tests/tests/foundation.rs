@@ -230,22 +230,45 @@ fn unprivileged_uid_65534_gets_the_same_service() {
         tun.display(),
         w.dir.display()
     ));
+    // Without --config-net: the namespace configures itself with real clients, as root of
+    // its own user namespace (uid 65534 outside). Scratch files go to a private tmpfs.
     let script = format!(
-        "ip link set tap0 up; busybox udhcpc -i tap0 -n -q -t5 -T1 -s /bin/true >/dev/null 2>&1 && echo DHCP-OK; \
-         ping -c1 -W2 198.51.100.1 >/dev/null && echo GW4-OK; {PING4_REMOTE} >/dev/null && echo REMOTE4-OK; \
-         {PING6_REMOTE} >/dev/null 2>&1 || sleep 2; {PING6_REMOTE} >/dev/null && echo REMOTE6-OK; id -u"
+        "mount -t tmpfs none /tmp 2>/dev/null; ip link set tap0 up
+busybox udhcpc -i tap0 -n -q -t5 -T1 -s /bin/true >/dev/null 2>&1 && echo DHCP-OK
+printf '#!/bin/sh\\nenv > /tmp/dh.$reason\\n' > /tmp/h.sh; chmod +x /tmp/h.sh
+dhclient -4 -1 -sf /tmp/h.sh -lf /tmp/l4 -pf /tmp/p4 tap0 >/dev/null 2>&1; grep -q new_ip_address=198.51.100.2 /tmp/dh.BOUND && echo DHCLIENT4-OK
+for i in $(seq 50); do ip -6 addr show dev tap0 scope link | grep -v tentative | grep -q inet6 && break; sleep 0.1; done
+for i in $(seq 50); do ip -6 addr show dev tap0 | grep -q dynamic && break; sleep 0.1; done
+dhclient -6 -1 -sf /tmp/h.sh -lf /tmp/l6 -pf /tmp/p6 tap0 >/dev/null 2>&1; grep -q new_ip6_address=2001:db8:1::2 /tmp/dh.BOUND6 && echo DHCLIENT6-OK
+ip -6 addr show dev tap0 | grep -q dynamic && echo SLAAC-OK
+ip addr add 198.51.100.2/24 dev tap0 2>/dev/null; ip route add default via 198.51.100.1 2>/dev/null
+ping -c1 -W2 198.51.100.1 >/dev/null && echo GW4-OK; {PING4_REMOTE} >/dev/null && echo REMOTE4-OK
+{PING6_REMOTE} >/dev/null 2>&1 || sleep 2; {PING6_REMOTE} >/dev/null && echo REMOTE6-OK
+kill $(cat /tmp/p4 /tmp/p6) 2>/dev/null; id -u
+"
     );
+    let script_path = w.dir.join("guest.sh");
+    std::fs::write(&script_path, script).unwrap();
     let out = std::process::Command::new("ip")
         .args(["netns", "exec", &w.host, "unshare", "-m", "sh", "-c"])
         .arg(format!(
-            "mount --bind {tun} /dev/net/tun && exec setpriv --reuid 65534 --regid 65534 --clear-groups {bin} --config-net -q -- sh -c '{script}'",
+            "mount --bind {tun} /dev/net/tun && exec setpriv --reuid 65534 --regid 65534 --clear-groups {bin} -q -- unshare -m sh {script}",
             tun = tun.display(),
-            bin = bin.display()
+            bin = bin.display(),
+            script = script_path.display()
         ))
         .output()
         .unwrap();
     let got = text(&out.stdout);
-    for want in ["DHCP-OK", "GW4-OK", "REMOTE4-OK", "REMOTE6-OK"] {
+    for want in [
+        "DHCP-OK",
+        "DHCLIENT4-OK",
+        "DHCLIENT6-OK",
+        "SLAAC-OK",
+        "GW4-OK",
+        "REMOTE4-OK",
+        "REMOTE6-OK",
+    ] {
         assert!(
             got.contains(want),
             "unprivileged run missing {want}:\n{got}{}",

@@ -6,7 +6,7 @@
 //! (see [`crate::plan`]), and then never changes while the engine runs.
 
 use std::ffi::OsString;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -142,11 +142,23 @@ impl Ipv6Plan {
     /// The on-link prefix (the guest address with host bits cleared).
     #[must_use]
     pub fn prefix(&self) -> Ipv6Addr {
-        let bits = u128::from(self.guest);
-        let mask = u128::MAX
-            .checked_shl(128 - u32::from(self.prefix_len.min(128)))
-            .unwrap_or(0);
-        Ipv6Addr::from(bits & mask)
+        Ipv6Addr::from(u128::from(self.guest) & prefix_to_mask6(self.prefix_len))
+    }
+}
+
+impl Network {
+    /// Whether `addr` is one of forwarder's own addresses on the tap: the IPv4 gateway, the
+    /// IPv6 gateway or the router link-local address. NDP defends these, and echo requests
+    /// to them are answered locally instead of being forwarded.
+    #[must_use]
+    pub fn is_own(&self, addr: IpAddr) -> bool {
+        match addr {
+            IpAddr::V4(a) => self.ipv4.as_ref().is_some_and(|p| a == p.gateway),
+            IpAddr::V6(a) => self
+                .ipv6
+                .as_ref()
+                .is_some_and(|p| a == p.gateway || a == p.router_ll),
+        }
     }
 }
 
@@ -155,6 +167,14 @@ impl Ipv6Plan {
 pub fn prefix_to_mask4(prefix_len: u8) -> Ipv4Addr {
     let len = u32::from(prefix_len.min(32));
     Ipv4Addr::from(u32::MAX.checked_shl(32 - len).unwrap_or(0))
+}
+
+/// Converts a prefix length (clamped to 128) to an IPv6 mask as an integer.
+#[must_use]
+pub fn prefix_to_mask6(prefix_len: u8) -> u128 {
+    u128::MAX
+        .checked_shl(128 - u32::from(prefix_len.min(128)))
+        .unwrap_or(0)
 }
 
 /// forwarder's default MAC on the tap (pasta's, so captures compare easily).
@@ -183,5 +203,19 @@ mod tests {
             dns: vec![],
         };
         assert_eq!(plan.prefix(), "2001:db8:1::".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(prefix_to_mask6(0), 0);
+        assert_eq!(prefix_to_mask6(128), u128::MAX);
+    }
+
+    #[test]
+    fn own_addresses_are_the_gateways_and_router_link_local() {
+        let net = crate::services::testing::network();
+        let v6 = net.ipv6.clone().unwrap();
+        assert!(net.is_own("198.51.100.1".parse().unwrap()));
+        assert!(net.is_own(IpAddr::V6(v6.gateway)));
+        assert!(net.is_own(IpAddr::V6(v6.router_ll)));
+        assert!(!net.is_own(IpAddr::V4(net.ipv4.clone().unwrap().guest)));
+        assert!(!net.is_own("203.0.113.1".parse().unwrap()));
+        assert!(!net.is_own("2001:db8:2::1".parse().unwrap()));
     }
 }

@@ -267,9 +267,7 @@ pub fn same_subnet4(a: Ipv4Addr, b: Ipv4Addr, len: u8) -> bool {
 }
 
 fn same_subnet6(a: Ipv6Addr, b: Ipv6Addr, len: u8) -> bool {
-    let mask = u128::MAX
-        .checked_shl(128 - u32::from(len.min(128)))
-        .unwrap_or(0);
+    let mask = crate::config::prefix_to_mask6(len);
     u128::from(a) & mask == u128::from(b) & mask
 }
 
@@ -284,10 +282,7 @@ fn first_host4(addr: Ipv4Addr, len: u8) -> Ipv4Addr {
 }
 
 fn first_host6(addr: Ipv6Addr, len: u8) -> Ipv6Addr {
-    let mask = u128::MAX
-        .checked_shl(128 - u32::from(len.min(128)))
-        .unwrap_or(0);
-    let net = u128::from(addr) & mask;
+    let net = u128::from(addr) & crate::config::prefix_to_mask6(len);
     let first = Ipv6Addr::from(net.wrapping_add(1));
     if first == addr {
         Ipv6Addr::from(net.wrapping_add(2))

@@ -51,7 +51,7 @@ use tracing::{debug, trace};
 
 use crate::config::{Network, Services};
 use crate::flow::{self, FlowId, Key, Protocol};
-use crate::services::{arp, dhcp, dhcpv6, echo, ndp};
+use crate::services::{arp, dhcp, dhcpv6, ndp};
 use crate::wire::build::{self, BuildError, Payload};
 use crate::wire::dhcp::{
     DHCP4_CLIENT_PORT, DHCP4_SERVER_PORT, DHCP6_CLIENT_PORT, DHCP6_SERVER_PORT,
@@ -199,14 +199,14 @@ impl Engine {
             self.next_ra = Some(now + delay);
         }
         if self.next_sweep.is_some_and(|t| t <= now) {
-            self.expired.clear();
-            self.flows.expire(now, &mut self.expired);
-            for i in 0..self.expired.len() {
-                if let Some(flow) = self.expired.get(i).copied() {
-                    debug!(flow = flow.0, "echo flow idle, closing");
-                    self.push_op(HostOp::Close { flow });
-                }
+            let mut expired = std::mem::take(&mut self.expired);
+            expired.clear();
+            self.flows.expire(now, &mut expired);
+            for &flow in &expired {
+                debug!(flow = flow.0, "echo flow idle, closing");
+                self.push_op(HostOp::Close { flow });
             }
+            self.expired = expired;
             self.next_sweep = (!self.flows.is_empty()).then_some(now + flow::SWEEP_INTERVAL);
         }
     }
@@ -373,11 +373,6 @@ impl Engine {
         let Some(plan) = self.net.ipv4.as_ref() else {
             return;
         };
-        let mut body = std::mem::take(&mut self.scratch);
-        if reply.encode(&self.net, &mut body).is_err() {
-            self.scratch = body;
-            return;
-        }
         let (dst_ip, dst_mac) = match reply.dst {
             dhcp::Destination::Broadcast => {
                 (std::net::Ipv4Addr::BROADCAST, EthernetAddress::BROADCAST)
@@ -391,23 +386,14 @@ impl Engine {
                 },
             ),
         };
-        let (our_mac, gateway) = (self.net.our_mac, plan.gateway);
-        self.transmit(|out| {
-            build::ipv4(
-                out,
-                (our_mac, dst_mac),
-                (gateway, dst_ip),
-                DEFAULT_HOP_LIMIT,
-                &Payload::Udp {
-                    src_port: DHCP4_SERVER_PORT,
-                    dst_port: DHCP4_CLIENT_PORT,
-                    data: &body,
-                },
-            )
-        });
-        self.scratch = body;
-        self.stats.dhcp_replies += 1;
-        debug!(kind = ?reply.message_type, xid = reply.xid, "DHCP reply");
+        let addrs = (IpAddr::V4(plan.gateway), IpAddr::V4(dst_ip));
+        let ports = (DHCP4_SERVER_PORT, DHCP4_CLIENT_PORT);
+        if self.send_udp(dst_mac, addrs, ports, |net, body| {
+            reply.encode(net, body).is_ok()
+        }) {
+            self.stats.dhcp_replies += 1;
+            debug!(kind = ?reply.message_type, xid = reply.xid, "DHCP reply");
+        }
     }
 
     fn handle_dhcpv6(&mut self, src_mac: EthernetAddress, src: std::net::Ipv6Addr, payload: &[u8]) {
@@ -422,28 +408,14 @@ impl Engine {
         let Some(plan) = self.net.ipv6.as_ref() else {
             return;
         };
-        let mut body = std::mem::take(&mut self.scratch);
-        if wire::dhcp::encode_v6(&reply, &mut body).is_err() {
-            self.scratch = body;
-            return;
+        let addrs = (IpAddr::V6(plan.router_ll), IpAddr::V6(src));
+        let ports = (DHCP6_SERVER_PORT, DHCP6_CLIENT_PORT);
+        if self.send_udp(src_mac, addrs, ports, |_, body| {
+            wire::dhcp::encode_v6(&reply, body).is_ok()
+        }) {
+            self.stats.dhcpv6_replies += 1;
+            debug!(kind = ?reply.msg_type(), "DHCPv6 reply");
         }
-        let (our_mac, router_ll) = (self.net.our_mac, plan.router_ll);
-        self.transmit(|out| {
-            build::ipv6(
-                out,
-                (our_mac, src_mac),
-                (router_ll, src),
-                DEFAULT_HOP_LIMIT,
-                &Payload::Udp {
-                    src_port: DHCP6_SERVER_PORT,
-                    dst_port: DHCP6_CLIENT_PORT,
-                    data: &body,
-                },
-            )
-        });
-        self.scratch = body;
-        self.stats.dhcpv6_replies += 1;
-        debug!(kind = ?reply.msg_type(), "DHCPv6 reply");
     }
 
     #[expect(clippy::too_many_arguments, reason = "the fields of one echo request")]
@@ -461,7 +433,7 @@ impl Engine {
             self.stats.ignored += 1;
             return;
         }
-        if echo::is_local(&self.net, dst) {
+        if self.net.is_own(dst) {
             self.stats.echo_local += 1;
             self.send_echo_reply(dst, src, ident, seq, data, Some(src_mac));
             return;
@@ -580,6 +552,43 @@ impl Engine {
         });
         self.options = options;
         self.stats.router_adverts += 1;
+    }
+
+    /// Encodes a UDP payload into the scratch buffer with `encode` and queues it in an IP
+    /// frame from `addrs.0` to `addrs.1` (one family). Returns whether `encode` succeeded;
+    /// a full queue is counted by [`Engine::transmit`] as `tx_queue_full`.
+    fn send_udp(
+        &mut self,
+        dst_mac: EthernetAddress,
+        addrs: (IpAddr, IpAddr),
+        (src_port, dst_port): (u16, u16),
+        encode: impl FnOnce(&Network, &mut Vec<u8>) -> bool,
+    ) -> bool {
+        let mut body = std::mem::take(&mut self.scratch);
+        let macs = (self.net.our_mac, dst_mac);
+        let encoded = encode(&self.net, &mut body);
+        if encoded {
+            let payload = Payload::Udp {
+                src_port,
+                dst_port,
+                data: &body,
+            };
+            match addrs {
+                (IpAddr::V4(s), IpAddr::V4(d)) => {
+                    self.transmit(|out| {
+                        build::ipv4(out, macs, (s, d), DEFAULT_HOP_LIMIT, &payload)
+                    });
+                }
+                (IpAddr::V6(s), IpAddr::V6(d)) => {
+                    self.transmit(|out| {
+                        build::ipv6(out, macs, (s, d), DEFAULT_HOP_LIMIT, &payload)
+                    });
+                }
+                _ => {}
+            }
+        }
+        self.scratch = body;
+        encoded
     }
 
     fn transmit(&mut self, fill: impl FnOnce(&mut Vec<u8>) -> Result<(), BuildError>) {

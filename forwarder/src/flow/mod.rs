@@ -204,12 +204,8 @@ impl Table {
             (now.saturating_duration_since(flow.last_seen) >= idle_timeout(flow.protocol))
                 .then_some(*id)
         }));
-        let expired: Vec<FlowId> = out
-            .get(before..)
-            .map(<[FlowId]>::to_vec)
-            .unwrap_or_default();
-        for id in expired {
-            self.remove(id);
+        for id in out.iter().skip(before) {
+            self.remove(*id);
         }
     }
 

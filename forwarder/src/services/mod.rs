@@ -24,8 +24,12 @@
 //!   INFORM → ACK without lease (RFC 2131 §4.3).
 //! * DHCPv6: stateless (Information-request) and one address (IA_NA), with rapid commit
 //!   (RFC 8415 §18.3).
-//! * Echo: requests to forwarder's own addresses (the gateway, the router link-local) are
-//!   answered here; others are forwarded by the flow table.
+//! * Echo: requests to forwarder's own addresses ([`Network::is_own`](crate::config::Network::is_own):
+//!   the gateways, the router link-local) are answered by the engine itself; others are
+//!   forwarded by the flow table through ping sockets — unless ping sockets are forbidden
+//!   (`net.ipv4.ping_group_range`), in which case every request is answered locally and
+//!   counted as `echo_local_fallback` (`docs/services.md`: such a reply proves only that
+//!   forwarder is alive).
 //!
 //! ## Limits
 //!
@@ -35,7 +39,6 @@
 pub mod arp;
 pub mod dhcp;
 pub mod dhcpv6;
-pub mod echo;
 pub mod ndp;
 
 /// The most IA_NA options answered in one DHCPv6 message.

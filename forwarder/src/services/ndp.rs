@@ -5,7 +5,7 @@
 //! set both the Managed and Other flags, because forwarder's DHCPv6 server hands out the
 //! planned address and the DNS servers.
 
-use std::net::Ipv6Addr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::time::Duration;
 
 use smoltcp::time::Duration as WireDuration;
@@ -32,7 +32,7 @@ pub fn handle_solicit(net: &Network, src: Ipv6Addr, target: Ipv6Addr) -> Option<
     if target == plan.guest || target.is_multicast() || target.is_unspecified() {
         return None;
     }
-    let ours = target == plan.router_ll || target == plan.gateway;
+    let ours = net.is_own(IpAddr::V6(target));
     // A duplicate-address probe comes from `::`: answering it for an address the guest may
     // be configuring would make the guest give that address up. Defend only our own.
     if src.is_unspecified() && !ours {

@@ -11,6 +11,7 @@ use clap::Parser;
 
 use crate::config::{Config, DEFAULT_MAC, DEFAULT_MAX_FLOWS, DEFAULT_MTU, Services, Target};
 use crate::plan::{self, HostInfo, Overrides};
+use crate::policy::{Policy, Rule};
 use crate::wire::EthernetAddress;
 
 /// forwarder — give a network namespace full IPv4/IPv6 connectivity without privileges.
@@ -100,6 +101,67 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_FLOWS, value_parser = parse_max_flows)]
     pub max_flows: usize,
 
+    /// Allow flows to RULE even if the blocklist or --enable-* would refuse them
+    /// (repeatable, comma lists): [tcp|udp://]ADDR[/LEN][:PORT[-PORT]], IPv6 in brackets.
+    #[arg(long, value_name = "RULE", value_delimiter = ',', value_parser = parse_rule)]
+    pub allow: Vec<Rule>,
+
+    /// Refuse flows to RULE (same syntax as --allow; checked first). Refused TCP gets a
+    /// RST, refused UDP an ICMP administratively-prohibited.
+    #[arg(long, value_name = "RULE", value_delimiter = ',', value_parser = parse_rule)]
+    pub deny: Vec<Rule>,
+
+    /// Allow destinations beyond the host. Without --enable-routing and --enable-host both
+    /// kinds are allowed; with either, only the kinds named are (slirpnetstack's semantics).
+    #[arg(long)]
+    pub enable_routing: bool,
+
+    /// Allow the host's own addresses and directly connected networks (see --enable-routing).
+    #[arg(long)]
+    pub enable_host: bool,
+
+    /// Connections to the gateway address reach the host's loopback (the default).
+    #[arg(long, overrides_with = "no_map_gw")]
+    pub map_gw: bool,
+
+    /// Do not map the gateway address to the host's loopback.
+    #[arg(long)]
+    pub no_map_gw: bool,
+
+    /// Connections to ADDR reach the host's own address that the namespace mirrors.
+    #[arg(long, value_name = "ADDR")]
+    pub map_guest_addr: Option<IpAddr>,
+
+    /// Relay DNS (UDP and TCP port 53) sent to ADDR to the host's first resolver from its
+    /// resolv.conf (a systemd-resolved stub on 127.0.0.53 works). ADDR is advertised as the
+    /// DNS server unless --dns is given.
+    #[arg(long, value_name = "ADDR")]
+    pub dns_forward: Option<IpAddr>,
+
+    /// Advertise no DNS server over DHCP, DHCPv6 and RA.
+    #[arg(long, conflicts_with = "dns")]
+    pub no_dns: bool,
+
+    /// The host's resolv.conf (resolvers advertised and used by --dns-forward).
+    #[arg(long, value_name = "PATH", default_value = "/etc/resolv.conf")]
+    pub resolv_conf: PathBuf,
+
+    /// Bind outbound sockets to ADDR (once per address family).
+    #[arg(long, value_name = "ADDR")]
+    pub outbound: Vec<IpAddr>,
+
+    /// Bind outbound sockets to the interface NAME (SO_BINDTODEVICE).
+    #[arg(long, value_name = "NAME")]
+    pub outbound_if: Option<String>,
+
+    /// Seconds a UDP flow may be idle before its socket is closed.
+    #[arg(long, value_name = "SECONDS", default_value_t = 180, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub udp_timeout: u64,
+
+    /// Test hook: drop every Nth frame on the tap, each direction (deterministic loss).
+    #[arg(long, value_name = "N", hide = true, value_parser = clap::value_parser!(u32).range(2..))]
+    pub drop_every: Option<u32>,
+
     /// Write forwarder's PID to FILE once the namespace is ready.
     #[arg(short = 'P', long = "pid", value_name = "FILE")]
     pub pid_file: Option<PathBuf>,
@@ -170,7 +232,16 @@ impl Args {
             families: (!self.ipv6_only, !self.ipv4_only),
             lease: Duration::from_secs(self.lease_time),
         };
-        let network = plan::resolve(host, &overrides)?;
+        let mut host = host.clone();
+        if self.resolv_conf.as_os_str() != "/etc/resolv.conf" {
+            let text = std::fs::read_to_string(&self.resolv_conf).map_err(|e| {
+                anyhow::anyhow!("--resolv-conf {}: {e}", self.resolv_conf.display())
+            })?;
+            host.resolvers = crate::netconf::read_resolvers(&text);
+        }
+        let mut network = plan::resolve(&host, &overrides)?;
+        let translation = self.translation(&host, &mut network)?;
+        let io = self.io_options()?;
         let services = Services {
             arp: !self.no_arp,
             ndp: !self.no_ndp,
@@ -188,8 +259,115 @@ impl Args {
             services,
             max_flows: self.max_flows,
             pid_file: self.pid_file,
+            translation,
+            io,
         })
     }
+
+    /// The policy and mappings; adjusts the advertised DNS for --dns-forward / --no-dns.
+    fn translation(
+        &self,
+        host: &HostInfo,
+        network: &mut crate::config::Network,
+    ) -> Result<crate::engine::Settings> {
+        let mut policy = Policy {
+            allow: self.allow.clone(),
+            deny: self.deny.clone(),
+            map_gw: !self.no_map_gw,
+            ..Policy::default()
+        };
+        if self.enable_routing || self.enable_host {
+            policy.routing = self.enable_routing;
+            policy.host = self.enable_host;
+        }
+        if policy.map_gw {
+            if let Some(v4) = &network.ipv4 {
+                policy.maps.push((
+                    IpAddr::V4(v4.gateway),
+                    IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+                ));
+            }
+            if let Some(v6) = &network.ipv6 {
+                let lo = IpAddr::V6(std::net::Ipv6Addr::LOCALHOST);
+                policy.maps.push((IpAddr::V6(v6.gateway), lo));
+                policy.maps.push((IpAddr::V6(v6.router_ll), lo));
+            }
+        }
+        if let Some(addr) = self.map_guest_addr {
+            let to = match addr {
+                IpAddr::V4(_) => network.ipv4.as_ref().map(|p| IpAddr::V4(p.guest)),
+                IpAddr::V6(_) => network.ipv6.as_ref().map(|p| IpAddr::V6(p.guest)),
+            };
+            let Some(to) = to else {
+                bail!("--map-guest-addr {addr}: that address family is off");
+            };
+            policy.maps.insert(0, (addr, to));
+        }
+        if let Some(addr) = self.dns_forward {
+            let Some(resolver) = host.resolvers.first().copied() else {
+                bail!(
+                    "--dns-forward {addr}: no nameserver in {}",
+                    self.resolv_conf.display()
+                );
+            };
+            policy.dns_forward = Some(addr);
+            policy.resolver = Some(resolver);
+            if self.dns.is_empty() {
+                match addr {
+                    IpAddr::V4(a) => {
+                        if let Some(p) = &mut network.ipv4 {
+                            p.dns = vec![a];
+                        }
+                    }
+                    IpAddr::V6(a) => {
+                        if let Some(p) = &mut network.ipv6 {
+                            p.dns = vec![a];
+                        }
+                    }
+                }
+            }
+        }
+        if self.no_dns {
+            if let Some(p) = &mut network.ipv4 {
+                p.dns.clear();
+            }
+            if let Some(p) = &mut network.ipv6 {
+                p.dns.clear();
+            }
+        }
+        Ok(crate::engine::Settings {
+            max_flows: self.max_flows,
+            policy,
+            udp_idle: Duration::from_secs(self.udp_timeout),
+        })
+    }
+
+    fn io_options(&self) -> Result<crate::io::Options> {
+        let mut outbound = crate::io::Outbound {
+            iface: self.outbound_if.clone(),
+            ..crate::io::Outbound::default()
+        };
+        for addr in &self.outbound {
+            match addr {
+                IpAddr::V4(a) if outbound.v4.is_none() => outbound.v4 = Some(*a),
+                IpAddr::V6(a) if outbound.v6.is_none() => outbound.v6 = Some(*a),
+                _ => bail!("--outbound given more than once for one address family"),
+            }
+        }
+        if let Some(name) = &self.outbound_if
+            && (name.is_empty() || name.len() >= 16)
+        {
+            bail!("--outbound-if {name:?}: interface names are 1-15 bytes");
+        }
+        Ok(crate::io::Options {
+            outbound,
+            drop_every: self.drop_every,
+        })
+    }
+}
+
+fn parse_rule(s: &str) -> Result<Rule, String> {
+    s.parse::<Rule>().map_err(|e| e.to_string())
 }
 
 fn parse_addr(s: &str) -> Result<(IpAddr, Option<u8>), String> {

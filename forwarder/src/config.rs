@@ -29,6 +29,10 @@ pub struct Config {
     pub max_flows: usize,
     /// Write the PID here once the namespace is ready.
     pub pid_file: Option<PathBuf>,
+    /// Outbound policy, mappings and flow timeouts.
+    pub translation: crate::engine::Settings,
+    /// The data plane's own options (outbound binding, test hook).
+    pub io: crate::io::Options,
 }
 
 /// The namespace forwarder serves.

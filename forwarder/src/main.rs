@@ -47,13 +47,18 @@ fn run(args: Args) -> Result<ExitCode> {
         std::fs::write(path, format!("{}\n", std::process::id()))
             .with_context(|| format!("write PID file {}", path.display()))?;
     }
+    let mut translation = cfg.translation.clone();
+    match netconf::local_prefixes() {
+        Ok(local) => translation.policy.local = local,
+        Err(err) => warn!("reading the host's local routes failed: {err:#}"),
+    }
     let engine = Engine::new(
         cfg.network.clone(),
         cfg.services,
-        cfg.max_flows,
+        translation,
         Instant::now(),
     );
-    let plane = io::spawn(tap, engine)?;
+    let plane = io::spawn(tap, engine, cfg.io.clone())?;
     let child = command.map(ns::PendingCommand::release).transpose()?;
     info!(tap = %cfg.ifname, "forwarding");
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -77,6 +82,8 @@ async fn supervise(child: Option<Pid>, plane: &io::Handle) -> Result<ExitCode> {
         }
     });
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut rescan = tokio::time::interval(forwarder::policy::RESCAN_INTERVAL);
+    rescan.tick().await;
     loop {
         tokio::select! {
             status = &mut wait => {
@@ -98,6 +105,13 @@ async fn supervise(child: Option<Pid>, plane: &io::Handle) -> Result<ExitCode> {
                 if child.is_none() { info!("interrupted"); return Ok(ExitCode::SUCCESS); }
             }
             _ = usr1.recv() => plane.send(io::Command::LogStats),
+            _ = rescan.tick() => {
+                match tokio::task::spawn_blocking(netconf::local_prefixes).await {
+                    Ok(Ok(local)) => plane.send(io::Command::SetLocalPrefixes(local)),
+                    Ok(Err(err)) => debug!("rescanning local routes failed: {err:#}"),
+                    Err(_) => {}
+                }
+            }
             _ = tick.tick() => {
                 if plane.is_finished() {
                     anyhow::bail!("the data plane stopped");

@@ -5,6 +5,9 @@
 //! * [`host_info`]: read the host's default routes (main table), the interface they leave
 //!   through, and its global addresses and prefix lengths — the input of the address plan.
 //!   Resolvers come from `/etc/resolv.conf`.
+//! * [`local_prefixes`]: the host's own addresses and directly routed prefixes (`local` and
+//!   `main` tables, default routes excluded), which the outbound policy calls host-local;
+//!   rescanned periodically by the control plane.
 //! * [`configure_namespace`]: `--config-net` inside the namespace: `lo` up, the tap's MTU,
 //!   addresses (IPv6 with `nodad`, so it is usable at once) and default routes, then the
 //!   tap up. Always: `lo` up (pasta does the same), even without `--config-net`.
@@ -184,6 +187,42 @@ async fn link_index(handle: &Handle, name: &str) -> Result<u32> {
     Ok(link.header.index)
 }
 
+/// The host-local prefixes: every non-default route of the `local` and `main` tables.
+///
+/// # Errors
+///
+/// When netlink cannot be opened or queried.
+pub fn local_prefixes() -> Result<Vec<crate::policy::Prefix>> {
+    block_on(async {
+        let handle = connect()?;
+        let mut out = Vec::new();
+        for query in [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ] {
+            let mut routes = handle.route().get(query).execute();
+            while let Some(route) = routes.try_next().await.context("dump routes")? {
+                let len = route.header.destination_prefix_length;
+                if len == 0 || !matches!(route.header.table, MAIN_TABLE | LOCAL_TABLE) {
+                    continue;
+                }
+                for attr in &route.attributes {
+                    let addr = match attr {
+                        RouteAttribute::Destination(RouteAddress::Inet(a)) => IpAddr::V4(*a),
+                        RouteAttribute::Destination(RouteAddress::Inet6(a)) => IpAddr::V6(*a),
+                        _ => continue,
+                    };
+                    let prefix = crate::policy::Prefix::new(addr, len);
+                    if !out.contains(&prefix) {
+                        out.push(prefix);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    })
+}
+
 async fn default_route(handle: &Handle, family: AddressFamily) -> Result<Option<(u32, IpAddr)>> {
     let query = match family {
         AddressFamily::Inet6 => RouteMessageBuilder::<Ipv6Addr>::new().build(),
@@ -244,6 +283,7 @@ async fn addresses(handle: &Handle, index: u32) -> Result<Vec<(IpAddr, u8)>> {
 
 /// The kernel's main routing table (RT_TABLE_MAIN).
 const MAIN_TABLE: u8 = 254;
+const LOCAL_TABLE: u8 = 255;
 
 #[cfg(test)]
 mod tests {

@@ -37,20 +37,24 @@
 //!
 //! ## Limits
 //!
-//! At most [`MAX_TX_QUEUE`] frames wait for the shell (more are dropped and counted
+//! At most [`frames::MAX_QUEUED`] frames wait for the shell (more are dropped and counted
 //! `tx_queue_full`), and at most [`MAX_HOST_OPS`] host operations; the flow table is
 //! bounded by `--max-flows`.
 
 pub mod stats;
+mod translate;
 
 use std::collections::VecDeque;
-use std::net::IpAddr;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, trace};
 
 use crate::config::{Network, Services};
-use crate::flow::{self, FlowId, Key, Protocol};
+use crate::flow::{self, FlowId, Key, Protocol, tcp, udp};
+use crate::frames;
+use crate::policy::Policy;
 use crate::services::{arp, dhcp, dhcpv6, ndp};
 use crate::wire::build::{self, BuildError, Payload};
 use crate::wire::dhcp::{
@@ -85,62 +89,143 @@ pub enum HostOp {
     },
 }
 
+/// The host sockets of TCP and UDP flows, as the engine sees them. The I/O shell implements
+/// this with real non-blocking sockets; tests implement it in memory.
+pub trait Host {
+    /// Starts a non-blocking `connect()` of a new TCP socket for `flow` to `target`.
+    /// Completion is reported later as a writable event ([`Engine::handle_tcp_ready`]).
+    ///
+    /// # Errors
+    ///
+    /// The socket could not be created or the connect failed at once (e.g. `ENETUNREACH`).
+    fn tcp_connect(&mut self, flow: FlowId, target: SocketAddr) -> io::Result<()>;
+    /// The outcome of `flow`'s connect (`SO_ERROR`).
+    ///
+    /// # Errors
+    ///
+    /// The connect failed (`ECONNREFUSED`, `ETIMEDOUT`, …).
+    fn tcp_connect_result(&mut self, flow: FlowId) -> io::Result<()>;
+    /// `flow`'s connected TCP socket.
+    fn tcp_socket(&mut self, flow: FlowId) -> Option<&mut dyn tcp::HostSocket>;
+    /// Opens a UDP socket for `flow` connected to `target`.
+    ///
+    /// # Errors
+    ///
+    /// The socket could not be created or connected.
+    fn udp_open(&mut self, flow: FlowId, target: SocketAddr) -> io::Result<()>;
+    /// Sends one datagram on `flow`'s UDP socket.
+    ///
+    /// # Errors
+    ///
+    /// The send failed, e.g. with a pending ICMP error (`ECONNREFUSED`).
+    fn udp_send(&mut self, flow: FlowId, data: &[u8]) -> io::Result<()>;
+    /// Closes `flow`'s socket; `abort` resets a TCP connection (linger 0).
+    fn close(&mut self, flow: FlowId, abort: bool);
+}
+
+/// Per-protocol state kept in the flow table.
+#[derive(Debug)]
+pub enum Detail {
+    /// An echo flow (state is all in the common fields).
+    Echo,
+    /// A UDP flow.
+    Udp(udp::Conn),
+    /// A TCP flow.
+    Tcp(Box<tcp::Conn>),
+}
+
+/// Translation settings beyond the address plan.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Bound on the flow table.
+    pub max_flows: usize,
+    /// Outbound policy and mappings.
+    pub policy: Policy,
+    /// Idle timeout of UDP flows.
+    pub udp_idle: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            max_flows: crate::config::DEFAULT_MAX_FLOWS,
+            policy: Policy::default(),
+            udp_idle: udp::DEFAULT_IDLE,
+        }
+    }
+}
+
 /// The engine. One owner, no interior mutability, no I/O.
 #[derive(Debug)]
 pub struct Engine {
     net: Network,
     services: Services,
     stats: Stats,
-    flows: flow::Table,
+    flows: flow::Table<Detail>,
+    policy: Policy,
+    udp_idle: Duration,
     guest_mac: Option<EthernetAddress>,
-    tx: VecDeque<Vec<u8>>,
-    pool: Vec<Vec<u8>>,
+    tx: frames::Queue,
     ops: VecDeque<HostOp>,
     scratch: Vec<u8>,
     options: Vec<u8>,
     next_ra: Option<Instant>,
     ras_sent: usize,
-    next_sweep: Option<Instant>,
-    expired: Vec<FlowId>,
+    acks: Vec<FlowId>,
+    epoch: Instant,
+    iss_counter: u32,
+    ip_ident: u32,
 }
 
 impl Engine {
     /// A new engine for `net`; the first unsolicited RA is due at `now`.
     #[must_use]
-    pub fn new(net: Network, services: Services, max_flows: usize, now: Instant) -> Self {
+    pub fn new(net: Network, services: Services, settings: Settings, now: Instant) -> Self {
         let next_ra = (services.ra && net.ipv6.is_some()).then_some(now);
         Self {
             net,
             services,
             stats: Stats::default(),
-            flows: flow::Table::new(max_flows),
+            flows: flow::Table::new(settings.max_flows),
+            policy: settings.policy,
+            udp_idle: settings.udp_idle,
             guest_mac: None,
-            tx: VecDeque::new(),
-            pool: Vec::new(),
+            tx: frames::Queue::default(),
             ops: VecDeque::new(),
             scratch: Vec::new(),
             options: Vec::new(),
             next_ra,
             ras_sent: 0,
-            next_sweep: None,
-            expired: Vec::new(),
+            acks: Vec::new(),
+            epoch: now,
+            iss_counter: 0,
+            ip_ident: 0,
         }
     }
 
-    /// The counters.
+    /// The counters, with the gauges (open flows) filled in.
     #[must_use]
-    pub fn stats(&self) -> &Stats {
-        &self.stats
+    pub fn stats(&self) -> Stats {
+        let mut s = self.stats.clone();
+        s.flows_open = self.flows.len() as u64;
+        s.tx_queue_full = self.tx.dropped;
+        s.frames_out = self.tx.queued;
+        s
     }
 
     /// The flow table (read-only).
     #[must_use]
-    pub fn flows(&self) -> &flow::Table {
+    pub fn flows(&self) -> &flow::Table<Detail> {
         &self.flows
     }
 
+    /// Replaces the host-local prefixes the policy classifies destinations with.
+    pub fn set_local_prefixes(&mut self, local: Vec<crate::policy::Prefix>) {
+        self.policy.local = local;
+    }
+
     /// Handles one frame read from the tap.
-    pub fn handle_frame(&mut self, now: Instant, bytes: &[u8]) {
+    pub fn handle_frame(&mut self, now: Instant, bytes: &[u8], host: &mut dyn Host) {
         self.stats.frames_in += 1;
         let frame = match wire::parse(bytes) {
             Ok(frame) => frame,
@@ -160,8 +245,8 @@ impl Engine {
         }
         match frame.l3 {
             L3::Arp(request) => self.handle_arp(src_mac, &request),
-            L3::Ipv4 { ip, l4 } => self.handle_ipv4(now, src_mac, &ip, &l4),
-            L3::Ipv6 { ip, l4 } => self.handle_ipv6(now, src_mac, &ip, &l4),
+            L3::Ipv4 { ip, l4 } => self.handle_ipv4(now, src_mac, &ip, &l4, host),
+            L3::Ipv6 { ip, l4 } => self.handle_ipv6(now, src_mac, &ip, &l4, host),
         }
     }
 
@@ -177,7 +262,7 @@ impl Engine {
         self.send_echo_reply(remote, guest, ident, seq, data, self.guest_mac);
     }
 
-    /// Handles a failure of `flow`'s host socket: the flow is removed.
+    /// Handles a failure of `flow`'s echo socket: the flow is removed.
     pub fn handle_host_error(&mut self, _now: Instant, flow: FlowId) {
         if self.flows.remove(flow).is_some() {
             self.stats.host_errors += 1;
@@ -188,7 +273,7 @@ impl Engine {
     }
 
     /// Runs timers that are due.
-    pub fn handle_timeout(&mut self, now: Instant) {
+    pub fn handle_timeout(&mut self, now: Instant, host: &mut dyn Host) {
         if self.next_ra.is_some_and(|t| t <= now) {
             self.send_router_advert(ndp::ALL_NODES, None);
             self.ras_sent += 1;
@@ -198,23 +283,15 @@ impl Engine {
                 .unwrap_or(RA_INTERVAL);
             self.next_ra = Some(now + delay);
         }
-        if self.next_sweep.is_some_and(|t| t <= now) {
-            let mut expired = std::mem::take(&mut self.expired);
-            expired.clear();
-            self.flows.expire(now, &mut expired);
-            for &flow in &expired {
-                debug!(flow = flow.0, "echo flow idle, closing");
-                self.push_op(HostOp::Close { flow });
-            }
-            self.expired = expired;
-            self.next_sweep = (!self.flows.is_empty()).then_some(now + flow::SWEEP_INTERVAL);
+        while let Some(flow) = self.flows.pop_due(now) {
+            self.flow_timer(now, flow, host);
         }
     }
 
     /// When [`Engine::handle_timeout`] should run next.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        match (self.next_ra, self.next_sweep) {
+        match (self.next_ra, self.flows.next_deadline()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
@@ -222,16 +299,12 @@ impl Engine {
 
     /// The next frame to write to the tap.
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
-        let frame = self.tx.pop_front()?;
-        self.stats.frames_out += 1;
-        Some(frame)
+        self.tx.pop()
     }
 
     /// Returns a transmitted frame's buffer to the pool.
     pub fn recycle(&mut self, buf: Vec<u8>) {
-        if self.pool.len() < MAX_POOLED {
-            self.pool.push(buf);
-        }
+        self.tx.recycle(buf);
     }
 
     /// The next host operation.
@@ -263,6 +336,7 @@ impl Engine {
         src_mac: EthernetAddress,
         ip: &wire::Ipv4Repr,
         l4: &L4<'_>,
+        host: &mut dyn Host,
     ) {
         match l4 {
             L4::Udp { udp, payload } if udp.dst_port == DHCP4_SERVER_PORT => {
@@ -287,8 +361,21 @@ impl Engine {
                     data,
                 );
             }
-            L4::Tcp(_) => self.stats.unhandled_tcp += 1,
-            L4::Udp { .. } => self.stats.unhandled_udp += 1,
+            L4::Tcp(seg) => self.handle_tcp(
+                now,
+                src_mac,
+                (IpAddr::V4(ip.src_addr), IpAddr::V4(ip.dst_addr)),
+                seg,
+                host,
+            ),
+            L4::Udp { udp, payload } => self.handle_udp(
+                now,
+                src_mac,
+                (IpAddr::V4(ip.src_addr), IpAddr::V4(ip.dst_addr)),
+                (udp.src_port, udp.dst_port),
+                payload,
+                host,
+            ),
             _ => self.stats.ignored += 1,
         }
     }
@@ -299,6 +386,7 @@ impl Engine {
         src_mac: EthernetAddress,
         ip: &wire::Ipv6Repr,
         l4: &L4<'_>,
+        host: &mut dyn Host,
     ) {
         match l4 {
             L4::Icmpv6(Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit { target_addr, .. }))
@@ -354,8 +442,21 @@ impl Engine {
                     self.stats.ignored += 1;
                 }
             }
-            L4::Tcp(_) => self.stats.unhandled_tcp += 1,
-            L4::Udp { .. } => self.stats.unhandled_udp += 1,
+            L4::Tcp(seg) => self.handle_tcp(
+                now,
+                src_mac,
+                (IpAddr::V6(ip.src_addr), IpAddr::V6(ip.dst_addr)),
+                seg,
+                host,
+            ),
+            L4::Udp { udp, payload } => self.handle_udp(
+                now,
+                src_mac,
+                (IpAddr::V6(ip.src_addr), IpAddr::V6(ip.dst_addr)),
+                (udp.src_port, udp.dst_port),
+                payload,
+                host,
+            ),
             _ => self.stats.ignored += 1,
         }
     }
@@ -452,11 +553,11 @@ impl Engine {
         };
         let flow = match self.flows.lookup(&key) {
             Some(flow) => flow,
-            None => match self.flows.insert(now, key) {
+            None => match self.flows.insert(now, key, (dst, 0), Detail::Echo) {
                 Ok(flow) => {
                     debug!(flow = flow.0, %src, %dst, ident, "new echo flow");
                     self.push_op(HostOp::EchoOpen { flow, remote: dst });
-                    self.next_sweep.get_or_insert(now + flow::SWEEP_INTERVAL);
+                    self.flows.set_deadline(flow, Some(now + flow::ICMP_IDLE));
                     flow
                 }
                 Err(full) => {
@@ -592,16 +693,12 @@ impl Engine {
     }
 
     fn transmit(&mut self, fill: impl FnOnce(&mut Vec<u8>) -> Result<(), BuildError>) {
-        if self.tx.len() >= MAX_TX_QUEUE {
-            self.stats.tx_queue_full += 1;
-            return;
-        }
-        let mut buf = self.pool.pop().unwrap_or_default();
+        let mut buf = self.tx.buffer();
         match fill(&mut buf) {
-            Ok(()) => self.tx.push_back(buf),
+            Ok(()) => self.tx.push(buf),
             Err(err) => {
                 debug!(%err, "could not build frame");
-                self.recycle(buf);
+                self.tx.recycle(buf);
             }
         }
     }
@@ -622,12 +719,8 @@ pub fn multicast_mac(addr: std::net::Ipv6Addr) -> EthernetAddress {
     EthernetAddress([0x33, 0x33, o[12], o[13], o[14], o[15]])
 }
 
-/// Frames waiting for the shell beyond which new ones are dropped.
-pub const MAX_TX_QUEUE: usize = 4096;
 /// Host operations waiting for the shell beyond which new ones are refused.
 pub const MAX_HOST_OPS: usize = 4096;
-/// Buffers kept for reuse.
-pub const MAX_POOLED: usize = 256;
 /// Hop limit of packets forwarder originates.
 pub const DEFAULT_HOP_LIMIT: u8 = 64;
 /// Hop limit NDP requires (RFC 4861 §7.1.1).
@@ -644,5 +737,7 @@ pub const RA_SCHEDULE: [Duration; 5] = [
 /// Interval of unsolicited RAs after the schedule (RFC 4861 MaxRtrAdvInterval default 600 s).
 pub const RA_INTERVAL: Duration = Duration::from_secs(300);
 
+#[cfg(test)]
+pub(crate) mod fake;
 #[cfg(test)]
 mod tests;

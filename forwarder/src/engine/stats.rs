@@ -52,10 +52,34 @@ counters! {
     echo_replies,
     /// Well-formed frames no service or flow handles (MLD, IGMP, ARP replies…).
     ignored,
-    /// TCP segments not yet translated (no TCP translation in this build).
-    unhandled_tcp,
-    /// UDP datagrams to ports no service listens on (no UDP translation in this build).
-    unhandled_udp,
+    /// Flows in the table when the snapshot was taken (a gauge).
+    flows_open,
+    /// TCP flows created (SYNs accepted by the policy).
+    tcp_flows,
+    /// TCP flows whose host connect succeeded.
+    tcp_connected,
+    /// TCP flows whose host connect failed (refused, unreachable, timed out).
+    tcp_connect_failed,
+    /// TCP SYNs refused by policy (answered with RST).
+    tcp_denied,
+    /// TCP segments for no flow (answered with RST).
+    tcp_no_flow,
+    /// TCP flows ended by a reset either way.
+    tcp_resets,
+    /// TCP host sockets that reported an error (reset by the remote).
+    tcp_host_resets,
+    /// UDP flows created.
+    udp_flows,
+    /// UDP datagrams from the guest sent to the host.
+    udp_out,
+    /// UDP datagrams from the host relayed to the guest.
+    udp_in,
+    /// UDP datagrams refused by policy.
+    udp_denied,
+    /// ICMP errors sent to the guest.
+    icmp_errors_sent,
+    /// IP fragments sent to the guest.
+    fragments_out,
     /// DHCP/DHCPv6 payloads that did not decode.
     bad_dhcp,
     /// New flows refused because the table was full.

@@ -4,6 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
+use super::fake::FakeHost;
 use super::*;
 use crate::config::Services;
 use crate::services::testing::network;
@@ -27,7 +28,10 @@ fn engine(t0: Instant) -> Engine {
             ra: false,
             ..Services::default()
         },
-        16,
+        Settings {
+            max_flows: 16,
+            ..Settings::default()
+        },
         t0,
     )
 }
@@ -96,7 +100,7 @@ fn captured_arp_request_for_gateway_gets_reply_from_our_mac() {
     let mut e = engine(t0);
     // The capture asks for 198.51.100.1 from 198.51.100.10: in this plan that is "any other
     // address", answered all the same.
-    e.handle_frame(t0, ARP_REQUEST);
+    e.handle_frame(t0, ARP_REQUEST, &mut FakeHost::new());
     let out = drain(&mut e);
     assert_eq!(out.len(), 1);
     let frame = wire::parse(&out[0]).unwrap();
@@ -120,7 +124,11 @@ fn captured_arp_request_for_gateway_gets_reply_from_our_mac() {
 fn arp_for_guest_itself_is_ignored_and_counted() {
     let t0 = Instant::now();
     let mut e = engine(t0);
-    e.handle_frame(t0, &arp_request("198.51.100.2".parse().unwrap()));
+    e.handle_frame(
+        t0,
+        &arp_request("198.51.100.2".parse().unwrap()),
+        &mut FakeHost::new(),
+    );
     assert!(drain(&mut e).is_empty());
     assert_eq!(e.stats().ignored, 1);
 }
@@ -129,7 +137,7 @@ fn arp_for_guest_itself_is_ignored_and_counted() {
 fn captured_udhcpc_discover_gets_offer() {
     let t0 = Instant::now();
     let mut e = engine(t0);
-    e.handle_frame(t0, DHCP4_DISCOVER);
+    e.handle_frame(t0, DHCP4_DISCOVER, &mut FakeHost::new());
     let out = drain(&mut e);
     assert_eq!(out.len(), 1);
     let frame = wire::parse(&out[0]).unwrap();
@@ -151,8 +159,8 @@ fn captured_udhcpc_discover_gets_offer() {
 fn captured_dhclient6_solicit_and_info_request_get_replies() {
     let t0 = Instant::now();
     let mut e = engine(t0);
-    e.handle_frame(t0, DHCP6_SOLICIT);
-    e.handle_frame(t0, DHCP6_INFO);
+    e.handle_frame(t0, DHCP6_SOLICIT, &mut FakeHost::new());
+    e.handle_frame(t0, DHCP6_INFO, &mut FakeHost::new());
     let out = drain(&mut e);
     assert_eq!(out.len(), 2);
     let kinds: Vec<_> = out
@@ -186,7 +194,7 @@ fn captured_router_solicit_gets_ra_with_rdnss() {
     let t0 = Instant::now();
     let mut e = engine(t0);
     e.services = Services::default();
-    e.handle_frame(t0, NDP_RS);
+    e.handle_frame(t0, NDP_RS, &mut FakeHost::new());
     let out = drain(&mut e);
     assert_eq!(out.len(), 1);
     let frame = wire::parse(&out[0]).unwrap();
@@ -215,14 +223,14 @@ fn captured_router_solicit_gets_ra_with_rdnss() {
 #[test]
 fn unsolicited_ras_follow_the_schedule() {
     let t0 = Instant::now();
-    let mut e = Engine::new(network(), Services::default(), 16, t0);
+    let mut e = Engine::new(network(), Services::default(), Settings::default(), t0);
     assert_eq!(e.poll_timeout(), Some(t0));
-    e.handle_timeout(t0);
+    e.handle_timeout(t0, &mut FakeHost::new());
     assert_eq!(drain(&mut e).len(), 1);
     assert_eq!(e.poll_timeout(), Some(t0 + RA_SCHEDULE[1]));
-    e.handle_timeout(t0 + Duration::from_secs(1));
+    e.handle_timeout(t0 + Duration::from_secs(1), &mut FakeHost::new());
     assert!(drain(&mut e).is_empty(), "RA sent before it was due");
-    e.handle_timeout(t0 + RA_SCHEDULE[1]);
+    e.handle_timeout(t0 + RA_SCHEDULE[1], &mut FakeHost::new());
     assert_eq!(drain(&mut e).len(), 1);
     assert_eq!(e.stats().router_adverts, 2);
 }
@@ -231,8 +239,16 @@ fn unsolicited_ras_follow_the_schedule() {
 fn echo_to_gateway_is_answered_locally() {
     let t0 = Instant::now();
     let mut e = engine(t0);
-    e.handle_frame(t0, &echo4("198.51.100.1".parse().unwrap(), 7, 3));
-    e.handle_frame(t0, &echo6(network().ipv6.unwrap().router_ll, 8));
+    e.handle_frame(
+        t0,
+        &echo4("198.51.100.1".parse().unwrap(), 7, 3),
+        &mut FakeHost::new(),
+    );
+    e.handle_frame(
+        t0,
+        &echo6(network().ipv6.unwrap().router_ll, 8),
+        &mut FakeHost::new(),
+    );
     let out = drain(&mut e);
     assert_eq!(out.len(), 2);
     let frame = wire::parse(&out[0]).unwrap();
@@ -259,8 +275,8 @@ fn echo_elsewhere_opens_a_flow_and_relays_the_reply_with_guest_ident() {
     let t0 = Instant::now();
     let mut e = engine(t0);
     let remote: Ipv4Addr = "203.0.113.1".parse().unwrap();
-    e.handle_frame(t0, &echo4(remote, 0x4242, 1));
-    e.handle_frame(t0, &echo4(remote, 0x4242, 2));
+    e.handle_frame(t0, &echo4(remote, 0x4242, 1), &mut FakeHost::new());
+    e.handle_frame(t0, &echo4(remote, 0x4242, 2), &mut FakeHost::new());
     assert!(
         drain(&mut e).is_empty(),
         "must not answer a forwarded echo itself"
@@ -310,18 +326,22 @@ fn echo_elsewhere_opens_a_flow_and_relays_the_reply_with_guest_ident() {
 fn idle_echo_flow_is_closed_and_late_replies_are_stale() {
     let t0 = Instant::now();
     let mut e = engine(t0);
-    e.handle_frame(t0, &echo6("2001:db8:2::1".parse().unwrap(), 9));
+    e.handle_frame(
+        t0,
+        &echo6("2001:db8:2::1".parse().unwrap(), 9),
+        &mut FakeHost::new(),
+    );
     let HostOp::EchoOpen { flow, .. } = ops(&mut e)[0].clone() else {
         panic!()
     };
     let mut now = t0;
     while let Some(due) = e.poll_timeout() {
         assert!(
-            due <= t0 + flow::ICMP_IDLE + flow::SWEEP_INTERVAL,
+            due <= t0 + flow::ICMP_IDLE,
             "flow outlived its idle timeout"
         );
         now = due;
-        e.handle_timeout(now);
+        e.handle_timeout(now, &mut FakeHost::new());
     }
     assert_eq!(ops(&mut e), vec![HostOp::Close { flow }]);
     assert!(e.flows().is_empty());
@@ -340,11 +360,18 @@ fn full_table_refuses_new_echo_flows() {
             ra: false,
             ..Services::default()
         },
-        2,
+        Settings {
+            max_flows: 2,
+            ..Settings::default()
+        },
         t0,
     );
     for ident in 0..3 {
-        e.handle_frame(t0, &echo4("203.0.113.1".parse().unwrap(), ident, 1));
+        e.handle_frame(
+            t0,
+            &echo4("203.0.113.1".parse().unwrap(), ident, 1),
+            &mut FakeHost::new(),
+        );
     }
     assert_eq!(e.flows().len(), 2);
     assert_eq!(e.stats().flow_table_full, 1);
@@ -360,10 +387,17 @@ fn ping_sockets_forbidden_means_local_answers_counted_as_fallback() {
             echo_local_only: true,
             ..Services::default()
         },
-        16,
+        Settings {
+            max_flows: 16,
+            ..Settings::default()
+        },
         t0,
     );
-    e.handle_frame(t0, &echo4("203.0.113.1".parse().unwrap(), 1, 1));
+    e.handle_frame(
+        t0,
+        &echo4("203.0.113.1".parse().unwrap(), 1, 1),
+        &mut FakeHost::new(),
+    );
     assert_eq!(drain(&mut e).len(), 1);
     assert!(ops(&mut e).is_empty());
     assert_eq!(e.stats().echo_local_fallback, 1);
@@ -381,7 +415,7 @@ fn disabled_services_stay_silent() {
         icmp: false,
         echo_local_only: false,
     };
-    let mut e = Engine::new(network(), off, 16, t0);
+    let mut e = Engine::new(network(), off, Settings::default(), t0);
     for frame in [
         &arp_request("198.51.100.1".parse().unwrap())[..],
         DHCP4_DISCOVER,
@@ -389,7 +423,7 @@ fn disabled_services_stay_silent() {
         NDP_RS,
         &echo4("198.51.100.1".parse().unwrap(), 1, 1),
     ] {
-        e.handle_frame(t0, frame);
+        e.handle_frame(t0, frame, &mut FakeHost::new());
     }
     assert!(drain(&mut e).is_empty());
     assert_eq!(e.poll_timeout(), None);
@@ -405,9 +439,9 @@ fn malformed_frames_are_counted_and_service_continues() {
     let mut unknown = good.clone();
     unknown[12..14].copy_from_slice(&[0x88, 0xb5]);
     for frame in [&good[..10], &bad_sum[..], &unknown[..], &[][..], MLD] {
-        e.handle_frame(t0, frame);
+        e.handle_frame(t0, frame, &mut FakeHost::new());
     }
-    e.handle_frame(t0, &good);
+    e.handle_frame(t0, &good, &mut FakeHost::new());
     assert_eq!(
         drain(&mut e).len(),
         1,
@@ -438,7 +472,7 @@ fn garbage_dhcp_payloads_are_counted() {
         },
     )
     .unwrap();
-    e.handle_frame(t0, &out);
+    e.handle_frame(t0, &out, &mut FakeHost::new());
     assert!(drain(&mut e).is_empty());
     assert_eq!(e.stats().bad_dhcp, 1);
 }
@@ -448,18 +482,18 @@ fn tx_queue_is_bounded() {
     let t0 = Instant::now();
     let mut e = engine(t0);
     let frame = echo4("198.51.100.1".parse().unwrap(), 1, 1);
-    for _ in 0..MAX_TX_QUEUE + 10 {
-        e.handle_frame(t0, &frame);
+    for _ in 0..frames::MAX_QUEUED + 10 {
+        e.handle_frame(t0, &frame, &mut FakeHost::new());
     }
     assert_eq!(e.stats().tx_queue_full, 10);
-    assert_eq!(drain(&mut e).len(), MAX_TX_QUEUE);
+    assert_eq!(drain(&mut e).len(), frames::MAX_QUEUED);
 }
 
 #[test]
 fn stats_summary_names_drops() {
     let t0 = Instant::now();
     let mut e = engine(t0);
-    e.handle_frame(t0, &[0u8; 5]);
+    e.handle_frame(t0, &[0u8; 5], &mut FakeHost::new());
     let summary = e.stats().summary();
     assert!(summary.contains("drop_truncated=1"), "{summary}");
     assert!(summary.contains("frames_in=1"), "{summary}");

@@ -2,30 +2,52 @@
 //!
 //! The one flow table (STYLE A2). A flow is a conversation the namespace started, seen from
 //! both ends: the **initiating side** (on the tap: the guest's address and port or echo id)
-//! and the **target side** (on the host: the remote address and port the host socket talks
-//! to). Today it tracks ICMP/ICMPv6 echo flows; the TCP and UDP translation adds its
-//! per-protocol state next to the common fields kept here.
+//! and the **target side** (on the host: the address and port the host socket talks to,
+//! which differs from what the guest named when the destination is mapped, e.g. the
+//! gateway to the host's loopback). TCP, UDP and ICMP echo flows all live here.
 //!
 //! ## State
 //!
-//! Common fields, owned here and nowhere else: protocol, the two sides, the lifecycle
-//! [`State`], and the last time the flow carried traffic. Flows are found by their tap-side
-//! [`Key`] (what a frame from the guest names) and by their [`FlowId`] (what a host socket's
-//! event names). Ids are never reused, so an event for a flow that has gone is recognised as
-//! stale rather than delivered to a newer flow in the same slot.
+//! Common fields, owned here and nowhere else: the tap-side [`Key`], the two [`Side`]s, the
+//! lifecycle [`State`], the last time the flow carried traffic, and the flow's next
+//! deadline. Per-protocol state (the TCP translation's sequence space, a UDP flow's last
+//! datagram) is the type parameter `T`, owned by the protocol module (`flow::tcp`,
+//! `flow::udp`) through [`Flow::ext`]. Flows are found by their tap-side [`Key`] (what a
+//! frame from the guest names) and by their [`FlowId`] (what a host socket's event names).
+//! Ids are never reused, so an event for a flow that has gone is recognised as stale rather
+//! than delivered to a newer flow in the same slot.
 //!
 //! ## Lifecycle
 //!
-//! `Opening` (host socket requested) → `Active` (first traffic through) → removed on idle
-//! timeout ([`ICMP_IDLE`] for echo). The engine sweeps the table once per
-//! [`SWEEP_INTERVAL`]; the sweep is O(flows), bounded by the table size.
+//! `Opening` (host socket requested, e.g. a TCP connect in progress) → `Active` (traffic
+//! passes both ways) → `Closing` (one side has finished: a FIN seen, an error being
+//! reported) → removed. Removal is immediate once both sides are done; nothing lingers in a
+//! TIME_WAIT (the host kernel keeps the host socket's TIME_WAIT, the guest kernel its own).
+//! The state is a small enum and the key five plain fields so that the eBPF maps of the fast
+//! path can mirror them.
+//!
+//! ## Timers
+//!
+//! Each flow has at most one deadline, set by its protocol module ([`Table::set_deadline`]):
+//! the earliest of its retransmission, connect and idle timers. The table keeps a min-heap
+//! of `(deadline, id)`; an entry is pushed only when a flow's deadline moves *earlier* than
+//! the entry already queued for it, so a deadline that moves later on every packet (an idle
+//! timer) costs nothing per packet: when its old entry comes due, [`Table::pop_due`] sees
+//! the later deadline and re-queues it. Entries for removed flows or superseded deadlines are
+//! discarded when they surface. When stale entries outnumber flows by [`HEAP_SLACK`] the heap
+//! is rebuilt from the flows, so its size stays O(flows).
 //!
 //! ## Limits
 //!
-//! At most `max_flows` entries (`--max-flows`); a new flow beyond that is refused and the
+//! At most `max_flows` entries (`--max-flows`, default [`crate::config::DEFAULT_MAX_FLOWS`]);
+//! a new flow beyond that is refused (TCP gets a RST, UDP and echo are dropped) and the
 //! engine counts `flow_table_full`. Existing flows are never evicted to make room.
 
-use std::collections::HashMap;
+pub mod tcp;
+pub mod udp;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -38,6 +60,22 @@ pub struct FlowId(pub u64);
 pub enum Protocol {
     /// ICMP or ICMPv6 echo (the "port" is the echo identifier).
     Icmp,
+    /// UDP.
+    Udp,
+    /// TCP.
+    Tcp,
+}
+
+impl Protocol {
+    /// Stable lowercase name for logs and listings.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Icmp => "icmp",
+            Self::Udp => "udp",
+            Self::Tcp => "tcp",
+        }
+    }
 }
 
 /// Where one side of a flow lives.
@@ -80,24 +118,42 @@ pub struct Key {
 pub enum State {
     /// The host side has been requested but has carried nothing yet.
     Opening,
-    /// Traffic has passed.
+    /// Traffic passes both ways.
     Active,
+    /// One side has finished; the flow goes once the other has too.
+    Closing,
 }
 
-/// A tracked flow.
+impl State {
+    /// Stable lowercase name.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Opening => "opening",
+            Self::Active => "active",
+            Self::Closing => "closing",
+        }
+    }
+}
+
+/// A tracked flow: the common fields, plus the protocol module's own state `T`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Flow {
-    /// Protocol.
-    pub protocol: Protocol,
+pub struct Flow<T> {
+    /// The tap-side key.
+    pub key: Key,
     /// Initiating side (tap) and target side (host).
     pub sides: [Side; 2],
     /// Lifecycle state.
     pub state: State,
     /// Last time traffic passed in either direction.
     pub last_seen: Instant,
+    /// Per-protocol state.
+    pub ext: T,
+    deadline: Option<Instant>,
+    queued: Option<Instant>,
 }
 
-impl Flow {
+impl<T> Flow<T> {
     /// The initiating (tap) side.
     #[must_use]
     pub fn initiator(&self) -> &Side {
@@ -109,6 +165,12 @@ impl Flow {
     pub fn target(&self) -> &Side {
         &self.sides[TARGET]
     }
+
+    /// The flow's next deadline.
+    #[must_use]
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
 }
 
 /// The table is at its bound.
@@ -118,20 +180,22 @@ pub struct Full(pub usize);
 
 /// The flow table.
 #[derive(Debug)]
-pub struct Table {
-    flows: HashMap<FlowId, (Key, Flow)>,
+pub struct Table<T> {
+    flows: HashMap<FlowId, Flow<T>>,
     by_key: HashMap<Key, FlowId>,
+    timers: BinaryHeap<Reverse<(Instant, FlowId)>>,
     next_id: u64,
     max: usize,
 }
 
-impl Table {
+impl<T> Table<T> {
     /// An empty table holding at most `max` flows.
     #[must_use]
     pub fn new(max: usize) -> Self {
         Self {
             flows: HashMap::new(),
             by_key: HashMap::new(),
+            timers: BinaryHeap::new(),
             next_id: 1,
             max,
         }
@@ -143,19 +207,26 @@ impl Table {
         self.by_key.get(key).copied()
     }
 
-    /// Adds a flow in state `Opening`.
+    /// Adds a flow in state `Opening` whose target is `target` (the host-side address and
+    /// port, after any mapping).
     ///
     /// # Errors
     ///
     /// [`Full`] when the table is at its bound.
-    pub fn insert(&mut self, now: Instant, key: Key) -> Result<FlowId, Full> {
+    pub fn insert(
+        &mut self,
+        now: Instant,
+        key: Key,
+        target: (IpAddr, u16),
+        ext: T,
+    ) -> Result<FlowId, Full> {
         if self.flows.len() >= self.max {
             return Err(Full(self.max));
         }
         let id = FlowId(self.next_id);
         self.next_id += 1;
         let flow = Flow {
-            protocol: key.protocol,
+            key,
             sides: [
                 Side {
                     iface: Interface::Tap,
@@ -164,49 +235,106 @@ impl Table {
                 },
                 Side {
                     iface: Interface::Host,
-                    addr: key.remote_addr,
-                    port: key.remote_port,
+                    addr: target.0,
+                    port: target.1,
                 },
             ],
             state: State::Opening,
             last_seen: now,
+            ext,
+            deadline: None,
+            queued: None,
         };
-        self.flows.insert(id, (key, flow));
+        self.flows.insert(id, flow);
         self.by_key.insert(key, id);
         Ok(id)
     }
 
     /// The flow with this id, if it still exists.
     #[must_use]
-    pub fn get(&self, id: FlowId) -> Option<&Flow> {
-        self.flows.get(&id).map(|(_, f)| f)
+    pub fn get(&self, id: FlowId) -> Option<&Flow<T>> {
+        self.flows.get(&id)
     }
 
-    /// Records traffic on a flow: it becomes `Active` and its idle timer restarts.
+    /// The flow with this id, mutably.
+    pub fn get_mut(&mut self, id: FlowId) -> Option<&mut Flow<T>> {
+        self.flows.get_mut(&id)
+    }
+
+    /// Records traffic on a flow: it becomes `Active` (unless closing) and its idle timer
+    /// restarts.
     pub fn touch(&mut self, id: FlowId, now: Instant) {
-        if let Some((_, flow)) = self.flows.get_mut(&id) {
-            flow.state = State::Active;
+        if let Some(flow) = self.flows.get_mut(&id) {
+            if flow.state == State::Opening {
+                flow.state = State::Active;
+            }
             flow.last_seen = now;
         }
     }
 
+    /// Sets a flow's next deadline (`None`: no timer).
+    pub fn set_deadline(&mut self, id: FlowId, deadline: Option<Instant>) {
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return;
+        };
+        flow.deadline = deadline;
+        if let Some(d) = deadline
+            && flow.queued.is_none_or(|q| d < q)
+        {
+            flow.queued = Some(d);
+            self.timers.push(Reverse((d, id)));
+            if self.timers.len() > HEAP_SLACK * (self.flows.len() + 1) {
+                self.rebuild_timers();
+            }
+        }
+    }
+
+    /// The earliest queued deadline (possibly a superseded one: waking early is harmless).
+    #[must_use]
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse((t, _))| *t)
+    }
+
+    /// The next flow whose deadline has come, if any. Its deadline is cleared; the caller
+    /// runs the flow's timers and sets the next one.
+    pub fn pop_due(&mut self, now: Instant) -> Option<FlowId> {
+        while let Some(Reverse((t, id))) = self.timers.peek().copied() {
+            if t > now {
+                return None;
+            }
+            self.timers.pop();
+            let Some(flow) = self.flows.get_mut(&id) else {
+                continue;
+            };
+            if flow.queued != Some(t) {
+                continue;
+            }
+            flow.queued = None;
+            match flow.deadline {
+                Some(d) if d <= now => {
+                    flow.deadline = None;
+                    return Some(id);
+                }
+                Some(d) => {
+                    flow.queued = Some(d);
+                    self.timers.push(Reverse((d, id)));
+                }
+                None => {}
+            }
+        }
+        None
+    }
+
     /// Removes a flow.
-    pub fn remove(&mut self, id: FlowId) -> Option<Flow> {
-        let (key, flow) = self.flows.remove(&id)?;
-        self.by_key.remove(&key);
+    pub fn remove(&mut self, id: FlowId) -> Option<Flow<T>> {
+        let flow = self.flows.remove(&id)?;
+        self.by_key.remove(&flow.key);
         Some(flow)
     }
 
-    /// Removes every flow idle for longer than its protocol's timeout, returning their ids.
-    pub fn expire(&mut self, now: Instant, out: &mut Vec<FlowId>) {
-        let before = out.len();
-        out.extend(self.flows.iter().filter_map(|(id, (_, flow))| {
-            (now.saturating_duration_since(flow.last_seen) >= idle_timeout(flow.protocol))
-                .then_some(*id)
-        }));
-        for id in out.iter().skip(before) {
-            self.remove(*id);
-        }
+    /// Every flow, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (FlowId, &Flow<T>)> {
+        self.flows.iter().map(|(id, f)| (*id, f))
     }
 
     /// Number of flows.
@@ -220,13 +348,21 @@ impl Table {
     pub fn is_empty(&self) -> bool {
         self.flows.is_empty()
     }
-}
 
-/// How long a flow may be idle before it is removed.
-#[must_use]
-pub fn idle_timeout(protocol: Protocol) -> Duration {
-    match protocol {
-        Protocol::Icmp => ICMP_IDLE,
+    /// Number of queued timer entries (for tests of the heap bound).
+    #[must_use]
+    pub fn timer_entries(&self) -> usize {
+        self.timers.len()
+    }
+
+    fn rebuild_timers(&mut self) {
+        self.timers.clear();
+        for (id, flow) in &mut self.flows {
+            flow.queued = flow.deadline;
+            if let Some(d) = flow.deadline {
+                self.timers.push(Reverse((d, *id)));
+            }
+        }
     }
 }
 
@@ -237,8 +373,8 @@ pub const TARGET: usize = 1;
 /// Idle timeout of echo flows (Linux's ping socket lifetime is the process's; 60 s matches
 /// the conntrack default for ICMP, 30 s, doubled for slow `ping -i`).
 pub const ICMP_IDLE: Duration = Duration::from_secs(60);
-/// How often the engine sweeps the table for idle flows.
-pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Queued timer entries allowed per flow before the heap is rebuilt.
+pub const HEAP_SLACK: usize = 4;
 
 #[cfg(test)]
 mod tests {
@@ -254,21 +390,22 @@ mod tests {
         }
     }
 
+    fn insert(table: &mut Table<()>, now: Instant, port: u16) -> Result<FlowId, Full> {
+        let k = key(port);
+        table.insert(now, k, (k.remote_addr, k.remote_port), ())
+    }
+
     #[test]
-    fn insert_lookup_touch_expire() {
+    fn insert_lookup_touch_remove() {
         let t0 = Instant::now();
         let mut table = Table::new(8);
-        let id = table.insert(t0, key(1)).unwrap();
+        let id = insert(&mut table, t0, 1).unwrap();
         assert_eq!(table.lookup(&key(1)), Some(id));
         assert_eq!(table.get(id).unwrap().state, State::Opening);
         assert_eq!(table.get(id).unwrap().target().addr, key(1).remote_addr);
         table.touch(id, t0 + Duration::from_secs(30));
         assert_eq!(table.get(id).unwrap().state, State::Active);
-        let mut out = Vec::new();
-        table.expire(t0 + Duration::from_secs(60), &mut out);
-        assert!(out.is_empty(), "touched flow expired early");
-        table.expire(t0 + Duration::from_secs(90), &mut out);
-        assert_eq!(out, vec![id]);
+        table.remove(id);
         assert!(table.is_empty());
         assert_eq!(table.lookup(&key(1)), None);
     }
@@ -277,12 +414,59 @@ mod tests {
     fn bounded_and_ids_not_reused() {
         let t0 = Instant::now();
         let mut table = Table::new(2);
-        let a = table.insert(t0, key(1)).unwrap();
-        table.insert(t0, key(2)).unwrap();
-        assert_eq!(table.insert(t0, key(3)), Err(Full(2)));
+        let a = insert(&mut table, t0, 1).unwrap();
+        insert(&mut table, t0, 2).unwrap();
+        assert_eq!(insert(&mut table, t0, 3), Err(Full(2)));
         table.remove(a);
-        let c = table.insert(t0, key(3)).unwrap();
+        let c = insert(&mut table, t0, 3).unwrap();
         assert_ne!(a, c);
         assert!(table.get(a).is_none());
+    }
+
+    #[test]
+    fn deadlines_fire_in_order_and_later_deadlines_are_requeued() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut table = Table::new(8);
+        let a = insert(&mut table, t0, 1).unwrap();
+        let b = insert(&mut table, t0, 2).unwrap();
+        table.set_deadline(a, Some(t0 + s(10)));
+        table.set_deadline(b, Some(t0 + s(5)));
+        // a's deadline moves later: no new entry, the old one is re-queued when it surfaces.
+        table.set_deadline(a, Some(t0 + s(20)));
+        assert_eq!(table.timer_entries(), 2);
+        assert_eq!(table.next_deadline(), Some(t0 + s(5)));
+        assert_eq!(table.pop_due(t0 + s(4)), None);
+        assert_eq!(table.pop_due(t0 + s(12)), Some(b));
+        assert_eq!(table.pop_due(t0 + s(12)), None, "a was re-queued for 20 s");
+        assert_eq!(table.next_deadline(), Some(t0 + s(20)));
+        assert_eq!(table.pop_due(t0 + s(20)), Some(a));
+        assert_eq!(table.pop_due(t0 + s(99)), None);
+    }
+
+    #[test]
+    fn removed_and_cleared_flows_do_not_fire() {
+        let t0 = Instant::now();
+        let mut table = Table::new(8);
+        let a = insert(&mut table, t0, 1).unwrap();
+        let b = insert(&mut table, t0, 2).unwrap();
+        table.set_deadline(a, Some(t0));
+        table.set_deadline(b, Some(t0));
+        table.remove(a);
+        table.set_deadline(b, None);
+        assert_eq!(table.pop_due(t0 + Duration::from_secs(1)), None);
+    }
+
+    #[test]
+    fn heap_stays_proportional_to_flows() {
+        let t0 = Instant::now();
+        let mut table = Table::new(8);
+        let a = insert(&mut table, t0, 1).unwrap();
+        // A deadline that keeps moving earlier pushes each time; the heap is rebuilt.
+        for i in (0..1000u64).rev() {
+            table.set_deadline(a, Some(t0 + Duration::from_millis(i)));
+        }
+        assert!(table.timer_entries() <= HEAP_SLACK * 2 + 1);
+        assert_eq!(table.pop_due(t0), Some(a));
     }
 }

@@ -20,47 +20,87 @@
 //! 2. Read up to [`TAP_BATCH`] frames from the tap (edge-triggered: if the batch limit,
 //!    not `EAGAIN`, ended the read, the next poll does not block); each goes to
 //!    `Engine::handle_frame`.
-//! 3. Drain readable ping sockets into `Engine::handle_echo_reply`.
-//! 4. `Engine::handle_timeout`, then execute host operations and write queued frames.
+//!    Then `Engine::end_batch` sends the ACKs coalesced over the batch.
+//! 3. Socket events: TCP readiness to `Engine::handle_tcp_ready`; readable UDP sockets are
+//!    drained (one `recv` per datagram) into `Engine::handle_udp_datagram`; ping sockets
+//!    into `Engine::handle_echo_reply`.
+//! 4. `Engine::handle_timeout`, then execute echo host operations and write queued frames.
 //!
-//! ## Host sockets
+//! ## Host sockets ([`Sockets`], the engine's `Host`)
 //!
-//! Echo flows use unprivileged ping sockets (`SOCK_DGRAM`, `IPPROTO_ICMP[V6]`) connected to
-//! the remote. Their token is the flow id plus [`FIRST_FLOW_TOKEN`]. [`ping_sockets_allowed`]
-//! probes once at start-up whether `net.ipv4.ping_group_range` admits this process.
+//! All non-blocking, registered edge-triggered with the flow id plus [`FIRST_FLOW_TOKEN`]
+//! as token. TCP: `connect()` in progress is completed by the writable edge (`SO_ERROR`);
+//! `TCP_NODELAY` (the guest's own stack already coalesced); `SO_PEEK_OFF` so a peek at
+//! offset N costs nothing for the N bytes before it (Linux ≥ 6.9; older kernels peek into a
+//! scratch prefix instead); acknowledged bytes are dropped with `recv(MSG_TRUNC)` without a
+//! copy; free send space is `SO_SNDBUF - SIOCOUTQ`; an abort sets `SO_LINGER {1, 0}` so the
+//! close sends a RST. UDP: one socket per flow, `connect()`ed. Echo: unprivileged ping
+//! sockets (`SOCK_DGRAM`, `IPPROTO_ICMP[V6]`); [`ping_sockets_allowed`] probes once at
+//! start-up whether `net.ipv4.ping_group_range` admits this process. `--outbound` /
+//! `--outbound-if` bind TCP and UDP sockets to an address or device.
+//!
+//! ## Test hook
+//!
+//! `--drop-every N` (hidden) drops every Nth frame in each direction on the tap path,
+//! deterministically, so loss recovery is testable end to end; the drops are logged at exit.
 //!
 //! ## Limits
 //!
-//! One frame buffer of [`MAX_FRAME`] bytes; a tap write that fails is counted by the engine
-//! as sent and logged at debug (the guest's TCP/ICMP retransmits).
+//! One frame buffer of [`MAX_FRAME`] bytes; a tap write that fails is logged at debug (the
+//! guest's TCP/ICMP retransmits).
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddrV4, SocketAddrV6};
+use std::io::IoSliceMut;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use nix::errno::Errno;
 use nix::sys::socket::{
-    AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn, SockaddrIn6, connect,
-    recv, send, socket,
+    AddressFamily, MsgFlags, Shutdown, SockFlag, SockProtocol, SockType, SockaddrIn, SockaddrIn6,
+    SockaddrStorage, bind, connect, getsockopt, recv, recvmsg, send, setsockopt, shutdown, socket,
+    sockopt,
 };
 use tracing::{debug, info, warn};
 
-use crate::engine::{Engine, HostOp, Stats};
-use crate::flow::FlowId;
-use crate::wire;
+use crate::engine::{Engine, Host, HostOp, Stats};
+use crate::flow::{FlowId, tcp};
+use crate::policy::Prefix;
+use crate::{sys, wire};
 
 /// A command from the control plane.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     /// Log the counters at info level.
     LogStats,
+    /// Replace the host-local prefixes the policy uses.
+    SetLocalPrefixes(Vec<Prefix>),
     /// Stop the loop and return the final counters.
     Stop,
+}
+
+/// Where outbound sockets are bound.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outbound {
+    /// Source address for IPv4 sockets.
+    pub v4: Option<Ipv4Addr>,
+    /// Source address for IPv6 sockets.
+    pub v6: Option<Ipv6Addr>,
+    /// Device (`SO_BINDTODEVICE`).
+    pub iface: Option<String>,
+}
+
+/// Options of the data plane itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Options {
+    /// Binding of outbound sockets.
+    pub outbound: Outbound,
+    /// Test hook: drop every Nth tap frame each way.
+    pub drop_every: Option<u32>,
 }
 
 /// The control plane's handle on the data-plane thread.
@@ -107,21 +147,29 @@ impl Handle {
 /// # Errors
 ///
 /// When the poller cannot be created or the tap registered.
-pub fn spawn(tap: OwnedFd, engine: Engine) -> Result<Handle> {
+pub fn spawn(tap: OwnedFd, engine: Engine, options: Options) -> Result<Handle> {
     let poll = Poll::new().context("create poller")?;
     let waker = std::sync::Arc::new(Waker::new(poll.registry(), WAKER).context("create waker")?);
     poll.registry()
         .register(&mut SourceFd(&tap.as_raw_fd()), TAP, Interest::READABLE)
         .context("register the tap")?;
+    let registry = poll.registry().try_clone().context("clone the registry")?;
     let (tx, rx) = mpsc::channel();
     let plane = Dataplane {
         poll,
         tap,
         engine,
         rx,
-        sockets: HashMap::new(),
+        sockets: Sockets {
+            registry,
+            map: HashMap::new(),
+            outbound: options.outbound,
+        },
         buf: vec![0; MAX_FRAME],
         tap_pending: false,
+        drop_every: options.drop_every,
+        frames_seen: [0; 2],
+        frames_dropped: [0; 2],
     };
     let thread = std::thread::Builder::new()
         .name("dataplane".into())
@@ -156,19 +204,45 @@ struct Dataplane {
     tap: OwnedFd,
     engine: Engine,
     rx: mpsc::Receiver<Command>,
-    sockets: HashMap<FlowId, EchoSocket>,
+    sockets: Sockets,
     buf: Vec<u8>,
     tap_pending: bool,
+    drop_every: Option<u32>,
+    frames_seen: [u64; 2],
+    frames_dropped: [u64; 2],
 }
 
-struct EchoSocket {
+/// The flows' host sockets: the engine's [`Host`].
+pub struct Sockets {
+    registry: Registry,
+    map: HashMap<FlowId, Sock>,
+    outbound: Outbound,
+}
+
+impl std::fmt::Debug for Sockets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sockets")
+            .field("sockets", &self.map.len())
+            .finish_non_exhaustive()
+    }
+}
+
+enum Sock {
+    Echo { fd: OwnedFd, v6: bool },
+    Tcp(TcpSock),
+    Udp(OwnedFd),
+}
+
+struct TcpSock {
     fd: OwnedFd,
-    v6: bool,
+    /// The kernel's `SO_PEEK_OFF`, or `None` when the kernel lacks it for TCP.
+    peek_off: Option<usize>,
+    scratch: Vec<u8>,
 }
 
 impl Dataplane {
     fn run(mut self) -> Result<Stats> {
-        let mut events = Events::with_capacity(256);
+        let mut events = Events::with_capacity(1024);
         let mut scratch = Vec::new();
         loop {
             let now = Instant::now();
@@ -195,22 +269,50 @@ impl Dataplane {
                                 Command::LogStats => {
                                     info!("stats: {}", self.engine.stats().summary());
                                 }
-                                Command::Stop => return Ok(self.engine.stats().clone()),
+                                Command::SetLocalPrefixes(prefixes) => {
+                                    self.engine.set_local_prefixes(prefixes);
+                                }
+                                Command::Stop => {
+                                    if self.drop_every.is_some() {
+                                        info!(
+                                            dropped_from_tap = self.frames_dropped[0],
+                                            dropped_to_tap = self.frames_dropped[1],
+                                            "test hook drops"
+                                        );
+                                    }
+                                    return Ok(self.engine.stats());
+                                }
                             }
                         }
                     }
                     Token(t) => {
                         let flow = FlowId(u64::try_from(t - FIRST_FLOW_TOKEN.0).unwrap_or(0));
-                        self.drain_echo(now, flow);
+                        self.socket_event(now, flow, event);
                     }
                 }
             }
             if tap_ready {
                 self.read_tap(now);
             }
-            self.engine.handle_timeout(now);
+            self.engine.handle_timeout(now, &mut self.sockets);
             self.run_host_ops(now, &mut scratch);
             self.flush();
+        }
+    }
+
+    fn socket_event(&mut self, now: Instant, flow: FlowId, event: &mio::event::Event) {
+        match self.sockets.map.get(&flow) {
+            Some(Sock::Tcp(_)) => self.engine.handle_tcp_ready(
+                now,
+                flow,
+                event.is_readable() || event.is_read_closed(),
+                event.is_writable(),
+                event.is_error(),
+                &mut self.sockets,
+            ),
+            Some(Sock::Udp(_)) => self.drain_udp(now, flow),
+            Some(Sock::Echo { .. }) => self.drain_echo(now, flow),
+            None => {}
         }
     }
 
@@ -218,28 +320,81 @@ impl Dataplane {
         self.tap_pending = false;
         for _ in 0..TAP_BATCH {
             match nix::unistd::read(&self.tap, &mut self.buf) {
-                Ok(n) if n > 0 => self
-                    .engine
-                    .handle_frame(now, self.buf.get(..n).unwrap_or_default()),
-                Ok(_) | Err(Errno::EAGAIN | Errno::EINTR) => return,
+                Ok(n) if n > 0 => {
+                    if self.test_drop(0) {
+                        continue;
+                    }
+                    self.engine.handle_frame(
+                        now,
+                        self.buf.get(..n).unwrap_or_default(),
+                        &mut self.sockets,
+                    );
+                }
+                Ok(_) | Err(Errno::EAGAIN | Errno::EINTR) => {
+                    self.engine.end_batch(now, &mut self.sockets);
+                    return;
+                }
                 Err(err) => {
                     warn!(%err, "reading the tap failed");
+                    self.engine.end_batch(now, &mut self.sockets);
                     return;
                 }
             }
         }
+        self.engine.end_batch(now, &mut self.sockets);
         self.tap_pending = true;
     }
 
+    /// The deterministic loss hook: whether to drop this frame (`dir` 0 = from the tap).
+    fn test_drop(&mut self, dir: usize) -> bool {
+        let Some(n) = self.drop_every else {
+            return false;
+        };
+        let (Some(seen), Some(dropped)) = (
+            self.frames_seen.get_mut(dir),
+            self.frames_dropped.get_mut(dir),
+        ) else {
+            return false;
+        };
+        *seen += 1;
+        if (*seen).is_multiple_of(u64::from(n)) {
+            *dropped += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn drain_udp(&mut self, now: Instant, flow: FlowId) {
+        for _ in 0..UDP_BATCH {
+            let Some(Sock::Udp(fd)) = self.sockets.map.get(&flow) else {
+                return;
+            };
+            match recv(fd.as_raw_fd(), &mut self.buf, MsgFlags::MSG_DONTWAIT) {
+                Ok(n) => self.engine.handle_udp_datagram(
+                    now,
+                    flow,
+                    self.buf.get(..n).unwrap_or_default(),
+                ),
+                Err(Errno::EAGAIN | Errno::EINTR) => return,
+                Err(err) => {
+                    self.engine
+                        .handle_udp_error(now, flow, &std::io::Error::from(err));
+                }
+            }
+        }
+    }
+
     fn drain_echo(&mut self, now: Instant, flow: FlowId) {
-        let Some(sock) = self.sockets.get(&flow) else {
+        let Some(Sock::Echo { fd, v6 }) = self.sockets.map.get(&flow) else {
             return;
         };
+        let v6 = *v6;
         loop {
-            match recv(sock.fd.as_raw_fd(), &mut self.buf, MsgFlags::MSG_DONTWAIT) {
+            match recv(fd.as_raw_fd(), &mut self.buf, MsgFlags::MSG_DONTWAIT) {
                 Ok(n) => {
                     if let Some((seq, data)) =
-                        wire::parse_echo_reply(self.buf.get(..n).unwrap_or_default(), sock.v6)
+                        wire::parse_echo_reply(self.buf.get(..n).unwrap_or_default(), v6)
                     {
                         self.engine.handle_echo_reply(now, flow, seq, data);
                     }
@@ -260,23 +415,14 @@ impl Dataplane {
             match op {
                 HostOp::EchoOpen { flow, remote } => match open_ping(remote) {
                     Ok(fd) => {
-                        let token = Token(
-                            usize::try_from(flow.0)
-                                .unwrap_or(usize::MAX)
-                                .saturating_add(FIRST_FLOW_TOKEN.0),
-                        );
-                        if let Err(err) = self.poll.registry().register(
-                            &mut SourceFd(&fd.as_raw_fd()),
-                            token,
-                            Interest::READABLE,
-                        ) {
+                        if let Err(err) = self.sockets.register(flow, &fd, Interest::READABLE) {
                             debug!(%err, "register ping socket");
                             self.engine.handle_host_error(now, flow);
                             continue;
                         }
-                        self.sockets.insert(
+                        self.sockets.map.insert(
                             flow,
-                            EchoSocket {
+                            Sock::Echo {
                                 fd,
                                 v6: remote.is_ipv6(),
                             },
@@ -288,33 +434,214 @@ impl Dataplane {
                     }
                 },
                 HostOp::EchoSend { flow, seq, data } => {
-                    let Some(sock) = self.sockets.get(&flow) else {
+                    let Some(Sock::Echo { fd, v6 }) = self.sockets.map.get(&flow) else {
                         continue;
                     };
-                    wire::build::echo_request(scratch, sock.v6, seq, &data);
-                    if let Err(err) = send(sock.fd.as_raw_fd(), scratch, MsgFlags::MSG_DONTWAIT) {
+                    wire::build::echo_request(scratch, *v6, seq, &data);
+                    if let Err(err) = send(fd.as_raw_fd(), scratch, MsgFlags::MSG_DONTWAIT) {
                         debug!(flow = flow.0, %err, "echo send failed");
                     }
                 }
-                HostOp::Close { flow } => {
-                    if let Some(sock) = self.sockets.remove(&flow) {
-                        let _ = self
-                            .poll
-                            .registry()
-                            .deregister(&mut SourceFd(&sock.fd.as_raw_fd()));
-                    }
-                }
+                HostOp::Close { flow } => self.sockets.close(flow, false),
             }
         }
     }
 
     fn flush(&mut self) {
         while let Some(frame) = self.engine.poll_transmit() {
-            if let Err(err) = nix::unistd::write(&self.tap, &frame) {
+            if !self.test_drop(1)
+                && let Err(err) = nix::unistd::write(&self.tap, &frame)
+            {
                 debug!(%err, len = frame.len(), "tap write failed");
             }
             self.engine.recycle(frame);
         }
+    }
+}
+
+impl Sockets {
+    fn register(&self, flow: FlowId, fd: &OwnedFd, interest: Interest) -> std::io::Result<()> {
+        let token = Token(
+            usize::try_from(flow.0)
+                .unwrap_or(usize::MAX)
+                .saturating_add(FIRST_FLOW_TOKEN.0),
+        );
+        self.registry
+            .register(&mut SourceFd(&fd.as_raw_fd()), token, interest)
+    }
+
+    fn new_socket(&self, target: SocketAddr, ty: SockType) -> std::io::Result<OwnedFd> {
+        let family = if target.is_ipv6() {
+            AddressFamily::Inet6
+        } else {
+            AddressFamily::Inet
+        };
+        let fd = socket(
+            family,
+            ty,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        if let Some(dev) = &self.outbound.iface {
+            setsockopt(&fd, sockopt::BindToDevice, &std::ffi::OsString::from(dev))?;
+        }
+        match target {
+            SocketAddr::V4(_) => {
+                if let Some(a) = self.outbound.v4 {
+                    bind(fd.as_raw_fd(), &SockaddrIn::from(SocketAddrV4::new(a, 0)))?;
+                }
+            }
+            SocketAddr::V6(_) => {
+                if let Some(a) = self.outbound.v6 {
+                    bind(
+                        fd.as_raw_fd(),
+                        &SockaddrIn6::from(SocketAddrV6::new(a, 0, 0, 0)),
+                    )?;
+                }
+            }
+        }
+        Ok(fd)
+    }
+
+    fn close(&mut self, flow: FlowId, abort: bool) {
+        let Some(sock) = self.map.remove(&flow) else {
+            return;
+        };
+        let fd = match &sock {
+            Sock::Echo { fd, .. } | Sock::Udp(fd) => fd,
+            Sock::Tcp(t) => &t.fd,
+        };
+        let _ = self.registry.deregister(&mut SourceFd(&fd.as_raw_fd()));
+        if abort && matches!(sock, Sock::Tcp(_)) {
+            let _ = setsockopt(
+                fd,
+                sockopt::Linger,
+                &libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                },
+            );
+        }
+    }
+}
+
+impl Host for Sockets {
+    fn tcp_connect(&mut self, flow: FlowId, target: SocketAddr) -> std::io::Result<()> {
+        let fd = self.new_socket(target, SockType::Stream)?;
+        let _ = setsockopt(&fd, sockopt::TcpNoDelay, &true);
+        let peek_off = sys::set_peek_off(&fd, 0).ok().map(|()| 0);
+        match connect(fd.as_raw_fd(), &SockaddrStorage::from(target)) {
+            Ok(()) | Err(Errno::EINPROGRESS) => {}
+            Err(err) => return Err(err.into()),
+        }
+        self.register(flow, &fd, Interest::READABLE | Interest::WRITABLE)?;
+        self.map.insert(
+            flow,
+            Sock::Tcp(TcpSock {
+                fd,
+                peek_off,
+                scratch: Vec::new(),
+            }),
+        );
+        Ok(())
+    }
+
+    fn tcp_connect_result(&mut self, flow: FlowId) -> std::io::Result<()> {
+        let Some(Sock::Tcp(t)) = self.map.get(&flow) else {
+            return Err(std::io::ErrorKind::NotConnected.into());
+        };
+        match getsockopt(&t.fd, sockopt::SocketError)? {
+            0 => Ok(()),
+            e => Err(std::io::Error::from_raw_os_error(e)),
+        }
+    }
+
+    fn tcp_socket(&mut self, flow: FlowId) -> Option<&mut dyn tcp::HostSocket> {
+        match self.map.get_mut(&flow) {
+            Some(Sock::Tcp(t)) => Some(t),
+            _ => None,
+        }
+    }
+
+    fn udp_open(&mut self, flow: FlowId, target: SocketAddr) -> std::io::Result<()> {
+        let fd = self.new_socket(target, SockType::Datagram)?;
+        connect(fd.as_raw_fd(), &SockaddrStorage::from(target))?;
+        self.register(flow, &fd, Interest::READABLE)?;
+        self.map.insert(flow, Sock::Udp(fd));
+        Ok(())
+    }
+
+    fn udp_send(&mut self, flow: FlowId, data: &[u8]) -> std::io::Result<()> {
+        let Some(Sock::Udp(fd)) = self.map.get(&flow) else {
+            return Err(std::io::ErrorKind::NotConnected.into());
+        };
+        send(fd.as_raw_fd(), data, MsgFlags::MSG_DONTWAIT)?;
+        Ok(())
+    }
+
+    fn close(&mut self, flow: FlowId, abort: bool) {
+        Sockets::close(self, flow, abort);
+    }
+}
+
+impl tcp::HostSocket for TcpSock {
+    fn send(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        match send(
+            self.fd.as_raw_fd(),
+            data,
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+        ) {
+            Ok(n) => Ok(n),
+            Err(Errno::EAGAIN) => Ok(0),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    fn peek(&mut self, offset: usize, bufs: &mut [IoSliceMut<'_>]) -> std::io::Result<usize> {
+        let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+        if let Some(current) = self.peek_off {
+            if current != offset {
+                let off = i32::try_from(offset).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+                sys::set_peek_off(&self.fd, off)?;
+                self.peek_off = Some(offset);
+            }
+            let n = recvmsg::<()>(self.fd.as_raw_fd(), bufs, None, flags)?.bytes;
+            self.peek_off = Some(offset + n);
+            return Ok(n);
+        }
+        // No SO_PEEK_OFF for TCP on this kernel: peek the bytes before `offset` into a
+        // scratch buffer in front of the real ones.
+        self.scratch.resize(offset, 0);
+        let mut iov: Vec<IoSliceMut<'_>> = Vec::with_capacity(bufs.len() + 1);
+        iov.push(IoSliceMut::new(&mut self.scratch));
+        for b in bufs.iter_mut() {
+            iov.push(IoSliceMut::new(b));
+        }
+        let n = recvmsg::<()>(self.fd.as_raw_fd(), &mut iov, None, flags)?.bytes;
+        Ok(n.saturating_sub(offset))
+    }
+
+    fn discard(&mut self, n: usize) {
+        let mut left = n;
+        while left > 0 {
+            match sys::discard(&self.fd, left) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => left = left.saturating_sub(k),
+            }
+        }
+        if let Some(off) = &mut self.peek_off {
+            *off = off.saturating_sub(n - left);
+        }
+    }
+
+    fn shutdown_write(&mut self) {
+        let _ = shutdown(self.fd.as_raw_fd(), Shutdown::Write);
+    }
+
+    fn send_space(&mut self) -> usize {
+        let size = getsockopt(&self.fd, sockopt::SndBuf).unwrap_or(0);
+        let queued = sys::outq(&self.fd).unwrap_or(size);
+        size.saturating_sub(queued)
     }
 }
 
@@ -353,5 +680,7 @@ const WAKER: Token = Token(1);
 pub const FIRST_FLOW_TOKEN: Token = Token(2);
 /// Frames read from the tap per wakeup before other sources get a turn.
 pub const TAP_BATCH: usize = 128;
+/// Datagrams read from one UDP socket per wakeup.
+pub const UDP_BATCH: usize = 64;
 /// The largest frame: 65535 bytes of IP plus the Ethernet header, rounded up.
 pub const MAX_FRAME: usize = 65536 + 64;

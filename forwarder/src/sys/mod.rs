@@ -10,6 +10,8 @@
 //!   which is what makes running arbitrary Rust in the child sound (no lock held by a thread
 //!   that does not exist in the child).
 //! * [`adopt_received_fd`]: ownership of a descriptor received with `SCM_RIGHTS`.
+//! * [`set_peek_off`], [`outq`], [`discard`]: the TCP translation's socket calls that `nix`
+//!   does not wrap (`SO_PEEK_OFF`, `SIOCOUTQ`, `recv(MSG_TRUNC)` without a buffer).
 //!
 //! Platform: Linux only (tun ioctls, `/proc/self/status`).
 #![allow(
@@ -94,6 +96,65 @@ pub fn adopt_received_fd(fd: RawFd) -> OwnedFd {
 pub fn exit_now(code: i32) -> ! {
     // SAFETY: `_exit` is always safe to call; it does not return.
     unsafe { libc::_exit(code) }
+}
+
+/// `SO_PEEK_OFF`: the offset `MSG_PEEK` reads start at (TCP since Linux 6.9).
+///
+/// # Errors
+///
+/// `setsockopt`'s error (`EINVAL`/`EOPNOTSUPP` on kernels without TCP support).
+pub fn set_peek_off(fd: &impl AsRawFd, offset: i32) -> io::Result<()> {
+    // SAFETY: `offset` is a live c_int for the duration of the call and its size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEEK_OFF,
+            (&raw const offset).cast(),
+            libc::socklen_t::try_from(size_of::<i32>()).unwrap_or(4),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `SIOCOUTQ`: bytes in a TCP socket's send queue (sent but unacknowledged, or unsent).
+///
+/// # Errors
+///
+/// `ioctl`'s error.
+pub fn outq(fd: &impl AsRawFd) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one c_int through the pointer, which is live and aligned.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &raw mut n) };
+    if rc == 0 {
+        Ok(usize::try_from(n).unwrap_or(0))
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Discards up to `n` bytes from a TCP socket's receive queue without copying them
+/// (`recv` with `MSG_TRUNC`). Returns the bytes discarded.
+///
+/// # Errors
+///
+/// `recv`'s error (`EAGAIN` when nothing is queued).
+pub fn discard(fd: &impl AsRawFd, n: usize) -> io::Result<usize> {
+    // SAFETY: with MSG_TRUNC a TCP socket does not write to the buffer (tcp_recvmsg skips
+    // the copy), so a null pointer is never dereferenced; callers only pass TCP sockets.
+    let rc = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            std::ptr::null_mut(),
+            n,
+            libc::MSG_TRUNC | libc::MSG_DONTWAIT,
+        )
+    };
+    usize::try_from(rc).map_err(|_| io::Error::last_os_error())
 }
 
 fn thread_count() -> io::Result<usize> {

@@ -4,15 +4,15 @@
 //! reused from a pool without leaking old bytes. Sizes come from the representations'
 //! `buffer_len()`, which is what makes the emitting views in bounds.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use smoltcp::phy::ChecksumCapabilities;
-use smoltcp::wire::{ETHERNET_HEADER_LEN, IPV6_HEADER_LEN};
+pub use smoltcp::wire::{ETHERNET_HEADER_LEN, IPV6_HEADER_LEN};
 
 use super::{
     ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr,
     Icmpv4Packet, Icmpv4Repr, Icmpv6Packet, Icmpv6Repr, IpAddress, IpProtocol, Ipv4Packet,
-    Ipv4Repr, Ipv6Packet, Ipv6Repr, UdpPacket, UdpRepr,
+    Ipv4Repr, Ipv6Packet, Ipv6Repr, TcpPacket, TcpRepr, UdpPacket, UdpRepr, checksum,
 };
 
 /// What an IP packet built here carries.
@@ -37,6 +37,8 @@ pub enum Payload<'a> {
         /// The payload.
         data: &'a [u8],
     },
+    /// A TCP segment (with options: SYN-ACK, RST; data segments use [`tcp_in_place`]).
+    Tcp(TcpRepr<'a>),
 }
 
 impl Payload<'_> {
@@ -45,6 +47,7 @@ impl Payload<'_> {
             Self::Icmpv4(repr) => repr.buffer_len(),
             Self::Icmpv6 { repr, options } => repr.buffer_len() + options.len(),
             Self::Udp { data, .. } => smoltcp::wire::UDP_HEADER_LEN + data.len(),
+            Self::Tcp(repr) => repr.buffer_len(),
         }
     }
 
@@ -53,6 +56,7 @@ impl Payload<'_> {
             Self::Icmpv4(_) => IpProtocol::Icmp,
             Self::Icmpv6 { .. } => IpProtocol::Icmpv6,
             Self::Udp { .. } => IpProtocol::Udp,
+            Self::Tcp(_) => IpProtocol::Tcp,
         }
     }
 }
@@ -131,6 +135,12 @@ pub fn ipv4(
             dst_port,
             data,
         } => emit_udp(body, (&s, &d), *src_port, *dst_port, data),
+        Payload::Tcp(repr) => repr.emit(
+            &mut TcpPacket::new_unchecked(body),
+            &s,
+            &d,
+            &ChecksumCapabilities::default(),
+        ),
         Payload::Icmpv6 { .. } => return Err(BuildError::WrongFamily),
     }
     Ok(())
@@ -200,10 +210,208 @@ pub fn ipv6(
                 data,
             );
         }
+        Payload::Tcp(repr) => repr.emit(
+            &mut TcpPacket::new_unchecked(body),
+            &IpAddress::Ipv6(src),
+            &IpAddress::Ipv6(dst),
+            &ChecksumCapabilities::default(),
+        ),
         Payload::Icmpv4(_) => return Err(BuildError::WrongFamily),
     }
     Ok(())
 }
+
+/// The fixed header of a TCP segment built in place by [`tcp_in_place`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpHeader {
+    /// Source and destination MAC.
+    pub macs: (EthernetAddress, EthernetAddress),
+    /// Source and destination address (one family).
+    pub addrs: (IpAddr, IpAddr),
+    /// Source and destination port.
+    pub ports: (u16, u16),
+    /// Sequence number.
+    pub seq: u32,
+    /// Acknowledgment number (the ACK flag is always set).
+    pub ack: u32,
+    /// Extra flags ([`TCP_FIN`], [`TCP_PSH`]).
+    pub flags: u8,
+    /// Window field (already scaled down).
+    pub window: u16,
+}
+
+/// Length of the Ethernet, IP and option-less TCP headers in front of a segment's payload.
+#[must_use]
+pub const fn tcp_headers_len(v6: bool) -> usize {
+    ETHERNET_HEADER_LEN + if v6 { IPV6_HEADER_LEN } else { IPV4_HEADER_LEN } + TCP_HEADER_LEN
+}
+
+/// Writes the Ethernet, IP and TCP headers (no options) in front of the payload already in
+/// `frame[tcp_headers_len(v6)..]` and fills the IP and TCP checksums. This is the data
+/// path's builder: the payload was read from the host socket straight into the frame.
+///
+/// # Errors
+///
+/// [`BuildError`] if the addresses mix families or the frame does not fit an IP packet.
+pub fn tcp_in_place(frame: &mut [u8], h: &TcpHeader) -> Result<(), BuildError> {
+    let v6 = match h.addrs {
+        (IpAddr::V4(_), IpAddr::V4(_)) => false,
+        (IpAddr::V6(_), IpAddr::V6(_)) => true,
+        _ => return Err(BuildError::WrongFamily),
+    };
+    let hdr = tcp_headers_len(v6);
+    if frame.len() < hdr {
+        return Err(BuildError::TooLarge(frame.len()));
+    }
+    let ip_len = frame.len() - ETHERNET_HEADER_LEN;
+    let tcp_len = ip_len - if v6 { IPV6_HEADER_LEN } else { IPV4_HEADER_LEN };
+    let eth = EthernetRepr {
+        src_addr: h.macs.0,
+        dst_addr: h.macs.1,
+        ethertype: if v6 {
+            EthernetProtocol::Ipv6
+        } else {
+            EthernetProtocol::Ipv4
+        },
+    };
+    let mut eth_frame = EthernetFrame::new_unchecked(&mut *frame);
+    eth.emit(&mut eth_frame);
+    let l3 = eth_frame.payload_mut();
+    let pseudo = match h.addrs {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            let total = u16::try_from(ip_len).map_err(|_| BuildError::TooLarge(ip_len))?;
+            let mut ip = Ipv4Packet::new_unchecked(&mut *l3);
+            ip.set_version(4);
+            ip.set_header_len(20);
+            ip.set_dscp(0);
+            ip.set_ecn(0);
+            ip.set_total_len(total);
+            ip.set_ident(0);
+            ip.clear_flags();
+            ip.set_dont_frag(true);
+            ip.set_frag_offset(0);
+            ip.set_hop_limit(DEFAULT_TTL);
+            ip.set_next_header(IpProtocol::Tcp);
+            ip.set_src_addr(src);
+            ip.set_dst_addr(dst);
+            ip.fill_checksum();
+            checksum::add(
+                checksum::sum(&[src.octets(), dst.octets()].concat()),
+                checksum::sum(
+                    &[[0, 6], u16::try_from(tcp_len).unwrap_or(0).to_be_bytes()].concat(),
+                ),
+            )
+        }
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            let payload = u16::try_from(tcp_len).map_err(|_| BuildError::TooLarge(tcp_len))?;
+            let mut ip = Ipv6Packet::new_unchecked(&mut *l3);
+            ip.set_version(6);
+            ip.set_traffic_class(0);
+            ip.set_flow_label(0);
+            ip.set_payload_len(payload);
+            ip.set_next_header(IpProtocol::Tcp);
+            ip.set_hop_limit(DEFAULT_TTL);
+            ip.set_src_addr(src);
+            ip.set_dst_addr(dst);
+            let len = u32::try_from(tcp_len).unwrap_or(u32::MAX).to_be_bytes();
+            checksum::add(
+                checksum::add(checksum::sum(&src.octets()), checksum::sum(&dst.octets())),
+                checksum::sum(&[len[0], len[1], len[2], len[3], 0, 0, 0, 6]),
+            )
+        }
+        _ => return Err(BuildError::WrongFamily),
+    };
+    let l4 = l3
+        .get_mut(if v6 { IPV6_HEADER_LEN } else { IPV4_HEADER_LEN }..)
+        .ok_or(BuildError::TooLarge(ip_len))?;
+    let mut tcp = TcpPacket::new_unchecked(&mut *l4);
+    tcp.set_src_port(h.ports.0);
+    tcp.set_dst_port(h.ports.1);
+    tcp.set_seq_number(super::TcpSeqNumber(h.seq.cast_signed()));
+    tcp.set_ack_number(super::TcpSeqNumber(h.ack.cast_signed()));
+    // Data offset 5 words, ACK plus the caller's flags.
+    tcp.set_header_len(20);
+    tcp.clear_flags();
+    tcp.set_ack(true);
+    tcp.set_fin(h.flags & TCP_FIN != 0);
+    tcp.set_psh(h.flags & TCP_PSH != 0);
+    tcp.set_window_len(h.window);
+    tcp.set_checksum(0);
+    tcp.set_urgent_at(0);
+    let sum = checksum::add(pseudo, checksum::sum(l4));
+    TcpPacket::new_unchecked(l4).set_checksum(!sum);
+    Ok(())
+}
+
+/// Splits `frame`, an Ethernet frame carrying one IPv4 or IPv6 packet (no IP options or
+/// extension headers, as this module builds them) larger than `mtu`, into fragments of at
+/// most `mtu` bytes of IP, queued on `out` in order. Returns the number of fragments.
+/// IPv4 fragments carry the low 16 bits of `ident`; IPv6 ones a Fragment header (RFC 8200
+/// §4.5) with all of it.
+pub fn fragment(frame: &[u8], mtu: usize, ident: u32, out: &mut crate::frames::Queue) -> u64 {
+    let Some(eth) = frame.get(..ETHERNET_HEADER_LEN) else {
+        return 0;
+    };
+    let v6 = frame.get(12..14) == Some(&[0x86, 0xdd][..]);
+    let ip_hdr = if v6 { IPV6_HEADER_LEN } else { IPV4_HEADER_LEN };
+    let Some(header) = frame.get(ETHERNET_HEADER_LEN..ETHERNET_HEADER_LEN + ip_hdr) else {
+        return 0;
+    };
+    let body = frame
+        .get(ETHERNET_HEADER_LEN + ip_hdr..)
+        .unwrap_or_default();
+    let frag_hdr = if v6 { 8 } else { 0 };
+    let chunk = mtu.saturating_sub(ip_hdr + frag_hdr) & !7;
+    if chunk == 0 {
+        return 0;
+    }
+    let next_header = header.get(6).copied().unwrap_or(0);
+    let mut count = 0;
+    for (i, piece) in body.chunks(chunk).enumerate() {
+        let offset = i * chunk;
+        let more = offset + piece.len() < body.len();
+        let Ok(offset16) = u16::try_from(offset) else {
+            break;
+        };
+        let mut buf = out.buffer();
+        buf.extend_from_slice(eth);
+        buf.extend_from_slice(header);
+        if v6 {
+            let mut ip =
+                Ipv6Packet::new_unchecked(buf.get_mut(ETHERNET_HEADER_LEN..).unwrap_or_default());
+            ip.set_payload_len(u16::try_from(8 + piece.len()).unwrap_or(u16::MAX));
+            ip.set_next_header(IpProtocol::Ipv6Frag);
+            buf.push(next_header);
+            buf.push(0);
+            buf.extend_from_slice(&(offset16 | u16::from(more)).to_be_bytes());
+            buf.extend_from_slice(&ident.to_be_bytes());
+            buf.extend_from_slice(piece);
+        } else {
+            buf.extend_from_slice(piece);
+            let mut ip =
+                Ipv4Packet::new_unchecked(buf.get_mut(ETHERNET_HEADER_LEN..).unwrap_or_default());
+            ip.set_total_len(u16::try_from(IPV4_HEADER_LEN + piece.len()).unwrap_or(u16::MAX));
+            ip.set_ident((ident & 0xffff) as u16);
+            ip.clear_flags();
+            ip.set_more_frags(more);
+            ip.set_frag_offset(offset16);
+            ip.fill_checksum();
+        }
+        out.push(buf);
+        count += 1;
+    }
+    count
+}
+
+/// FIN flag for [`TcpHeader::flags`].
+pub const TCP_FIN: u8 = 0x01;
+/// PSH flag for [`TcpHeader::flags`].
+pub const TCP_PSH: u8 = 0x08;
+/// TTL / hop limit of packets forwarder originates.
+pub const DEFAULT_TTL: u8 = 64;
+/// Length of an IPv4 header without options.
+pub const IPV4_HEADER_LEN: usize = 20;
+const TCP_HEADER_LEN: usize = 20;
 
 /// Encodes an NDP Recursive DNS Server option (RFC 8106 §5.1).
 pub fn rdnss_option(out: &mut Vec<u8>, lifetime_s: u32, servers: &[Ipv6Addr]) {

@@ -1,0 +1,504 @@
+//! The engine's side of TCP and UDP translation: finding or creating the flow for a
+//! segment or datagram, asking the policy, driving `flow::tcp` and `flow::udp`, and turning
+//! their verdicts into table removals and socket closes. The theory of operation is in
+//! `flow`, `flow::tcp`, `flow::udp` and `policy`.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use tracing::{debug, trace};
+
+use super::{DEFAULT_HOP_LIMIT, Detail, Engine, Host, HostOp};
+use crate::flow::tcp::{self, Conn, Cx, Verdict};
+use crate::flow::udp::{self, Unreachable};
+use crate::flow::{self, FlowId, Key, Protocol, State};
+use crate::wire::build::{self, Payload};
+use crate::wire::{
+    EthernetAddress, Icmpv4DstUnreachable, Icmpv4Repr, Icmpv6DstUnreachable, Icmpv6Repr,
+    IpProtocol, Ipv4Repr, Ipv6Repr, TcpControl, TcpRepr,
+};
+
+/// A TCP socket stand-in for events on flows whose socket is already gone.
+struct NoSocket;
+
+impl tcp::HostSocket for NoSocket {
+    fn send(&mut self, _data: &[u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::NotConnected.into())
+    }
+    fn peek(&mut self, _offset: usize, _bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+        Err(io::ErrorKind::NotConnected.into())
+    }
+    fn discard(&mut self, _n: usize) {}
+    fn shutdown_write(&mut self) {}
+    fn send_space(&mut self) -> usize {
+        0
+    }
+}
+
+#[expect(
+    clippy::redundant_closure_for_method_calls,
+    reason = "the closures are higher-ranked over the socket's lifetime; the paths are not"
+)]
+impl Engine {
+    /// Handles readiness of `flow`'s TCP socket.
+    pub fn handle_tcp_ready(
+        &mut self,
+        now: Instant,
+        flow: FlowId,
+        readable: bool,
+        writable: bool,
+        error: bool,
+        host: &mut dyn Host,
+    ) {
+        let connecting = match self.flows.get(flow).map(|f| &f.ext) {
+            Some(Detail::Tcp(conn)) => conn.state == tcp::TcpState::Connecting,
+            _ => {
+                self.stats.stale_host_events += 1;
+                return;
+            }
+        };
+        if connecting {
+            if !(writable || error) {
+                return;
+            }
+            match host.tcp_connect_result(flow) {
+                Ok(()) => {
+                    self.stats.tcp_connected += 1;
+                    self.flows.touch(flow, now);
+                    self.with_tcp(now, flow, host, |conn, cx| {
+                        conn.on_connected(cx);
+                        Verdict::Keep
+                    });
+                }
+                Err(err) => {
+                    debug!(flow = flow.0, %err, "connect failed");
+                    self.stats.tcp_connect_failed += 1;
+                    self.with_tcp(now, flow, host, |conn, cx| conn.on_host_error(cx));
+                }
+            }
+            return;
+        }
+        if error {
+            self.stats.tcp_host_resets += 1;
+            self.with_tcp(now, flow, host, |conn, cx| conn.on_host_error(cx));
+            return;
+        }
+        self.with_tcp(now, flow, host, |conn, cx| {
+            conn.on_host_ready(cx, readable, writable)
+        });
+    }
+
+    /// Handles a datagram `flow`'s UDP socket received.
+    pub fn handle_udp_datagram(&mut self, now: Instant, flow: FlowId, data: &[u8]) {
+        let Some(f) = self.flows.get(flow) else {
+            self.stats.stale_host_events += 1;
+            return;
+        };
+        let key = f.key;
+        self.flows.touch(flow, now);
+        self.stats.udp_in += 1;
+        let dst_mac = self.guest_mac.unwrap_or(EthernetAddress::BROADCAST);
+        let payload = Payload::Udp {
+            src_port: key.remote_port,
+            dst_port: key.guest_port,
+            data,
+        };
+        let mtu = usize::from(self.net.mtu);
+        let macs = (self.net.our_mac, dst_mac);
+        self.ip_ident = self.ip_ident.wrapping_add(1);
+        let ident = self.ip_ident;
+        let mut whole = self.tx.buffer();
+        let built = match (key.remote_addr, key.guest_addr) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                build::ipv4(&mut whole, macs, (s, d), DEFAULT_HOP_LIMIT, &payload)
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                build::ipv6(&mut whole, macs, (s, d), DEFAULT_HOP_LIMIT, &payload)
+            }
+            _ => Err(build::BuildError::WrongFamily),
+        };
+        if built.is_err() {
+            self.tx.recycle(whole);
+            return;
+        }
+        if whole.len() <= mtu + build::ETHERNET_HEADER_LEN {
+            self.tx.push(whole);
+        } else {
+            self.stats.fragments_out += build::fragment(&whole, mtu, ident, &mut self.tx);
+            self.tx.recycle(whole);
+        }
+    }
+
+    /// Handles an error on `flow`'s UDP socket (an ICMP error from the path).
+    pub fn handle_udp_error(&mut self, now: Instant, flow: FlowId, err: &io::Error) {
+        let Some(f) = self.flows.get(flow) else {
+            self.stats.stale_host_events += 1;
+            return;
+        };
+        let (key, last_len) = match &f.ext {
+            Detail::Udp(c) => (f.key, c.last_len),
+            _ => return,
+        };
+        self.flows.touch(flow, now);
+        if let Some(kind) = udp::icmp_for(err) {
+            self.send_unreachable(&key, last_len, kind);
+        }
+    }
+
+    /// Sends the ACKs coalesced over the batch of tap frames just handled.
+    pub fn end_batch(&mut self, now: Instant, host: &mut dyn Host) {
+        let acks = std::mem::take(&mut self.acks);
+        for &flow in &acks {
+            let pending = matches!(
+                self.flows.get(flow).map(|f| &f.ext),
+                Some(Detail::Tcp(c)) if c.has_ack_pending()
+            );
+            if pending {
+                self.with_tcp(now, flow, host, |conn, cx| {
+                    conn.flush_ack(cx);
+                    Verdict::Keep
+                });
+            }
+        }
+        self.acks = acks;
+        self.acks.clear();
+    }
+
+    pub(super) fn handle_tcp(
+        &mut self,
+        now: Instant,
+        src_mac: EthernetAddress,
+        (src, dst): (IpAddr, IpAddr),
+        seg: &TcpRepr<'_>,
+        host: &mut dyn Host,
+    ) {
+        let key = Key {
+            protocol: Protocol::Tcp,
+            guest_addr: src,
+            guest_port: seg.src_port,
+            remote_addr: dst,
+            remote_port: seg.dst_port,
+        };
+        if let Some(flow) = self.flows.lookup(&key) {
+            self.flows.touch(flow, now);
+            self.with_tcp(now, flow, host, |conn, cx| conn.on_segment(cx, seg));
+            if !self.acks.contains(&flow) {
+                self.acks.push(flow);
+            }
+            return;
+        }
+        let macs = (self.net.our_mac, src_mac);
+        if seg.control != TcpControl::Syn || seg.ack_number.is_some() {
+            if seg.control != TcpControl::Rst {
+                self.stats.tcp_no_flow += 1;
+                let (seq, ack) = tcp::rst_for(seg);
+                tcp::send_rst(&mut self.tx, macs, &key, seq, ack);
+            }
+            return;
+        }
+        let refuse = |engine: &mut Self| {
+            let (seq, ack) = tcp::rst_for(seg);
+            tcp::send_rst(&mut engine.tx, macs, &key, seq, ack);
+        };
+        let target = match self.policy.route(Protocol::Tcp, dst, seg.dst_port) {
+            Ok(t) => t,
+            Err(why) => {
+                debug!(%src, %dst, port = seg.dst_port, reason = why.name(), "tcp denied");
+                self.stats.tcp_denied += 1;
+                refuse(self);
+                return;
+            }
+        };
+        if self.net.is_own(target.0) {
+            // The guest's own or forwarder's address, unmapped: nothing listens there.
+            self.stats.tcp_denied += 1;
+            refuse(self);
+            return;
+        }
+        self.iss_counter = self.iss_counter.wrapping_add(1);
+        let iss = self.iss(&key);
+        let conn = Conn::new(now, seg, iss, self.net.mtu, dst.is_ipv6());
+        let flow = match self
+            .flows
+            .insert(now, key, target, Detail::Tcp(Box::new(conn)))
+        {
+            Ok(flow) => flow,
+            Err(full) => {
+                trace!(%full, "tcp refused");
+                self.stats.flow_table_full += 1;
+                refuse(self);
+                return;
+            }
+        };
+        debug!(flow = flow.0, %src, sport = seg.src_port, %dst, dport = seg.dst_port,
+               target = %SocketAddr::from(target), "new tcp flow");
+        self.stats.tcp_flows += 1;
+        if let Err(err) = host.tcp_connect(flow, SocketAddr::from(target)) {
+            debug!(flow = flow.0, %err, "connect failed at once");
+            self.stats.tcp_connect_failed += 1;
+            self.flows.remove(flow);
+            host.close(flow, true);
+            refuse(self);
+            return;
+        }
+        self.schedule(flow);
+    }
+
+    pub(super) fn handle_udp(
+        &mut self,
+        now: Instant,
+        src_mac: EthernetAddress,
+        (src, dst): (IpAddr, IpAddr),
+        (sport, dport): (u16, u16),
+        payload: &[u8],
+        host: &mut dyn Host,
+    ) {
+        let key = Key {
+            protocol: Protocol::Udp,
+            guest_addr: src,
+            guest_port: sport,
+            remote_addr: dst,
+            remote_port: dport,
+        };
+        let last_len = u16::try_from(payload.len()).unwrap_or(u16::MAX);
+        let flow = match self.flows.lookup(&key) {
+            Some(flow) => flow,
+            None => {
+                let target = match self.policy.route(Protocol::Udp, dst, dport) {
+                    Ok(t) if !self.net.is_own(t.0) => t,
+                    Ok(_) => {
+                        self.stats.udp_denied += 1;
+                        self.send_unreachable(&key, last_len, Unreachable::Port);
+                        return;
+                    }
+                    Err(why) => {
+                        debug!(%src, %dst, port = dport, reason = why.name(), "udp denied");
+                        self.stats.udp_denied += 1;
+                        self.send_unreachable(&key, last_len, Unreachable::Prohibited);
+                        return;
+                    }
+                };
+                let Ok(flow) =
+                    self.flows
+                        .insert(now, key, target, Detail::Udp(udp::Conn::default()))
+                else {
+                    self.stats.flow_table_full += 1;
+                    return;
+                };
+                if let Err(err) = host.udp_open(flow, SocketAddr::from(target)) {
+                    debug!(flow = flow.0, %err, "udp socket failed");
+                    self.stats.host_errors += 1;
+                    self.flows.remove(flow);
+                    host.close(flow, false);
+                    if let Some(kind) = udp::icmp_for(&err) {
+                        self.send_unreachable(&key, last_len, kind);
+                    }
+                    return;
+                }
+                debug!(flow = flow.0, %src, sport, %dst, dport, "new udp flow");
+                self.stats.udp_flows += 1;
+                self.schedule(flow);
+                flow
+            }
+        };
+        let _ = src_mac;
+        if let Some(f) = self.flows.get_mut(flow)
+            && let Detail::Udp(c) = &mut f.ext
+        {
+            c.last_len = last_len;
+        }
+        self.flows.touch(flow, now);
+        self.stats.udp_out += 1;
+        if let Err(err) = host.udp_send(flow, payload) {
+            trace!(flow = flow.0, %err, "udp send failed");
+            if let Some(kind) = udp::icmp_for(&err) {
+                self.send_unreachable(&key, last_len, kind);
+            }
+        }
+    }
+
+    /// Runs one flow's timer.
+    pub(super) fn flow_timer(&mut self, now: Instant, flow: FlowId, host: &mut dyn Host) {
+        let Some(f) = self.flows.get(flow) else {
+            return;
+        };
+        let last_seen = f.last_seen;
+        match &f.ext {
+            Detail::Echo => {
+                if now.saturating_duration_since(last_seen) >= flow::ICMP_IDLE {
+                    debug!(flow = flow.0, "echo flow idle, closing");
+                    self.flows.remove(flow);
+                    self.push_op(HostOp::Close { flow });
+                } else {
+                    self.flows
+                        .set_deadline(flow, Some(last_seen + flow::ICMP_IDLE));
+                }
+            }
+            Detail::Udp(_) => {
+                if now.saturating_duration_since(last_seen) >= self.udp_idle {
+                    debug!(flow = flow.0, "udp flow idle, closing");
+                    self.flows.remove(flow);
+                    host.close(flow, false);
+                } else {
+                    self.flows
+                        .set_deadline(flow, Some(last_seen + self.udp_idle));
+                }
+            }
+            Detail::Tcp(_) => {
+                self.with_tcp(now, flow, host, |conn, cx| conn.on_timer(cx, last_seen));
+            }
+        }
+    }
+
+    /// Runs `f` on `flow`'s TCP connection with its socket, then applies the verdict and
+    /// reschedules the flow's timer.
+    fn with_tcp(
+        &mut self,
+        now: Instant,
+        flow: FlowId,
+        host: &mut dyn Host,
+        f: impl for<'a> FnOnce(&mut Conn, &mut Cx<'a, dyn tcp::HostSocket + 'a>) -> Verdict,
+    ) {
+        let guest_mac = self.guest_mac.unwrap_or(EthernetAddress::BROADCAST);
+        let macs = (self.net.our_mac, guest_mac);
+        let mtu = self.net.mtu;
+        let Some(entry) = self.flows.get_mut(flow) else {
+            return;
+        };
+        let Detail::Tcp(conn) = &mut entry.ext else {
+            return;
+        };
+        let mut none = NoSocket;
+        let sock: &mut (dyn tcp::HostSocket + '_) = match host.tcp_socket(flow) {
+            Some(s) => s,
+            None => &mut none,
+        };
+        let mut cx = Cx {
+            now,
+            key: &entry.key,
+            macs,
+            mtu,
+            out: &mut self.tx,
+            sock,
+        };
+        let verdict = f(conn, &mut cx);
+        if conn.state != tcp::TcpState::Connecting && entry.state == State::Opening {
+            entry.state = State::Active;
+        }
+        if conn.is_closing() {
+            entry.state = State::Closing;
+        }
+        match verdict {
+            Verdict::Keep => self.schedule(flow),
+            Verdict::Close | Verdict::Abort => {
+                let abort = verdict == Verdict::Abort;
+                debug!(flow = flow.0, abort, "tcp flow done");
+                if abort {
+                    self.stats.tcp_resets += 1;
+                }
+                self.flows.remove(flow);
+                host.close(flow, abort);
+            }
+        }
+    }
+
+    /// Sets `flow`'s deadline from its protocol state.
+    fn schedule(&mut self, flow: FlowId) {
+        let Some(f) = self.flows.get(flow) else {
+            return;
+        };
+        let deadline = match &f.ext {
+            Detail::Echo => Some(f.last_seen + flow::ICMP_IDLE),
+            Detail::Udp(_) => Some(f.last_seen + self.udp_idle),
+            Detail::Tcp(conn) => conn.deadline(f.last_seen),
+        };
+        self.flows.set_deadline(flow, deadline);
+    }
+
+    /// An initial sequence number: a keyed hash of the connection (RFC 6528 in spirit:
+    /// unpredictable to other flows, different across reuse of the same ports) plus a
+    /// 4-µs clock.
+    fn iss(&self, key: &Key) -> u32 {
+        use std::hash::{BuildHasher, Hash, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        key.hash(&mut h);
+        self.iss_counter.hash(&mut h);
+        let clock = (self.epoch.elapsed().as_micros() / 4) & u128::from(u32::MAX);
+        let hash = h.finish() & u64::from(u32::MAX);
+        u32::try_from(hash)
+            .unwrap_or(0)
+            .wrapping_add(u32::try_from(clock).unwrap_or(0))
+    }
+
+    /// Sends an ICMP destination-unreachable to the guest about a datagram of `key`.
+    pub(super) fn send_unreachable(&mut self, key: &Key, payload_len: u16, kind: Unreachable) {
+        let udp_len = payload_len.saturating_add(8);
+        let mut quote = [0u8; 8];
+        quote[..2].copy_from_slice(&key.guest_port.to_be_bytes());
+        quote[2..4].copy_from_slice(&key.remote_port.to_be_bytes());
+        quote[4..6].copy_from_slice(&udp_len.to_be_bytes());
+        let our_mac = self.net.our_mac;
+        let dst_mac = self.guest_mac.unwrap_or(EthernetAddress::BROADCAST);
+        self.stats.icmp_errors_sent += 1;
+        match (key.guest_addr, key.remote_addr) {
+            (IpAddr::V4(guest), IpAddr::V4(remote)) => {
+                let reason = match kind {
+                    Unreachable::Port => Icmpv4DstUnreachable::PortUnreachable,
+                    Unreachable::Host => Icmpv4DstUnreachable::HostUnreachable,
+                    Unreachable::Net => Icmpv4DstUnreachable::NetUnreachable,
+                    Unreachable::Prohibited => Icmpv4DstUnreachable::CommProhibited,
+                };
+                let repr = Icmpv4Repr::DstUnreachable {
+                    reason,
+                    header: Ipv4Repr {
+                        src_addr: guest,
+                        dst_addr: remote,
+                        next_header: IpProtocol::Udp,
+                        payload_len: usize::from(udp_len),
+                        hop_limit: DEFAULT_HOP_LIMIT,
+                    },
+                    data: &quote,
+                };
+                self.transmit(|out| {
+                    build::ipv4(
+                        out,
+                        (our_mac, dst_mac),
+                        (remote, guest),
+                        DEFAULT_HOP_LIMIT,
+                        &Payload::Icmpv4(repr),
+                    )
+                });
+            }
+            (IpAddr::V6(guest), IpAddr::V6(remote)) => {
+                let reason = match kind {
+                    Unreachable::Port => Icmpv6DstUnreachable::PortUnreachable,
+                    Unreachable::Host => Icmpv6DstUnreachable::AddrUnreachable,
+                    Unreachable::Net => Icmpv6DstUnreachable::NoRoute,
+                    Unreachable::Prohibited => Icmpv6DstUnreachable::AdminProhibit,
+                };
+                let repr = Icmpv6Repr::DstUnreachable {
+                    reason,
+                    header: Ipv6Repr {
+                        src_addr: guest,
+                        dst_addr: remote,
+                        next_header: IpProtocol::Udp,
+                        payload_len: usize::from(udp_len),
+                        hop_limit: DEFAULT_HOP_LIMIT,
+                    },
+                    data: &quote,
+                };
+                self.transmit(|out| {
+                    build::ipv6(
+                        out,
+                        (our_mac, dst_mac),
+                        (remote, guest),
+                        DEFAULT_HOP_LIMIT,
+                        &Payload::Icmpv6 { repr, options: &[] },
+                    )
+                });
+            }
+            _ => {}
+        }
+    }
+}

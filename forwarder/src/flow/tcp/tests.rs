@@ -1,0 +1,650 @@
+//! TCP translation scenarios, one per state and event, through the engine with a fake host
+//! (`engine::fake`) and a manual clock. Each reads like a packet trace: guest segment in,
+//! host operations and segments to the guest out.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use crate::config::{DEFAULT_MAC, Services};
+use crate::engine::fake::{FakeHost, FakeTcp};
+use crate::engine::{Engine, Settings};
+use crate::flow::FlowId;
+use crate::policy::Policy;
+use crate::services::testing::network;
+use crate::wire::build::{self, Payload};
+use crate::wire::{self, EthernetAddress, L3, L4, TcpControl, TcpRepr, TcpSeqNumber};
+
+const GUEST_MAC: EthernetAddress = EthernetAddress([2, 0, 0, 0, 0, 0x0b]);
+const GUEST: &str = "198.51.100.2";
+const REMOTE: &str = "203.0.113.1";
+const GUEST_ISN: u32 = 1000;
+
+/// A segment as the guest sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seg {
+    control: TcpControl,
+    seq: u32,
+    ack: Option<u32>,
+    window: u16,
+    mss: Option<u16>,
+    wscale: Option<u8>,
+    payload: Vec<u8>,
+}
+
+struct T {
+    e: Engine,
+    host: FakeHost,
+    now: Instant,
+    port: u16,
+}
+
+impl T {
+    fn new() -> Self {
+        Self::with(Settings::default())
+    }
+
+    fn with(settings: Settings) -> Self {
+        let now = Instant::now();
+        let services = Services {
+            ra: false,
+            ..Services::default()
+        };
+        Self {
+            e: Engine::new(network(), services, settings, now),
+            host: FakeHost::new(),
+            now,
+            port: 40000,
+        }
+    }
+
+    fn frame(&self, control: TcpControl, seq: u32, ack: Option<u32>, data: &[u8]) -> Vec<u8> {
+        self.frame_win(control, seq, ack, data, 1000)
+    }
+
+    fn frame_win(
+        &self,
+        control: TcpControl,
+        seq: u32,
+        ack: Option<u32>,
+        data: &[u8],
+        window: u16,
+    ) -> Vec<u8> {
+        let syn = control == TcpControl::Syn;
+        let repr = TcpRepr {
+            src_port: self.port,
+            dst_port: 80,
+            control,
+            seq_number: TcpSeqNumber(seq.cast_signed()),
+            ack_number: ack.map(|a| TcpSeqNumber(a.cast_signed())),
+            window_len: window,
+            window_scale: syn.then_some(7),
+            max_seg_size: syn.then_some(1460),
+            sack_permitted: syn,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload: data,
+        };
+        let mut out = Vec::new();
+        build::ipv4(
+            &mut out,
+            (GUEST_MAC, DEFAULT_MAC),
+            (GUEST.parse().unwrap(), REMOTE.parse().unwrap()),
+            64,
+            &Payload::Tcp(repr),
+        )
+        .unwrap();
+        out
+    }
+
+    /// Sends frames from the guest as one batch.
+    fn send(&mut self, frames: &[Vec<u8>]) {
+        for f in frames {
+            self.e.handle_frame(self.now, f, &mut self.host);
+        }
+        self.e.end_batch(self.now, &mut self.host);
+    }
+
+    fn out(&mut self) -> Vec<Seg> {
+        std::iter::from_fn(|| self.e.poll_transmit())
+            .map(|f| {
+                let frame = wire::parse(&f).expect("our frame parses");
+                let L3::Ipv4 { ip, l4: L4::Tcp(t) } = frame.l3 else {
+                    panic!("not TCP/IPv4: {frame:?}")
+                };
+                assert_eq!(ip.src_addr.to_string(), REMOTE);
+                assert_eq!(ip.dst_addr.to_string(), GUEST);
+                assert_eq!((t.src_port, t.dst_port), (80, self.port));
+                Seg {
+                    control: t.control,
+                    seq: t.seq_number.0.cast_unsigned(),
+                    ack: t.ack_number.map(|a| a.0.cast_unsigned()),
+                    window: t.window_len,
+                    mss: t.max_seg_size,
+                    wscale: t.window_scale,
+                    payload: t.payload.to_vec(),
+                }
+            })
+            .collect()
+    }
+
+    fn flow(&self) -> FlowId {
+        self.e.flows().iter().next().expect("a flow").0
+    }
+
+    fn sock(&mut self) -> &mut FakeTcp {
+        let flow = self.flow();
+        self.host.tcp.get_mut(&flow).expect("socket")
+    }
+
+    fn ready(&mut self, readable: bool, writable: bool) {
+        let flow = self.flow();
+        self.e
+            .handle_tcp_ready(self.now, flow, readable, writable, false, &mut self.host);
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+        while let Some(t) = self.e.poll_timeout() {
+            if t > self.now {
+                break;
+            }
+            self.e.handle_timeout(self.now, &mut self.host);
+        }
+    }
+
+    /// SYN, connect completes, SYN-ACK, ACK: returns our ISS + 1 (the first host byte).
+    fn establish(&mut self) -> u32 {
+        self.send(&[self.frame(TcpControl::Syn, GUEST_ISN, None, &[])]);
+        assert!(self.out().is_empty(), "no SYN-ACK before the host connects");
+        self.ready(false, true);
+        let out = self.out();
+        assert_eq!(out.len(), 1);
+        let synack = &out[0];
+        assert_eq!(synack.control, TcpControl::Syn);
+        assert_eq!(synack.ack, Some(GUEST_ISN + 1));
+        let first = synack.seq.wrapping_add(1);
+        self.send(&[self.frame(TcpControl::None, GUEST_ISN + 1, Some(first), &[])]);
+        assert!(self.out().is_empty());
+        first
+    }
+}
+
+fn data(n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|i| u8::try_from(i * 31 % 251).unwrap())
+        .collect()
+}
+
+#[test]
+fn syn_waits_for_connect_then_synack_carries_options() {
+    let mut t = T::new();
+    t.send(&[t.frame(TcpControl::Syn, GUEST_ISN, None, &[])]);
+    let flow = t.flow();
+    assert_eq!(
+        t.host.tcp[&flow].target,
+        Some(format!("{REMOTE}:80").parse().unwrap())
+    );
+    assert!(t.out().is_empty());
+    // A retransmitted SYN while connecting is absorbed.
+    t.send(&[t.frame(TcpControl::Syn, GUEST_ISN, None, &[])]);
+    assert!(t.out().is_empty());
+    t.ready(false, true);
+    let out = t.out();
+    assert_eq!(out[0].control, TcpControl::Syn);
+    assert_eq!(out[0].mss, Some(1460), "min(guest MSS, tap MTU - 40)");
+    assert_eq!(out[0].wscale, Some(super::OUR_WINDOW_SHIFT));
+    assert_eq!(t.e.stats().tcp_connected, 1);
+}
+
+#[test]
+fn refused_connect_gets_rst_and_flow_goes() {
+    let mut t = T::new();
+    t.send(&[t.frame(TcpControl::Syn, GUEST_ISN, None, &[])]);
+    let flow = t.flow();
+    t.sock().connect_error = Some(libc::ECONNREFUSED);
+    t.ready(false, true);
+    let out = t.out();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].control, TcpControl::Rst);
+    assert_eq!(out[0].ack, Some(GUEST_ISN + 1));
+    assert!(t.e.flows().is_empty());
+    assert_eq!(t.host.closed, vec![(flow, true)]);
+}
+
+#[test]
+fn immediate_connect_failure_and_policy_denial_get_rst() {
+    let mut t = T::new();
+    t.host.connect_now_error = Some(libc::ENETUNREACH);
+    t.send(&[t.frame(TcpControl::Syn, GUEST_ISN, None, &[])]);
+    assert_eq!(t.out()[0].control, TcpControl::Rst);
+    assert!(t.e.flows().is_empty());
+
+    let mut t = T::with(Settings {
+        policy: Policy {
+            deny: vec![format!("tcp://{REMOTE}:80").parse().unwrap()],
+            ..Policy::default()
+        },
+        ..Settings::default()
+    });
+    t.send(&[t.frame(TcpControl::Syn, GUEST_ISN, None, &[])]);
+    let out = t.out();
+    assert_eq!(out[0].control, TcpControl::Rst);
+    assert!(t.host.tcp.is_empty(), "no socket for a denied flow");
+    assert_eq!(t.e.stats().tcp_denied, 1);
+}
+
+#[test]
+fn segment_without_flow_gets_rst() {
+    let mut t = T::new();
+    t.send(&[t.frame(TcpControl::None, 5, Some(77), b"x")]);
+    let out = t.out();
+    assert_eq!(out[0].control, TcpControl::Rst);
+    assert_eq!(out[0].seq, 77);
+    // A RST is never answered.
+    t.send(&[t.frame(TcpControl::Rst, 5, None, &[])]);
+    assert!(t.out().is_empty());
+}
+
+#[test]
+fn full_table_refuses_with_rst() {
+    let mut t = T::with(Settings {
+        max_flows: 1,
+        ..Settings::default()
+    });
+    t.send(&[t.frame(TcpControl::Syn, GUEST_ISN, None, &[])]);
+    t.port += 1;
+    t.send(&[t.frame(TcpControl::Syn, GUEST_ISN, None, &[])]);
+    assert_eq!(t.out()[0].control, TcpControl::Rst);
+    assert_eq!(t.e.stats().flow_table_full, 1);
+}
+
+#[test]
+fn guest_data_is_written_and_acked_once_per_batch() {
+    let mut t = T::new();
+    let first = t.establish();
+    let a = data(1000);
+    t.send(&[
+        t.frame(TcpControl::Psh, GUEST_ISN + 1, Some(first), &a[..500]),
+        t.frame(TcpControl::Psh, GUEST_ISN + 501, Some(first), &a[500..]),
+    ]);
+    assert_eq!(t.sock().sent, a);
+    let out = t.out();
+    assert_eq!(out.len(), 1, "one ACK for the batch: {out:?}");
+    assert_eq!(out[0].ack, Some(GUEST_ISN + 1001));
+    // A retransmission of what we have is re-acknowledged, not written twice.
+    t.send(&[t.frame(TcpControl::Psh, GUEST_ISN + 1, Some(first), &a[..500])]);
+    assert_eq!(t.sock().sent.len(), 1000);
+    assert_eq!(t.out()[0].ack, Some(GUEST_ISN + 1001));
+}
+
+#[test]
+fn partial_write_is_stashed_then_flushed_and_window_follows_space() {
+    let mut t = T::new();
+    t.host.sndbuf = 2000;
+    let first = t.establish();
+    let a = data(2500);
+    t.send(&[t.frame(TcpControl::Psh, GUEST_ISN + 1, Some(first), &a)]);
+    assert_eq!(t.sock().sent.len(), 2000);
+    let out = t.out();
+    assert_eq!(out[0].ack, Some(GUEST_ISN + 2501), "stashed bytes are ours");
+    assert_eq!(out[0].window, 0, "socket full and 500 bytes stashed");
+    t.sock().drain_sent(2000);
+    t.ready(false, true);
+    assert_eq!(t.sock().sent, a, "stash written in order");
+    let out = t.out();
+    assert_eq!(out.len(), 1, "window update");
+    assert!(out[0].window > 0);
+}
+
+#[test]
+fn data_beyond_stash_is_refused_with_immediate_ack() {
+    let mut t = T::new();
+    t.host.sndbuf = 10;
+    let first = t.establish();
+    let big = data(40_000);
+    t.send(&[t.frame(TcpControl::Psh, GUEST_ISN + 1, Some(first), &big)]);
+    assert_eq!(t.out()[0].ack, Some(GUEST_ISN + 40_001));
+    t.send(&[t.frame(TcpControl::Psh, GUEST_ISN + 40_001, Some(first), &big)]);
+    let taken = 10 + super::MAX_STASH;
+    let out = t.out();
+    assert_eq!(
+        out.len(),
+        1,
+        "refusal acknowledged at once, not at batch end"
+    );
+    assert_eq!(
+        out[0].ack,
+        Some(GUEST_ISN + 1 + u32::try_from(taken).unwrap())
+    );
+}
+
+#[test]
+fn out_of_order_from_guest_is_dropped_with_duplicate_ack() {
+    let mut t = T::new();
+    let first = t.establish();
+    t.send(&[t.frame(TcpControl::Psh, GUEST_ISN + 101, Some(first), b"later")]);
+    assert!(t.sock().sent.is_empty());
+    let out = t.out();
+    assert_eq!(out[0].ack, Some(GUEST_ISN + 1), "duplicate ACK at once");
+}
+
+#[test]
+fn host_data_is_segmented_and_discarded_only_when_acked() {
+    let mut t = T::new();
+    let first = t.establish();
+    let b = data(4000);
+    t.sock().rx = b.clone();
+    t.ready(true, false);
+    let out = t.out();
+    // The guest's window is 1000 << 7 = 128000 bytes; MSS 1460.
+    let sizes: Vec<usize> = out.iter().map(|s| s.payload.len()).collect();
+    assert_eq!(sizes, vec![1460, 1460, 1080]);
+    assert_eq!(out[0].seq, first);
+    assert_eq!(out[2].control, TcpControl::Psh);
+    let got: Vec<u8> = out.iter().flat_map(|s| s.payload.clone()).collect();
+    assert_eq!(got, b);
+    assert_eq!(t.sock().rx.len(), 4000, "nothing discarded before the ACK");
+    t.send(&[t.frame(TcpControl::None, GUEST_ISN + 1, Some(first + 2920), &[])]);
+    assert_eq!(t.sock().rx.len(), 1080);
+}
+
+#[test]
+fn guest_window_limits_what_is_sent() {
+    let mut t = T::new();
+    let first = t.establish();
+    t.sock().rx = data(5000);
+    // Window 10 << 7 = 1280 bytes.
+    t.send(&[t.frame_win(TcpControl::None, GUEST_ISN + 1, Some(first), &[], 10)]);
+    t.ready(true, false);
+    let sent: usize = t.out().iter().map(|s| s.payload.len()).sum();
+    assert_eq!(sent, 1280);
+    // The ACK opens the window again.
+    t.send(&[t.frame_win(TcpControl::None, GUEST_ISN + 1, Some(first + 1280), &[], 10)]);
+    let sent: usize = t.out().iter().map(|s| s.payload.len()).sum();
+    assert_eq!(sent, 1280);
+}
+
+#[test]
+fn lost_segments_are_resent_from_the_socket_on_timeout() {
+    let mut t = T::new();
+    let first = t.establish();
+    let b = data(2000);
+    t.sock().rx = b.clone();
+    t.ready(true, false);
+    assert_eq!(t.out().len(), 2);
+    // Nothing acknowledged: after the RTO everything is resent, same bytes.
+    t.advance(super::RTO_MIN);
+    let out = t.out();
+    assert_eq!(out[0].seq, first);
+    let got: Vec<u8> = out.iter().flat_map(|s| s.payload.clone()).collect();
+    assert_eq!(got, b);
+    // Backoff: not again after one more RTO_MIN.
+    t.advance(super::RTO_MIN);
+    assert!(t.out().is_empty());
+}
+
+#[test]
+fn three_duplicate_acks_resend_the_first_segment() {
+    let mut t = T::new();
+    let first = t.establish();
+    t.sock().rx = data(1460 * 4);
+    t.ready(true, false);
+    assert_eq!(t.out().len(), 4);
+    let dup = t.frame(TcpControl::None, GUEST_ISN + 1, Some(first + 1460), &[]);
+    t.send(std::slice::from_ref(&dup));
+    assert!(t.out().is_empty(), "a new ACK, not a duplicate");
+    t.send(&[dup.clone(), dup.clone()]);
+    assert!(t.out().is_empty());
+    t.send(&[dup]);
+    let out = t.out();
+    assert_eq!(out.len(), 1, "fast retransmit: {out:?}");
+    assert_eq!(out[0].seq, first + 1460);
+    assert_eq!(out[0].payload.len(), 1460);
+    // Partial ACK during recovery: the next hole goes at once.
+    t.send(&[t.frame(TcpControl::None, GUEST_ISN + 1, Some(first + 2920), &[])]);
+    let out = t.out();
+    assert_eq!(out[0].seq, first + 2920);
+}
+
+#[test]
+fn zero_window_is_probed_until_it_opens() {
+    let mut t = T::new();
+    let first = t.establish();
+    t.send(&[t.frame_win(TcpControl::None, GUEST_ISN + 1, Some(first), &[], 0)]);
+    t.sock().rx = data(100);
+    t.ready(true, false);
+    assert!(t.out().is_empty(), "nothing into a zero window");
+    t.advance(super::RTO_MIN);
+    let out = t.out();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].seq, first.wrapping_sub(1), "probe at snd_una - 1");
+    assert!(out[0].payload.is_empty());
+    // The guest answers with an open window: data flows.
+    t.send(&[t.frame(TcpControl::None, GUEST_ISN + 1, Some(first), &[])]);
+    let sent: usize = t.out().iter().map(|s| s.payload.len()).sum();
+    assert_eq!(sent, 100);
+}
+
+#[test]
+fn guest_fin_then_host_eof_closes_cleanly() {
+    let mut t = T::new();
+    let first = t.establish();
+    let flow = t.flow();
+    t.send(&[t.frame(TcpControl::Fin, GUEST_ISN + 1, Some(first), b"bye")]);
+    assert!(t.sock().shut, "shutdown(SHUT_WR) after the data");
+    assert_eq!(t.sock().sent, b"bye");
+    let out = t.out();
+    assert_eq!(out[0].ack, Some(GUEST_ISN + 5), "data and FIN acknowledged");
+    t.sock().rx = b"reply".to_vec();
+    t.sock().eof = true;
+    t.ready(true, false);
+    let out = t.out();
+    assert_eq!(out[0].payload, b"reply");
+    assert_eq!(out[1].control, TcpControl::Fin);
+    assert_eq!(out[1].seq, first + 5);
+    assert!(!t.e.flows().is_empty(), "our FIN not yet acknowledged");
+    t.send(&[t.frame(TcpControl::None, GUEST_ISN + 5, Some(first + 6), &[])]);
+    assert!(t.e.flows().is_empty());
+    assert_eq!(t.host.closed, vec![(flow, false)]);
+}
+
+#[test]
+fn host_eof_first_then_guest_fin() {
+    let mut t = T::new();
+    let first = t.establish();
+    t.sock().eof = true;
+    t.ready(true, false);
+    let out = t.out();
+    assert_eq!(out[0].control, TcpControl::Fin);
+    t.send(&[t.frame(TcpControl::None, GUEST_ISN + 1, Some(first + 1), &[])]);
+    assert!(
+        !t.e.flows().is_empty(),
+        "half-closed: the guest may still send"
+    );
+    t.send(&[t.frame(TcpControl::Psh, GUEST_ISN + 1, Some(first + 1), b"more")]);
+    assert_eq!(t.sock().sent, b"more");
+    t.send(&[t.frame(TcpControl::Fin, GUEST_ISN + 5, Some(first + 1), &[])]);
+    assert!(t.e.flows().is_empty());
+}
+
+#[test]
+fn simultaneous_close() {
+    let mut t = T::new();
+    let first = t.establish();
+    t.sock().eof = true;
+    t.ready(true, false);
+    assert_eq!(t.out()[0].control, TcpControl::Fin);
+    // The guest's FIN crosses ours: it does not acknowledge our FIN yet.
+    t.send(&[t.frame(TcpControl::Fin, GUEST_ISN + 1, Some(first), &[])]);
+    assert!(!t.e.flows().is_empty());
+    assert_eq!(t.out()[0].ack, Some(GUEST_ISN + 2));
+    t.send(&[t.frame(TcpControl::None, GUEST_ISN + 2, Some(first + 1), &[])]);
+    assert!(t.e.flows().is_empty());
+}
+
+#[test]
+fn lost_fin_is_retransmitted() {
+    let mut t = T::new();
+    let first = t.establish();
+    t.sock().eof = true;
+    t.ready(true, false);
+    assert_eq!(t.out()[0].control, TcpControl::Fin);
+    t.advance(super::RTO_MIN);
+    let out = t.out();
+    assert_eq!(out[0].control, TcpControl::Fin);
+    assert_eq!(out[0].seq, first);
+}
+
+#[test]
+fn guest_rst_aborts_in_every_state() {
+    // Connecting.
+    let mut t = T::new();
+    t.send(&[t.frame(TcpControl::Syn, GUEST_ISN, None, &[])]);
+    let flow = t.flow();
+    t.send(&[t.frame(TcpControl::Rst, GUEST_ISN + 1, None, &[])]);
+    assert!(t.e.flows().is_empty());
+    assert_eq!(t.host.closed, vec![(flow, true)]);
+    // SYN-ACK sent.
+    let mut t = T::new();
+    t.send(&[t.frame(TcpControl::Syn, GUEST_ISN, None, &[])]);
+    t.ready(false, true);
+    t.send(&[t.frame(TcpControl::Rst, GUEST_ISN + 1, None, &[])]);
+    assert!(t.e.flows().is_empty());
+    // Established, and half-closed.
+    for half_closed in [false, true] {
+        let mut t = T::new();
+        let first = t.establish();
+        if half_closed {
+            t.send(&[t.frame(TcpControl::Fin, GUEST_ISN + 1, Some(first), &[])]);
+        }
+        let seq = GUEST_ISN + 1 + u32::from(half_closed);
+        // Out of window: ignored (RFC 5961).
+        t.send(&[t.frame(TcpControl::Rst, seq + 1_000_000, None, &[])]);
+        assert!(!t.e.flows().is_empty());
+        t.send(&[t.frame(TcpControl::Rst, seq, None, &[])]);
+        assert!(t.e.flows().is_empty());
+        assert_eq!(t.host.closed.last().map(|c| c.1), Some(true));
+    }
+}
+
+#[test]
+fn host_reset_becomes_rst_to_guest() {
+    let mut t = T::new();
+    let first = t.establish();
+    let flow = t.flow();
+    t.e.handle_tcp_ready(t.now, flow, false, false, true, &mut t.host);
+    let out = t.out();
+    assert_eq!(out[0].control, TcpControl::Rst);
+    assert_eq!(out[0].seq, first);
+    assert!(t.e.flows().is_empty());
+    // A write failure does the same.
+    let mut t = T::new();
+    let first = t.establish();
+    t.sock().send_error = Some(libc::EPIPE);
+    t.send(&[t.frame(TcpControl::Psh, GUEST_ISN + 1, Some(first), b"x")]);
+    assert_eq!(t.out()[0].control, TcpControl::Rst);
+    assert!(t.e.flows().is_empty());
+}
+
+#[test]
+fn unanswered_synack_gives_up_and_connect_timeout_resets() {
+    let mut t = T::new();
+    t.send(&[t.frame(TcpControl::Syn, GUEST_ISN, None, &[])]);
+    t.ready(false, true);
+    assert_eq!(t.out().len(), 1);
+    t.advance(super::RTO_INITIAL);
+    assert_eq!(t.out()[0].control, TcpControl::Syn, "SYN-ACK resent");
+    for _ in 0..=super::MAX_RETRIES {
+        t.advance(super::RTO_MAX);
+    }
+    assert!(t.e.flows().is_empty(), "gave up after MAX_RETRIES");
+
+    let mut t = T::new();
+    t.send(&[t.frame(TcpControl::Syn, GUEST_ISN, None, &[])]);
+    t.advance(super::CONNECT_TIMEOUT);
+    assert_eq!(t.out()[0].control, TcpControl::Rst);
+    assert!(t.e.flows().is_empty());
+}
+
+#[test]
+fn idle_established_flow_is_reset_after_the_idle_timeout() {
+    let mut t = T::new();
+    t.establish();
+    t.advance(super::IDLE_TIMEOUT - Duration::from_secs(1));
+    assert!(!t.e.flows().is_empty());
+    t.advance(Duration::from_secs(2));
+    assert!(t.e.flows().is_empty());
+    assert_eq!(t.out().last().map(|s| s.control), Some(TcpControl::Rst));
+}
+
+#[test]
+fn drained_socket_reopens_the_window_on_the_recheck_timer() {
+    let mut t = T::new();
+    t.host.sndbuf = 3000;
+    let first = t.establish();
+    t.send(&[t.frame(TcpControl::Psh, GUEST_ISN + 1, Some(first), &data(2900))]);
+    let out = t.out();
+    assert_eq!(out[0].window, 0, "100 bytes free < 1 << 8");
+    // The remote reads; a socket that never hit EAGAIN does not signal it.
+    t.sock().drain_sent(2900);
+    t.advance(super::WINDOW_RECHECK_MIN);
+    let out = t.out();
+    assert_eq!(out.len(), 1, "window update from the timer");
+    assert_eq!(u32::from(out[0].window) << super::OUR_WINDOW_SHIFT, 2816);
+}
+
+#[test]
+fn keepalive_probe_is_answered() {
+    let mut t = T::new();
+    let first = t.establish();
+    t.send(&[t.frame(TcpControl::None, GUEST_ISN, Some(first), &[])]);
+    let out = t.out();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].ack, Some(GUEST_ISN + 1));
+}
+
+#[test]
+fn gateway_is_mapped_to_loopback() {
+    let mut t = T::with(Settings {
+        policy: Policy {
+            maps: vec![(
+                "198.51.100.1".parse().unwrap(),
+                "127.0.0.1".parse().unwrap(),
+            )],
+            ..Policy::default()
+        },
+        ..Settings::default()
+    });
+    let repr = TcpRepr {
+        src_port: 40000,
+        dst_port: 8080,
+        control: TcpControl::Syn,
+        seq_number: TcpSeqNumber(1),
+        ack_number: None,
+        window_len: 100,
+        window_scale: None,
+        max_seg_size: None,
+        sack_permitted: false,
+        sack_ranges: [None; 3],
+        timestamp: None,
+        payload: &[],
+    };
+    let mut frame = Vec::new();
+    build::ipv4(
+        &mut frame,
+        (GUEST_MAC, DEFAULT_MAC),
+        (GUEST.parse().unwrap(), "198.51.100.1".parse().unwrap()),
+        64,
+        &Payload::Tcp(repr),
+    )
+    .unwrap();
+    t.send(&[frame]);
+    let flow = t.flow();
+    assert_eq!(
+        t.host.tcp[&flow].target,
+        Some("127.0.0.1:8080".parse().unwrap())
+    );
+    let f = t.e.flows().get(flow).unwrap();
+    assert_eq!(f.initiator().addr, GUEST.parse::<IpAddr>().unwrap());
+    assert_eq!(f.target().addr, "127.0.0.1".parse::<IpAddr>().unwrap());
+}

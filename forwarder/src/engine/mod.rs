@@ -41,6 +41,7 @@
 //! `tx_queue_full`), and at most [`MAX_HOST_OPS`] host operations; the flow table is
 //! bounded by `--max-flows`.
 
+pub mod reassembly;
 pub mod stats;
 mod translate;
 
@@ -172,6 +173,7 @@ pub struct Engine {
     next_ra: Option<Instant>,
     ras_sent: usize,
     acks: Vec<FlowId>,
+    reassembly: reassembly::Reassembler,
     epoch: Instant,
     iss_counter: u32,
     ip_ident: u32,
@@ -197,6 +199,7 @@ impl Engine {
             next_ra,
             ras_sent: 0,
             acks: Vec::new(),
+            reassembly: reassembly::Reassembler::default(),
             epoch: now,
             iss_counter: 0,
             ip_ident: 0,
@@ -361,6 +364,30 @@ impl Engine {
                     data,
                 );
             }
+            L4::Fragment(frag) => {
+                let id = reassembly::Id {
+                    src: IpAddr::V4(ip.src_addr),
+                    dst: IpAddr::V4(ip.dst_addr),
+                    protocol: frag.protocol,
+                    ident: frag.ident,
+                };
+                let Some(whole) = self.reassemble(now, id, frag) else {
+                    return;
+                };
+                let src = wire::IpAddress::Ipv4(ip.src_addr);
+                let dst = wire::IpAddress::Ipv4(ip.dst_addr);
+                match wire::parse_l4(frag.protocol, &whole, src, dst) {
+                    Ok(l4) => {
+                        let ip = wire::Ipv4Repr {
+                            payload_len: whole.len(),
+                            next_header: frag.protocol,
+                            ..*ip
+                        };
+                        self.handle_ipv4(now, src_mac, &ip, &l4, host);
+                    }
+                    Err(reason) => self.stats.count_drop(reason),
+                }
+            }
             L4::Tcp(seg) => self.handle_tcp(
                 now,
                 src_mac,
@@ -442,6 +469,30 @@ impl Engine {
                     self.stats.ignored += 1;
                 }
             }
+            L4::Fragment(frag) => {
+                let id = reassembly::Id {
+                    src: IpAddr::V6(ip.src_addr),
+                    dst: IpAddr::V6(ip.dst_addr),
+                    protocol: frag.protocol,
+                    ident: frag.ident,
+                };
+                let Some(whole) = self.reassemble(now, id, frag) else {
+                    return;
+                };
+                let src = wire::IpAddress::Ipv6(ip.src_addr);
+                let dst = wire::IpAddress::Ipv6(ip.dst_addr);
+                match wire::parse_l4(frag.protocol, &whole, src, dst) {
+                    Ok(l4) => {
+                        let ip = wire::Ipv6Repr {
+                            payload_len: whole.len(),
+                            next_header: frag.protocol,
+                            ..*ip
+                        };
+                        self.handle_ipv6(now, src_mac, &ip, &l4, host);
+                    }
+                    Err(reason) => self.stats.count_drop(reason),
+                }
+            }
             L4::Tcp(seg) => self.handle_tcp(
                 now,
                 src_mac,
@@ -458,6 +509,28 @@ impl Engine {
                 host,
             ),
             _ => self.stats.ignored += 1,
+        }
+    }
+
+    /// Adds a fragment; returns the whole payload once complete. Drops are counted.
+    fn reassemble(
+        &mut self,
+        now: Instant,
+        id: reassembly::Id,
+        frag: &wire::Fragment<'_>,
+    ) -> Option<Vec<u8>> {
+        self.stats.fragments_in += 1;
+        match self.reassembly.add(now, id, frag) {
+            Ok(Some(whole)) => {
+                self.stats.reassembled += 1;
+                Some(whole)
+            }
+            Ok(None) => None,
+            Err(why) => {
+                trace!(?why, "fragment dropped");
+                self.stats.count_drop(wire::DropReason::Fragment);
+                None
+            }
         }
     }
 

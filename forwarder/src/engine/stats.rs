@@ -78,6 +78,10 @@ counters! {
     udp_denied,
     /// ICMP errors sent to the guest.
     icmp_errors_sent,
+    /// IP fragments received from the guest.
+    fragments_in,
+    /// Datagrams reassembled from the guest's fragments.
+    reassembled,
     /// IP fragments sent to the guest.
     fragments_out,
     /// DHCP/DHCPv6 payloads that did not decode.

@@ -29,8 +29,8 @@
 //!
 //! * At most [`MAX_IPV6_EXT_HEADERS`] extension headers are walked; more is a drop
 //!   (a chain the guest controls must not cost unbounded work).
-//! * IPv4 and IPv6 fragments are recognised and dropped here (`Fragment`); reassembly is the
-//!   translation engine's job.
+//! * IPv4 and IPv6 fragments are returned as [`L4::Fragment`]; reassembly is the engine's
+//!   job (`engine::reassembly`), which then parses the whole payload with [`parse_l4`].
 //!
 //! ## References
 //!
@@ -62,7 +62,8 @@ pub enum DropReason {
     BadChecksum,
     /// An Ethernet type this forwarder does not handle (e.g. 802.1Q, LLDP).
     UnknownEthertype,
-    /// An IPv4 or IPv6 fragment (reassembly happens above this layer).
+    /// An IPv4 or IPv6 fragment that cannot be reassembled (overlap, too large, too many
+    /// datagrams in reassembly at once, or timed out).
     Fragment,
     /// More IPv6 extension headers than [`MAX_IPV6_EXT_HEADERS`].
     TooManyExtHeaders,
@@ -140,6 +141,8 @@ pub enum L4<'a> {
     },
     /// A TCP segment, options parsed.
     Tcp(TcpRepr<'a>),
+    /// A fragment of a larger datagram (no transport header checked yet).
+    Fragment(Fragment<'a>),
     /// Any other protocol or ICMP type: checked for length and checksum where it has one,
     /// otherwise passed up raw.
     Other {
@@ -150,6 +153,55 @@ pub enum L4<'a> {
         /// The upper-layer bytes.
         payload: &'a [u8],
     },
+}
+
+/// One IPv4 or IPv6 fragment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fragment<'a> {
+    /// The datagram's identification (16 bits for IPv4, 32 for IPv6).
+    pub ident: u32,
+    /// Byte offset of this piece.
+    pub offset: usize,
+    /// More fragments follow.
+    pub more: bool,
+    /// The upper-layer protocol of the whole datagram.
+    pub protocol: IpProtocol,
+    /// This piece's bytes.
+    pub payload: &'a [u8],
+}
+
+/// Parses a reassembled upper-layer payload of `protocol` between `src` and `dst`, with the
+/// same checks as a whole packet.
+///
+/// # Errors
+///
+/// A [`DropReason`] when it fails them.
+pub fn parse_l4<'a>(
+    protocol: IpProtocol,
+    body: &'a [u8],
+    src: IpAddress,
+    dst: IpAddress,
+) -> Result<L4<'a>, DropReason> {
+    match (protocol, src, dst) {
+        (IpProtocol::Icmp, IpAddress::Ipv4(_), _) => parse_icmpv4(body),
+        (IpProtocol::Icmpv6, IpAddress::Ipv6(s), IpAddress::Ipv6(d)) => {
+            let ip = Ipv6Repr {
+                src_addr: s,
+                dst_addr: d,
+                next_header: IpProtocol::Icmpv6,
+                payload_len: body.len(),
+                hop_limit: 64,
+            };
+            parse_icmpv6(body, &ip)
+        }
+        (IpProtocol::Udp, _, _) => parse_udp(body, &src, &dst),
+        (IpProtocol::Tcp, _, _) => parse_tcp(body, &src, &dst),
+        (protocol, _, _) => Ok(L4::Other {
+            protocol,
+            icmp_type: 0,
+            payload: body,
+        }),
+    }
 }
 
 /// Parses one Ethernet frame from the namespace.
@@ -189,7 +241,26 @@ fn parse_ipv4(payload: &[u8]) -> Result<L3<'_>, DropReason> {
         return Err(DropReason::BadChecksum);
     }
     if packet.more_frags() || packet.frag_offset() != 0 {
-        return Err(DropReason::Fragment);
+        // smoltcp's repr refuses fragments; read the header fields directly (the checked
+        // view guarantees they are in bounds).
+        let ip = Ipv4Repr {
+            src_addr: packet.src_addr(),
+            dst_addr: packet.dst_addr(),
+            next_header: packet.next_header(),
+            payload_len: packet.payload().len(),
+            hop_limit: packet.hop_limit(),
+        };
+        let fragment = Fragment {
+            ident: u32::from(packet.ident()),
+            offset: usize::from(packet.frag_offset()),
+            more: packet.more_frags(),
+            protocol: packet.next_header(),
+            payload: packet.payload(),
+        };
+        return Ok(L3::Ipv4 {
+            ip,
+            l4: L4::Fragment(fragment),
+        });
     }
     let ip = Ipv4Repr::parse(&packet, &verify_all()).map_err(|_| DropReason::Malformed)?;
     let body = packet.payload();
@@ -227,7 +298,30 @@ fn parse_ipv6(payload: &[u8]) -> Result<L3<'_>, DropReason> {
                 let len = 8 + 8 * usize::from(header.header_len());
                 body = body.get(len..).ok_or(DropReason::Truncated)?;
             }
-            IpProtocol::Ipv6Frag => return Err(DropReason::Fragment),
+            IpProtocol::Ipv6Frag => {
+                // RFC 8200 §4.5: next header, reserved, offset (13 bits) | M, ident (32).
+                let &[nh, _, off_hi, off_lo, i0, i1, i2, i3] =
+                    body.get(..8).ok_or(DropReason::Truncated)?
+                else {
+                    return Err(DropReason::Truncated);
+                };
+                let off = u16::from_be_bytes([off_hi, off_lo]);
+                let ident = u32::from_be_bytes([i0, i1, i2, i3]);
+                let payload = body.get(8..).unwrap_or_default();
+                ip.next_header = IpProtocol::from(nh);
+                ip.payload_len = payload.len();
+                let fragment = Fragment {
+                    ident,
+                    offset: usize::from(off & 0xfff8),
+                    more: off & 1 == 1,
+                    protocol: IpProtocol::from(nh),
+                    payload,
+                };
+                return Ok(L3::Ipv6 {
+                    ip,
+                    l4: L4::Fragment(fragment),
+                });
+            }
             _ => break,
         }
     }

@@ -180,9 +180,34 @@ impl World {
     /// Kills every process left in the guest namespace (DHCP clients' daemons).
     pub fn kill_guest_processes(&self) {
         if let Some(g) = &self.guest {
-            let _ = Command::new("sh")
-                .args(["-c", &format!("ip netns pids {g} | xargs -r kill -9")])
-                .status();
+            kill_all_in(g);
+        }
+    }
+
+    /// Starts a long-running process (a server) in namespace `ns` with `sh -c SCRIPT`; the
+    /// script should `exec` the server so that killing the child kills it. Killed with the
+    /// world.
+    pub fn serve(&mut self, ns: &str, script: &str) {
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "sh", "-c", script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start server");
+        self.children.push(child);
+    }
+
+    /// Waits until something listens on `port` (TCP, or UDP with `udp`) in `ns`.
+    pub fn wait_listening(&self, ns: &str, port: u16, udp: bool) {
+        let flag = if udp { "-uln" } else { "-tln" };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let script = format!("ss -H {flag} | grep -q ':{port} '");
+        while !self.run_in(ns, &script).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "nothing listens on {port} in {ns}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -216,6 +241,7 @@ impl Default for World {
 impl Drop for World {
     fn drop(&mut self) {
         self.kill_guest_processes();
+        kill_all_in(&self.remote);
         for child in &mut self.children {
             let _ = child.kill();
             let _ = child.wait();
@@ -228,6 +254,19 @@ impl Drop for World {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Kills every process in namespace `ns` (servers a test started there).
+fn kill_all_in(ns: &str) {
+    let _ = Command::new("sh")
+        .args(["-c", &format!("ip netns pids {ns} | xargs -r kill -9")])
+        .status();
+}
+
+/// The directory of the helper scripts (`tests/scripts`).
+#[must_use]
+pub fn scripts() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts")
 }
 
 /// Runs a shell script, panicking with its output on failure.

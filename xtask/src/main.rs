@@ -16,6 +16,11 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("setpriv", "util-linux"),
     ("python3", "python3"),
+    ("curl", "curl"),
+    ("iperf3", "iperf3"),
+    ("socat", "socat"),
+    ("dnsmasq", "dnsmasq-base"),
+    ("ss", "iproute2"),
 ];
 
 fn main() -> ExitCode {

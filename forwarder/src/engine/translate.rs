@@ -381,6 +381,7 @@ impl Engine {
             mtu,
             out: &mut self.tx,
             sock,
+            ooo_budget: &mut self.ooo_budget,
         };
         let verdict = f(conn, &mut cx);
         if conn.state != tcp::TcpState::Connecting && entry.state == State::Opening {
@@ -397,6 +398,7 @@ impl Engine {
                 if abort {
                     self.stats.tcp_resets += 1;
                 }
+                self.ooo_budget += conn.held_bytes();
                 self.flows.remove(flow);
                 host.close(flow, abort);
             }

@@ -41,8 +41,12 @@
 //! ACK sent at once. This is the lesson of `research/passt-pasta.md` §4.3: in-window data
 //! is never silently thrown away while the guest believes it was accepted, and a refusal is
 //! signalled by an immediate duplicate ACK. A segment beyond `rcv_nxt` (a hole: loss on the
-//! tap) is dropped with an immediate duplicate ACK, so the guest fast-retransmits after
-//! three. The advertised window is the socket's free send space (`SO_SNDBUF` minus
+//! tap) is kept in a bounded out-of-order queue ([`MAX_OOO`] per flow, [`MAX_OOO_TOTAL`]
+//! in all) and answered with an immediate duplicate ACK, so the guest fast-retransmits after
+//! three; when the retransmission fills the hole, what waited behind it is written at once
+//! and one cumulative ACK covers all of it. Beyond the bounds, segments are dropped and the
+//! guest retransmits them. This is the one place bytes are held here: only while a hole
+//! exists, and only what the guest already sent. The advertised window is the socket's free send space (`SO_SNDBUF` minus
 //! `SIOCOUTQ`) minus the stash, scaled by our window scale; when the socket drains
 //! (writable) and the window the guest knows is small, a window update is sent. ACKs for
 //! in-order data are coalesced: one per flow per batch of tap frames ([`Conn::flush_ack`]).
@@ -63,9 +67,9 @@
 //!
 //! From the guest's SYN: MSS (segments toward the guest are at most `min(its MSS, tap MTU -
 //! headers)`), window scale (ours is [`OUR_WINDOW_SHIFT`], advertised only if the guest
-//! offered one). SACK-permitted and timestamps are not echoed, so the guest uses neither:
-//! data never reaches the guest out of order from us, and the guest → host direction
-//! recovers with duplicate ACKs, which this machine delivers reliably.
+//! offered one), SACK-permitted (echoed: our duplicate ACKs then carry SACK blocks for the
+//! out-of-order queue, so the guest resends only the holes; the guest's own SACK blocks
+//! about our data are not used — we resend from `snd_una`). Timestamps are not echoed.
 //!
 //! ## Timers (one deadline per flow, see `flow`)
 //!
@@ -77,7 +81,8 @@
 //!
 //! ## Limits
 //!
-//! Per flow: the stash ([`MAX_STASH`]), [`MAX_PUSH_SEGMENTS`] segments per push, and
+//! Per flow: the stash ([`MAX_STASH`]), the out-of-order queue ([`MAX_OOO`],
+//! [`MAX_OOO_SEGMENTS`]; all flows together [`MAX_OOO_TOTAL`]), [`MAX_PUSH_SEGMENTS`] segments per push, and
 //! [`MAX_RETRIES`]. The table bounds the number of flows.
 //!
 //! ## Host interface
@@ -161,6 +166,8 @@ pub struct Cx<'a, S: HostSocket + ?Sized> {
     pub out: &'a mut Queue,
     /// The host socket.
     pub sock: &'a mut S,
+    /// Bytes all flows may still hold out of order ([`MAX_OOO_TOTAL`] at start).
+    pub ooo_budget: &'a mut usize,
 }
 
 /// Per-connection translation state.
@@ -191,6 +198,18 @@ pub struct Conn {
     fin_acked: bool,
     ack_pending: bool,
     stash: Vec<u8>,
+    ooo: Vec<(u32, Vec<u8>, bool)>,
+    sack: bool,
+}
+
+/// What became of a segment's bytes.
+enum Delivered {
+    /// All new bytes (and the FIN) were taken.
+    All,
+    /// Nothing new in it.
+    Old,
+    /// The socket and the stash took only part.
+    Refused,
 }
 
 impl Conn {
@@ -234,6 +253,8 @@ impl Conn {
             fin_acked: false,
             ack_pending: false,
             stash: Vec::new(),
+            ooo: Vec::new(),
+            sack: syn.sack_permitted,
         }
     }
 
@@ -505,24 +526,68 @@ impl Conn {
             }
             return Verdict::Keep;
         }
-        let offset = self.rcv_nxt.wrapping_sub(seg_seq);
+        if self.guest_fin {
+            self.send_ack(cx, self.snd_nxt);
+            return Verdict::Keep;
+        }
         if lt(self.rcv_nxt, seg_seq) {
-            // A hole before this segment: drop it, duplicate ACK now.
+            // A hole before this segment (loss on the tap): keep it for when the hole is
+            // filled, and tell the guest at once with a duplicate ACK.
             trace!(
                 seq = seg_seq,
                 expected = self.rcv_nxt,
                 "out of order from guest"
             );
+            self.hold(cx, seg_seq, seg.payload, fin);
             self.send_ack(cx, self.snd_nxt);
             return Verdict::Keep;
         }
-        let already = offset as usize;
-        let data = seg.payload.get(already..).unwrap_or_default();
-        if already > seg.payload.len() || (data.is_empty() && !fin) || self.guest_fin {
-            // Entirely old (a retransmission of what we have): re-ACK.
-            self.send_ack(cx, self.snd_nxt);
-            return Verdict::Keep;
+        match self.deliver(cx, seg_seq, seg.payload, fin) {
+            Err(()) => return self.reset(cx),
+            Ok(Delivered::All) => {}
+            Ok(Delivered::Old | Delivered::Refused) => {
+                // A retransmission of what we have, or bytes the socket refused: tell the
+                // guest at once where we stand.
+                self.send_ack(cx, self.snd_nxt);
+                return Verdict::Keep;
+            }
         }
+        // The hole may be filled: deliver what waited behind it, in order.
+        while let Some(pos) = self.ooo.iter().position(|(s, _, _)| le(*s, self.rcv_nxt)) {
+            let (s, data, f) = self.ooo.remove(pos);
+            *cx.ooo_budget += data.len();
+            if self.guest_fin {
+                continue;
+            }
+            match self.deliver(cx, s, &data, f) {
+                Err(()) => return self.reset(cx),
+                Ok(Delivered::All | Delivered::Old) => {}
+                Ok(Delivered::Refused) => break,
+            }
+        }
+        if self.guest_fin {
+            self.release_ooo(cx.ooo_budget);
+            self.send_ack(cx, self.snd_nxt);
+        } else {
+            self.ack_pending = true;
+        }
+        Verdict::Keep
+    }
+
+    /// Writes the part of a segment at `seq` that is new (at `rcv_nxt`) to the socket,
+    /// stashing what the socket refuses (up to [`MAX_STASH`]); then the FIN, if any.
+    fn deliver<S: HostSocket + ?Sized>(
+        &mut self,
+        cx: &mut Cx<'_, S>,
+        seq: u32,
+        payload: &[u8],
+        fin: bool,
+    ) -> Result<Delivered, ()> {
+        let already = self.rcv_nxt.wrapping_sub(seq) as usize;
+        if already > payload.len() || (already == payload.len() && !fin) {
+            return Ok(Delivered::Old);
+        }
+        let data = payload.get(already..).unwrap_or_default();
         let mut taken = 0;
         if !data.is_empty() {
             if self.stash.is_empty() {
@@ -530,7 +595,7 @@ impl Conn {
                     Ok(n) => taken = n,
                     Err(err) => {
                         trace!(%err, "host write failed");
-                        return self.reset(cx);
+                        return Err(());
                     }
                 }
             }
@@ -543,9 +608,7 @@ impl Conn {
             self.rcv_nxt = self.rcv_nxt.wrapping_add(u32::try_from(taken).unwrap_or(0));
         }
         if taken < data.len() {
-            // Refused bytes: tell the guest at once where we stand.
-            self.send_ack(cx, self.snd_nxt);
-            return Verdict::Keep;
+            return Ok(Delivered::Refused);
         }
         if fin {
             self.rcv_nxt = self.rcv_nxt.wrapping_add(1);
@@ -554,11 +617,66 @@ impl Conn {
                 cx.sock.shutdown_write();
                 self.host_shut = true;
             }
-            self.send_ack(cx, self.snd_nxt);
-        } else {
-            self.ack_pending = true;
         }
-        Verdict::Keep
+        Ok(Delivered::All)
+    }
+
+    /// Keeps an out-of-order segment, within the per-flow and global bounds.
+    fn hold<S: HostSocket + ?Sized>(
+        &mut self,
+        cx: &mut Cx<'_, S>,
+        seq: u32,
+        payload: &[u8],
+        fin: bool,
+    ) {
+        let held: usize = self.ooo.iter().map(|(_, d, _)| d.len()).sum();
+        let ahead = seq.wrapping_sub(self.rcv_nxt) as usize + payload.len();
+        if self.ooo.len() >= MAX_OOO_SEGMENTS
+            || held + payload.len() > MAX_OOO
+            || payload.len() > *cx.ooo_budget
+            || ahead > MAX_OOO_AHEAD
+            || self.ooo.iter().any(|(s, _, _)| *s == seq)
+        {
+            return;
+        }
+        *cx.ooo_budget -= payload.len();
+        let at = self.ooo.partition_point(|(s, _, _)| lt(*s, seq));
+        self.ooo.insert(at, (seq, payload.to_vec(), fin));
+    }
+
+    /// Up to three SACK blocks covering the out-of-order queue, contiguous pieces merged.
+    fn sack_blocks(&self) -> [Option<(u32, u32)>; 3] {
+        let mut blocks: [Option<(u32, u32)>; 3] = [None; 3];
+        let mut n = 0;
+        for (seq, data, _) in &self.ooo {
+            let end = seq.wrapping_add(u32::try_from(data.len()).unwrap_or(0));
+            match blocks.get_mut(n.max(1) - 1).and_then(|b| b.as_mut()) {
+                Some((_, right)) if n > 0 && le(*seq, *right) => {
+                    if lt(*right, end) {
+                        *right = end;
+                    }
+                }
+                _ => {
+                    let Some(slot) = blocks.get_mut(n) else {
+                        break;
+                    };
+                    *slot = Some((*seq, end));
+                    n += 1;
+                }
+            }
+        }
+        blocks
+    }
+
+    /// Bytes held out of order (returned to the global budget when the flow goes).
+    #[must_use]
+    pub fn held_bytes(&self) -> usize {
+        self.ooo.iter().map(|(_, d, _)| d.len()).sum()
+    }
+
+    fn release_ooo(&mut self, budget: &mut usize) {
+        *budget += self.held_bytes();
+        self.ooo.clear();
     }
 
     fn drain_stash<S: HostSocket + ?Sized>(&mut self, cx: &mut Cx<'_, S>) -> io::Result<()> {
@@ -752,6 +870,27 @@ impl Conn {
 
     fn emit_empty<S: HostSocket + ?Sized>(&mut self, cx: &mut Cx<'_, S>, seq: u32, flags: u8) {
         let window = self.advertise(cx);
+        if self.sack && flags == 0 && !self.ooo.is_empty() {
+            // Tell the guest what waits behind the hole (RFC 2018), so it resends only
+            // the hole.
+            let repr = TcpRepr {
+                src_port: cx.key.remote_port,
+                dst_port: cx.key.guest_port,
+                control: TcpControl::None,
+                seq_number: TcpSeqNumber(seq.cast_signed()),
+                ack_number: Some(TcpSeqNumber(self.rcv_nxt.cast_signed())),
+                window_len: window,
+                window_scale: None,
+                max_seg_size: None,
+                sack_permitted: false,
+                sack_ranges: self.sack_blocks(),
+                timestamp: None,
+                payload: &[],
+            };
+            emit_repr(cx, &repr);
+            self.ack_pending = false;
+            return;
+        }
         let header = self.header(cx, seq, flags, window);
         let mut frame = cx.out.buffer();
         frame.resize(build::tcp_headers_len(cx.key.remote_addr.is_ipv6()), 0);
@@ -774,7 +913,7 @@ impl Conn {
             window_len: u16::try_from(space).unwrap_or(u16::MAX),
             window_scale: (self.our_shift > 0 || self.guest_shift > 0).then_some(self.our_shift),
             max_seg_size: Some(self.mss),
-            sack_permitted: false,
+            sack_permitted: self.sack,
             sack_ranges: [None; 3],
             timestamp: None,
             payload: &[],
@@ -920,6 +1059,15 @@ pub const DEFAULT_MSS: u16 = 536;
 pub const MIN_MSS: u16 = 536;
 /// Bytes accepted from the guest beyond what the host socket took (per flow).
 pub const MAX_STASH: usize = 64 * 1024;
+/// Out-of-order bytes from the guest kept per flow (loss on the tap leaves a hole; what
+/// follows it is kept so that one retransmission repairs it, instead of go-back-N).
+pub const MAX_OOO: usize = 1024 * 1024;
+/// Out-of-order segments kept per flow.
+pub const MAX_OOO_SEGMENTS: usize = 256;
+/// How far beyond `rcv_nxt` a kept segment may end.
+pub const MAX_OOO_AHEAD: usize = 16 * 1024 * 1024;
+/// Out-of-order bytes kept across all flows.
+pub const MAX_OOO_TOTAL: usize = 64 * 1024 * 1024;
 /// Segments built from one peek.
 pub const MAX_PUSH_SEGMENTS: usize = 64;
 /// Bytes peeked per push, so one flow cannot monopolise a wakeup.

@@ -529,6 +529,13 @@ impl Host for Sockets {
     fn tcp_connect(&mut self, flow: FlowId, target: SocketAddr) -> std::io::Result<()> {
         let fd = self.new_socket(target, SockType::Stream)?;
         let _ = setsockopt(&fd, sockopt::TcpNoDelay, &true);
+        // A fixed, large send buffer: the window the guest sees is its free space, and an
+        // autotuned buffer only grows once it has been filled — which a window that tracks
+        // free space never does, so after a loss the guest would stay at two segments in
+        // flight. Forced past `wmem_max` where allowed, else capped by it (pasta does the same).
+        if setsockopt(&fd, sockopt::SndBufForce, &TCP_SNDBUF).is_err() {
+            let _ = setsockopt(&fd, sockopt::SndBuf, &TCP_SNDBUF);
+        }
         let peek_off = sys::set_peek_off(&fd, 0).ok().map(|()| 0);
         match connect(fd.as_raw_fd(), &SockaddrStorage::from(target)) {
             Ok(()) | Err(Errno::EINPROGRESS) => {}
@@ -680,6 +687,8 @@ const WAKER: Token = Token(1);
 pub const FIRST_FLOW_TOKEN: Token = Token(2);
 /// Frames read from the tap per wakeup before other sources get a turn.
 pub const TAP_BATCH: usize = 128;
+/// Send buffer requested for TCP host sockets (the kernel doubles it for overhead).
+pub const TCP_SNDBUF: usize = 4 << 20;
 /// Datagrams read from one UDP socket per wakeup.
 pub const UDP_BATCH: usize = 64;
 /// The largest frame: 65535 bytes of IP plus the Ethernet header, rounded up.

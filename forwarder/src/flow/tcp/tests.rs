@@ -28,6 +28,7 @@ struct Seg {
     window: u16,
     mss: Option<u16>,
     wscale: Option<u8>,
+    sack: [Option<(u32, u32)>; 3],
     payload: Vec<u8>,
 }
 
@@ -121,6 +122,7 @@ impl T {
                     window: t.window_len,
                     mss: t.max_seg_size,
                     wscale: t.window_scale,
+                    sack: t.sack_ranges,
                     payload: t.payload.to_vec(),
                 }
             })
@@ -319,13 +321,49 @@ fn data_beyond_stash_is_refused_with_immediate_ack() {
 }
 
 #[test]
-fn out_of_order_from_guest_is_dropped_with_duplicate_ack() {
+fn out_of_order_from_guest_is_held_and_sacked_until_the_hole_fills() {
     let mut t = T::new();
     let first = t.establish();
-    t.send(&[t.frame(TcpControl::Psh, GUEST_ISN + 101, Some(first), b"later")]);
-    assert!(t.sock().sent.is_empty());
+    let a = data(300);
+    // Bytes 100..200 and 250..300 arrive; 0..100 and 200..250 are lost.
+    t.send(&[t.frame(TcpControl::Psh, GUEST_ISN + 101, Some(first), &a[100..200])]);
+    assert!(t.sock().sent.is_empty(), "nothing written past a hole");
     let out = t.out();
     assert_eq!(out[0].ack, Some(GUEST_ISN + 1), "duplicate ACK at once");
+    assert_eq!(out[0].sack[0], Some((GUEST_ISN + 101, GUEST_ISN + 201)));
+    t.send(&[t.frame(TcpControl::Psh, GUEST_ISN + 251, Some(first), &a[250..])]);
+    let out = t.out();
+    assert_eq!(
+        out[0].sack[..2],
+        [
+            Some((GUEST_ISN + 101, GUEST_ISN + 201)),
+            Some((GUEST_ISN + 251, GUEST_ISN + 301))
+        ]
+    );
+    // The first hole fills: everything up to the second hole goes out, in order.
+    t.send(&[t.frame(TcpControl::Psh, GUEST_ISN + 1, Some(first), &a[..100])]);
+    assert_eq!(t.sock().sent, a[..200]);
+    let out = t.out();
+    assert_eq!(out.last().unwrap().ack, Some(GUEST_ISN + 201));
+    t.send(&[t.frame(TcpControl::Psh, GUEST_ISN + 201, Some(first), &a[200..250])]);
+    assert_eq!(t.sock().sent, a);
+    let out = t.out();
+    assert_eq!(out.len(), 1, "one cumulative ACK");
+    assert_eq!(out[0].ack, Some(GUEST_ISN + 301));
+    assert_eq!(out[0].sack, [None; 3], "nothing held any more");
+}
+
+#[test]
+fn out_of_order_fin_completes_when_the_hole_fills() {
+    let mut t = T::new();
+    let first = t.establish();
+    t.send(&[t.frame(TcpControl::Fin, GUEST_ISN + 4, Some(first), b"def")]);
+    assert!(!t.sock().shut);
+    t.send(&[t.frame(TcpControl::Psh, GUEST_ISN + 1, Some(first), b"abc")]);
+    assert_eq!(t.sock().sent, b"abcdef");
+    assert!(t.sock().shut, "the held FIN took effect");
+    let out = t.out();
+    assert_eq!(out.last().unwrap().ack, Some(GUEST_ISN + 8));
 }
 
 #[test]

@@ -1,0 +1,424 @@
+//! Translation end to end: TCP and UDP from the guest to servers in the remote namespace
+//! (and the host's loopback), v4 and v6, with real clients (curl, iperf3, python sockets,
+//! dnsmasq), outbound policy, DNS forwarding and deterministic loss on the tap.
+//! Each test builds its own world; without root they skip loudly (fail under xtask).
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers: a panic is a test failure"
+)]
+
+use std::time::{Duration, Instant};
+
+use forwarder_tests::{World, counter, privileged, read, scripts, text};
+
+const REMOTE4: &str = "203.0.113.1";
+const REMOTE6: &str = "[2001:db8:2::1]";
+
+fn script(name: &str) -> String {
+    scripts().join(name).display().to_string()
+}
+
+/// A world with a guest and forwarder attached with `--config-net` plus `extra`.
+fn world(extra: &[&str]) -> (World, String, u32, std::path::PathBuf) {
+    let mut w = World::new();
+    let guest = w.add_guest();
+    let mut args = vec!["--config-net"];
+    args.extend_from_slice(extra);
+    let (pid, log) = w.start_attached(&args);
+    (w, guest, pid, log)
+}
+
+/// Runs `cmd` in the guest; panics with its output and forwarder's log on failure.
+fn guest_ok(w: &World, guest: &str, cmd: &str, log: &std::path::Path) -> String {
+    let out = w.run_in(guest, cmd);
+    assert!(
+        out.status.success(),
+        "{cmd} failed: {}{}\nforwarder log:\n{}",
+        text(&out.stdout),
+        text(&out.stderr),
+        read(log)
+    );
+    text(&out.stdout)
+}
+
+/// Waits until forwarder's table is empty (flows are removed once both sides closed).
+fn wait_table_empty(pid: u32, log: &std::path::Path) -> String {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let stats = World::stats(pid, log);
+        if counter(&stats, "flows_open") == 0 {
+            return stats;
+        }
+        assert!(Instant::now() < deadline, "flows left open: {stats}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// 100 MB down and up through curl, both families, checksums compared.
+fn bulk_transfers(extra: &[&str], megabytes: usize) {
+    let (mut w, guest, pid, log) = world(extra);
+    let dir = w.dir.join("www");
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = w.dir.join("src.bin");
+    forwarder_tests::sh_ok(&format!(
+        "head -c {megabytes}M /dev/urandom > {src} && cp {src} {www}/big.bin",
+        src = src.display(),
+        www = dir.display()
+    ));
+    let remote = w.remote.clone();
+    w.serve(
+        &remote,
+        &format!(
+            "exec python3 {} 8080 {}",
+            script("http_server.py"),
+            dir.display()
+        ),
+    );
+    w.wait_listening(&remote, 8080, false);
+    let want = text(
+        &std::process::Command::new("sha256sum")
+            .arg(&src)
+            .output()
+            .unwrap()
+            .stdout,
+    );
+    let want = want.split_whitespace().next().unwrap().to_string();
+    for host in [REMOTE4, REMOTE6] {
+        let down = guest_ok(
+            &w,
+            &guest,
+            &format!("curl -sSf --max-time 60 http://{host}:8080/big.bin | sha256sum"),
+            &log,
+        );
+        assert!(down.starts_with(&want), "download via {host} corrupted");
+        let up = guest_ok(
+            &w,
+            &guest,
+            &format!(
+                "curl -sSf --max-time 60 -T {} http://{host}:8080/up.bin",
+                src.display()
+            ),
+            &log,
+        );
+        assert_eq!(up.trim(), want, "upload via {host} corrupted");
+    }
+    let stats = wait_table_empty(pid, &log);
+    assert!(counter(&stats, "tcp_flows") >= 4, "{stats}");
+}
+
+#[test]
+fn curl_moves_100_mb_each_way_v4_and_v6_intact() {
+    if !privileged() {
+        return;
+    }
+    bulk_transfers(&[], 100);
+}
+
+#[test]
+fn tcp_survives_5_percent_loss_on_the_tap() {
+    if !privileged() {
+        return;
+    }
+    // Every 20th frame each way is dropped: retransmission on both sides is exercised.
+    bulk_transfers(&["--drop-every", "20"], 20);
+}
+
+#[test]
+fn iperf3_both_directions_v4_and_v6() {
+    if !privileged() {
+        return;
+    }
+    let (mut w, guest, _pid, log) = world(&[]);
+    let remote = w.remote.clone();
+    w.serve(&remote, "exec iperf3 -s -p 5201");
+    w.wait_listening(&remote, 5201, false);
+    for host in ["203.0.113.1", "2001:db8:2::1"] {
+        for reverse in ["", "-R"] {
+            let bytes = guest_ok(
+                &w,
+                &guest,
+                &format!(
+                    "iperf3 -c {host} -p 5201 -t 2 {reverse} -J | python3 -c \
+                     'import json,sys; print(json.load(sys.stdin)[\"end\"][\"sum_received\"][\"bytes\"])'"
+                ),
+                &log,
+            );
+            let bytes: u64 = bytes.trim().parse().unwrap();
+            assert!(bytes > 10_000_000, "{host} {reverse}: only {bytes} bytes");
+        }
+    }
+}
+
+#[test]
+fn sequential_and_concurrent_connections_complete_and_table_empties() {
+    if !privileged() {
+        return;
+    }
+    let (mut w, guest, pid, log) = world(&[]);
+    let remote = w.remote.clone();
+    w.serve(
+        &remote,
+        &format!("exec python3 {} 7000", script("tcp_echo.py")),
+    );
+    w.wait_listening(&remote, 7000, false);
+    let client = script("conn_client.py");
+    for host in ["203.0.113.1", "2001:db8:2::1"] {
+        let out = guest_ok(
+            &w,
+            &guest,
+            &format!("python3 {client} {host} 7000 sequential 200"),
+            &log,
+        );
+        assert_eq!(out.trim(), "ok 200");
+        let out = guest_ok(
+            &w,
+            &guest,
+            &format!("python3 {client} {host} 7000 concurrent 100"),
+            &log,
+        );
+        assert_eq!(out.trim(), "ok 100");
+    }
+    let stats = wait_table_empty(pid, &log);
+    assert!(counter(&stats, "tcp_flows") >= 600, "{stats}");
+}
+
+#[test]
+fn refused_blackholed_denied_and_blocklisted_destinations() {
+    if !privileged() {
+        return;
+    }
+    let (mut w, guest, pid, log) = world(&[
+        "--deny",
+        "tcp://203.0.113.1:7001",
+        "--deny",
+        "udp://[2001:db8:2::1]:7002",
+    ]);
+    let remote = w.remote.clone();
+    w.serve(
+        &remote,
+        &format!("exec python3 {} 7001", script("tcp_echo.py")),
+    );
+    w.wait_listening(&remote, 7001, false);
+    // Nothing listens on 7999: refused at once (curl exit 7), v4 and v6.
+    for host in [REMOTE4, REMOTE6] {
+        let start = Instant::now();
+        let out = w.run_in(&guest, &format!("curl -s --max-time 5 http://{host}:7999/"));
+        assert_eq!(out.status.code(), Some(7), "{host}: {}", text(&out.stderr));
+        assert!(start.elapsed() < Duration::from_secs(2), "refusal was slow");
+    }
+    // 203.0.113.99 is routed to the remote, which drops it silently: a timeout (exit 28).
+    let out = w.run_in(
+        &guest,
+        "curl -s --connect-timeout 2 http://203.0.113.99:80/",
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(28),
+        "blackhole: {}",
+        text(&out.stderr)
+    );
+    // Denied although a server listens there: refused, no connection reaches the remote.
+    let out = w.run_in(&guest, "curl -s --max-time 5 http://203.0.113.1:7001/");
+    assert_eq!(out.status.code(), Some(7), "deny rule");
+    // The same port over IPv6 is not denied: the echo server answers.
+    let ok = w.run_in(
+        &guest,
+        &format!(
+            "python3 {} 2001:db8:2::1 7001 sequential 1",
+            script("conn_client.py")
+        ),
+    );
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+    // Blocklist: an IPv4-mapped IPv6 destination is refused.
+    let out = w.run_in(
+        &guest,
+        "curl -s --max-time 5 'http://[::ffff:203.0.113.1]:7001/'",
+    );
+    assert_eq!(out.status.code(), Some(7), "IPv4-mapped IPv6");
+    // A denied UDP destination answers with ICMP administratively prohibited.
+    let udp = w.run_in(
+        &guest,
+        "python3 -c 'import socket,errno\n\
+         s=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM); s.settimeout(2)\n\
+         s.connect((\"2001:db8:2::1\",7002)); s.send(b\"x\")\n\
+         try:\n  s.recv(10); print(\"answered\")\n\
+         except OSError as e: print(errno.errorcode.get(e.errno, e))'",
+    );
+    let said = text(&udp.stdout);
+    assert!(
+        said.contains("EACCES") || said.contains("EHOSTUNREACH"),
+        "{said}"
+    );
+    let stats = World::stats(pid, &log);
+    assert!(counter(&stats, "tcp_denied") >= 2, "{stats}");
+    assert!(counter(&stats, "udp_denied") >= 1, "{stats}");
+    assert!(counter(&stats, "tcp_connect_failed") >= 2, "{stats}");
+}
+
+#[test]
+fn host_local_destinations_follow_enable_host() {
+    if !privileged() {
+        return;
+    }
+    // 203.0.113.50 is an address of the host namespace (its `local` table) from before
+    // forwarder starts; 203.0.113.1 is beyond the host (the remote).
+    for (extra, host_allowed, routing_allowed) in [
+        (&[][..], true, true),
+        (&["--enable-routing"][..], false, true),
+        (&["--enable-host"][..], true, false),
+    ] {
+        let mut w = World::new();
+        let host = w.host.clone();
+        let remote = w.remote.clone();
+        forwarder_tests::sh_ok(&format!("ip -n {host} addr add 203.0.113.50/32 dev lo"));
+        let guest = w.add_guest();
+        let mut args = vec!["--config-net"];
+        args.extend_from_slice(extra);
+        let (_pid, log) = w.start_attached(&args);
+        w.serve(
+            &host,
+            &format!("exec python3 {} 7003", script("tcp_echo.py")),
+        );
+        w.serve(
+            &remote,
+            &format!("exec python3 {} 7003", script("tcp_echo.py")),
+        );
+        w.wait_listening(&host, 7003, false);
+        w.wait_listening(&remote, 7003, false);
+        for (addr, allowed) in [("203.0.113.50", host_allowed), (REMOTE4, routing_allowed)] {
+            let out = w.run_in(
+                &guest,
+                &format!(
+                    "python3 {} {addr} 7003 sequential 1",
+                    script("conn_client.py")
+                ),
+            );
+            assert_eq!(
+                out.status.success(),
+                allowed,
+                "{extra:?} to {addr}: {}\n{}",
+                text(&out.stderr),
+                read(&log)
+            );
+        }
+    }
+}
+
+#[test]
+fn udp_echo_keeps_datagram_boundaries_v4_and_v6() {
+    if !privileged() {
+        return;
+    }
+    let (mut w, guest, pid, log) = world(&[]);
+    let remote = w.remote.clone();
+    for addr in ["203.0.113.1", "2001:db8:2::1"] {
+        w.serve(
+            &remote,
+            &format!("exec python3 {} {addr} 7777", script("udp_echo.py")),
+        );
+    }
+    w.wait_listening(&remote, 7777, true);
+    for addr in ["203.0.113.1", "2001:db8:2::1"] {
+        let out = guest_ok(
+            &w,
+            &guest,
+            &format!(
+                "python3 {} {addr} 7777 1 1472 16385 65507",
+                script("udp_client.py")
+            ),
+            &log,
+        );
+        assert_eq!(out, "ok 1\nok 1472\nok 16385\nok 65507\n");
+    }
+    let stats = World::stats(pid, &log);
+    assert!(counter(&stats, "reassembled") >= 2, "{stats}");
+    assert!(counter(&stats, "fragments_out") >= 4, "{stats}");
+    // A closed port answers with ICMP port unreachable: ECONNREFUSED in the guest.
+    let out = w.run_in(
+        &guest,
+        "python3 -c 'import socket\n\
+         s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.settimeout(2)\n\
+         s.connect((\"203.0.113.1\",7778)); s.send(b\"x\")\n\
+         try:\n  s.recv(10)\nexcept ConnectionRefusedError: print(\"refused\")'",
+    );
+    assert_eq!(text(&out.stdout).trim(), "refused", "{}", text(&out.stderr));
+}
+
+#[test]
+fn dns_forward_relays_udp_and_tcp_to_the_hosts_resolver() {
+    if !privileged() {
+        return;
+    }
+    let mut w = World::new();
+    let guest = w.add_guest();
+    let resolv = w.dir.join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 203.0.113.1\n").unwrap();
+    let remote = w.remote.clone();
+    w.serve(
+        &remote,
+        "exec dnsmasq --no-daemon --no-resolv --no-hosts --user=root --port=53 \
+         --listen-address=203.0.113.1 --bind-interfaces --address=/test.example/203.0.113.7",
+    );
+    w.wait_listening(&remote, 53, true);
+    let resolv_arg = resolv.display().to_string();
+    let (pid, log) = w.start_attached(&[
+        "--config-net",
+        "--dns-forward",
+        "198.51.100.53",
+        "--resolv-conf",
+        &resolv_arg,
+    ]);
+    for transport in ["udp", "tcp"] {
+        let out = guest_ok(
+            &w,
+            &guest,
+            &format!(
+                "python3 {} 198.51.100.53 test.example {transport}",
+                script("dns_query.py")
+            ),
+            &log,
+        );
+        assert_eq!(out.trim(), "203.0.113.7", "{transport}");
+    }
+    // The forward address is the DNS server the namespace is told about.
+    assert!(read(&log).contains("dns=[198.51.100.53]"), "{}", read(&log));
+    let stats = World::stats(pid, &log);
+    assert!(
+        counter(&stats, "udp_flows") >= 1 && counter(&stats, "tcp_flows") >= 1,
+        "{stats}"
+    );
+}
+
+#[test]
+fn gateway_reaches_host_loopback_unless_no_map_gw() {
+    if !privileged() {
+        return;
+    }
+    for map in [true, false] {
+        let extra: &[&str] = if map { &[] } else { &["--no-map-gw"] };
+        let (mut w, guest, _pid, log) = world(extra);
+        let host = w.host.clone();
+        w.serve(
+            &host,
+            &format!("exec python3 {} 7004", script("tcp_echo.py")),
+        );
+        w.wait_listening(&host, 7004, false);
+        for gw in ["198.51.100.1", "2001:db8:1::1"] {
+            let out = w.run_in(
+                &guest,
+                &format!(
+                    "python3 {} {gw} 7004 sequential 3",
+                    script("conn_client.py")
+                ),
+            );
+            assert_eq!(
+                out.status.success(),
+                map,
+                "gateway {gw}, map {map}: {}\n{}",
+                text(&out.stderr),
+                read(&log)
+            );
+        }
+    }
+}

@@ -1,7 +1,11 @@
 //! Project tasks. `cargo xtask run-integration` is the whole test suite (what `.ci/run`
-//! calls); `cargo xtask setup` installs what the tests need from Debian's packages.
+//! calls); `cargo xtask setup` installs what the tests need from Debian's packages;
+//! `cargo xtask bench [--quick]` measures forwarder against pasta, slirp4netns and the
+//! kernel side by side (see `bench`).
 //!
-//! Every task does its own set-up and is idempotent, so both work on a fresh machine.
+//! Every task does its own set-up and is idempotent, so each works on a fresh machine.
+
+mod bench;
 
 use std::process::{Command, ExitCode};
 
@@ -28,8 +32,9 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("setup") => setup(),
         Some("run-integration") => run_integration(),
+        Some("bench") => bench::run(args.get(1..).unwrap_or_default()),
         _ => {
-            eprintln!("usage: cargo xtask <setup|run-integration>");
+            eprintln!("usage: cargo xtask <setup|run-integration|bench [--quick]>");
             return ExitCode::from(2);
         }
     };
@@ -44,7 +49,12 @@ fn main() -> ExitCode {
 
 /// Installs missing test tools with apt (root only; otherwise lists what is missing).
 fn setup() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
+    ensure_packages(PACKAGES)
+}
+
+/// Installs the packages of `list` whose command is missing.
+fn ensure_packages(list: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = list
         .iter()
         .filter(|(bin, _)| !have(bin))
         .map(|(_, pkg)| *pkg)
@@ -115,7 +125,7 @@ fn sweep_stale_namespaces() {
         .lines()
         .filter_map(|l| l.split_whitespace().next())
     {
-        if name.starts_with("fwt-") {
+        if name.starts_with("fwt-") || name.starts_with("fwb-") {
             let _ = Command::new("sh")
                 .args(["-c", &format!("ip netns pids {name} | xargs -r kill -9")])
                 .status();
@@ -123,6 +133,14 @@ fn sweep_stale_namespaces() {
             println!("xtask: removed stale namespace {name}");
         }
     }
+}
+
+/// The workspace root (the parent of `xtask/`).
+fn workspace_root() -> Result<std::path::PathBuf> {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .context("xtask has no parent directory")
 }
 
 fn run(cmd: &mut Command) -> Result<()> {

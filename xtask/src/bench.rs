@@ -400,7 +400,10 @@ fn sh(script: &str) -> Result<()> {
         .output()
         .context("sh")?;
     if !out.status.success() {
-        bail!("set-up failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "set-up failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }

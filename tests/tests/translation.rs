@@ -350,44 +350,95 @@ fn dns_forward_relays_udp_and_tcp_to_the_hosts_resolver() {
     if !privileged() {
         return;
     }
-    let mut w = World::new();
-    let guest = w.add_guest();
-    let resolv = w.dir.join("resolv.conf");
-    std::fs::write(&resolv, "nameserver 203.0.113.1\n").unwrap();
-    let remote = w.remote.clone();
-    w.serve(
-        &remote,
-        "exec dnsmasq --no-daemon --no-resolv --no-hosts --user=root --port=53 \
-         --listen-address=203.0.113.1 --bind-interfaces --address=/test.example/203.0.113.7",
-    );
-    w.wait_listening(&remote, 53, true);
-    let resolv_arg = resolv.display().to_string();
-    let (pid, log) = w.start_attached(&[
-        "--config-net",
-        "--dns-forward",
-        "198.51.100.53",
-        "--resolv-conf",
-        &resolv_arg,
-    ]);
-    for transport in ["udp", "tcp"] {
-        let out = guest_ok(
-            &w,
-            &guest,
+    // Once with a resolver in the remote, once with a systemd-resolved-style stub on the
+    // host's 127.0.0.53.
+    for stub in [false, true] {
+        let mut w = World::new();
+        let guest = w.add_guest();
+        let (ns, listen) = if stub {
+            (w.host.clone(), "127.0.0.53")
+        } else {
+            (w.remote.clone(), "203.0.113.1")
+        };
+        let resolv = w.dir.join("resolv.conf");
+        std::fs::write(&resolv, format!("nameserver {listen}\n")).unwrap();
+        w.serve(
+            &ns,
             &format!(
-                "python3 {} 198.51.100.53 test.example {transport}",
-                script("dns_query.py")
+                "exec dnsmasq --no-daemon --no-resolv --no-hosts --user=root --port=53 \
+                 --listen-address={listen} --bind-interfaces --address=/test.example/203.0.113.7"
             ),
-            &log,
         );
-        assert_eq!(out.trim(), "203.0.113.7", "{transport}");
+        w.wait_listening(&ns, 53, true);
+        let resolv_arg = resolv.display().to_string();
+        let (pid, log) = w.start_attached(&[
+            "--config-net",
+            "--dns-forward",
+            "198.51.100.53",
+            "--resolv-conf",
+            &resolv_arg,
+        ]);
+        for transport in ["udp", "tcp"] {
+            let out = guest_ok(
+                &w,
+                &guest,
+                &format!(
+                    "python3 {} 198.51.100.53 test.example {transport}",
+                    script("dns_query.py")
+                ),
+                &log,
+            );
+            assert_eq!(out.trim(), "203.0.113.7", "{transport}, stub {stub}");
+        }
+        // The forward address is the DNS server the namespace is told about.
+        assert!(read(&log).contains("dns=[198.51.100.53]"), "{}", read(&log));
+        let stats = World::stats(pid, &log);
+        assert!(
+            counter(&stats, "udp_flows") >= 1 && counter(&stats, "tcp_flows") >= 1,
+            "{stats}"
+        );
     }
-    // The forward address is the DNS server the namespace is told about.
-    assert!(read(&log).contains("dns=[198.51.100.53]"), "{}", read(&log));
-    let stats = World::stats(pid, &log);
-    assert!(
-        counter(&stats, "udp_flows") >= 1 && counter(&stats, "tcp_flows") >= 1,
-        "{stats}"
+}
+
+#[test]
+fn map_guest_addr_and_outbound_binding() {
+    if !privileged() {
+        return;
+    }
+    // --map-guest-addr: 198.51.100.77 reaches the host's own 198.51.100.2.
+    let (mut w, guest, _pid, log) = world(&["--map-guest-addr", "198.51.100.77"]);
+    let host = w.host.clone();
+    w.serve(&host, &format!("exec python3 {} 7005", script("tcp_echo.py")));
+    w.wait_listening(&host, 7005, false);
+    guest_ok(
+        &w,
+        &guest,
+        &format!("python3 {} 198.51.100.77 7005 sequential 2", script("conn_client.py")),
+        &log,
     );
+    // --outbound binds the host socket: the remote sees that source address.
+    for (arg, works) in [
+        (["--outbound", "198.51.100.2"], true),
+        (["--outbound", "198.51.100.99"], false),
+        (["--outbound-if", "up0"], true),
+        (["--outbound-if", "nosuchdev"], false),
+    ] {
+        let (mut w, guest, _pid, log) = world(&arg);
+        let remote = w.remote.clone();
+        w.serve(&remote, &format!("exec python3 {} 7006", script("tcp_echo.py")));
+        w.wait_listening(&remote, 7006, false);
+        let out = w.run_in(
+            &guest,
+            &format!("python3 {} 203.0.113.1 7006 sequential 1", script("conn_client.py")),
+        );
+        assert_eq!(
+            out.status.success(),
+            works,
+            "{arg:?}: {}\n{}",
+            text(&out.stderr),
+            read(&log)
+        );
+    }
 }
 
 #[test]

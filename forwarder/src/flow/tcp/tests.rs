@@ -686,3 +686,64 @@ fn gateway_is_mapped_to_loopback() {
     assert_eq!(f.initiator().addr, GUEST.parse::<IpAddr>().unwrap());
     assert_eq!(f.target().addr, "127.0.0.1".parse::<IpAddr>().unwrap());
 }
+
+mod hostile {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Arbitrary segments from the guest (any flags, sequence and acknowledgment
+        /// numbers, windows and payload sizes) and arbitrary host events never panic, and
+        /// the flow's state stays within its bounds.
+        #[test]
+        fn arbitrary_segments_and_events_never_panic(
+            events in proptest::collection::vec(
+                (0u8..8, any::<u32>(), any::<u32>(), any::<u16>(), 0usize..3000, any::<bool>()),
+                1..60,
+            )
+        ) {
+            let mut t = T::new();
+            t.host.sndbuf = 4096;
+            let first = t.establish();
+            for (kind, seq, ack, window, len, relative) in events {
+                let (seq, ack) = if relative {
+                    (GUEST_ISN.wrapping_add(seq % 10_000), first.wrapping_add(ack % 10_000))
+                } else {
+                    (seq, ack)
+                };
+                let payload = data(len);
+                match kind {
+                    0 => t.send(&[t.frame_win(TcpControl::Psh, seq, Some(ack), &payload, window)]),
+                    1 => t.send(&[t.frame_win(TcpControl::None, seq, Some(ack), &[], window)]),
+                    2 => t.send(&[t.frame(TcpControl::Fin, seq, Some(ack), &payload)]),
+                    3 => t.send(&[t.frame(TcpControl::Rst, seq, None, &[])]),
+                    4 => t.send(&[t.frame(TcpControl::Syn, seq, None, &[])]),
+                    5 => {
+                        if !t.e.flows().is_empty() {
+                            t.sock().rx.extend_from_slice(&payload);
+                            t.sock().eof = len % 7 == 0;
+                            t.ready(true, true);
+                        }
+                    }
+                    6 => {
+                        if !t.e.flows().is_empty() {
+                            t.sock().drain_sent(len);
+                        }
+                        t.advance(Duration::from_millis(u64::from(window % 5000)));
+                    }
+                    _ => t.send(&[t.frame_win(TcpControl::None, seq, None, &payload, window)]),
+                }
+                let _ = t.out();
+                for (_, f) in t.e.flows().iter() {
+                    if let crate::engine::Detail::Tcp(c) = &f.ext {
+                        prop_assert!(c.held_bytes() <= super::super::MAX_OOO);
+                    }
+                }
+                prop_assert!(t.e.flows().len() <= 2);
+            }
+        }
+    }
+}

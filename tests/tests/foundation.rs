@@ -219,7 +219,27 @@ fn unprivileged_uid_65534_gets_the_same_service() {
     if !privileged() {
         return;
     }
-    let w = World::new();
+    let mut w = World::new();
+    let remote = w.remote.clone();
+    let scripts = forwarder_tests::scripts();
+    w.serve(
+        &remote,
+        &format!(
+            "exec python3 {} 7000",
+            scripts.join("tcp_echo.py").display()
+        ),
+    );
+    w.serve(
+        &remote,
+        &format!(
+            "exec python3 {} 2001:db8:2::1 7777",
+            scripts.join("udp_echo.py").display()
+        ),
+    );
+    w.wait_listening(&remote, 7000, false);
+    w.wait_listening(&remote, 7777, true);
+    let conn = scripts.join("conn_client.py").display().to_string();
+    let udp = scripts.join("udp_client.py").display().to_string();
     // The machine's /dev/net/tun is 0600: give the unprivileged run a private mount
     // namespace with a 0666 node bind-mounted over it, instead of changing the machine.
     let tun = w.dir.join("tun");
@@ -244,6 +264,9 @@ ip -6 addr show dev tap0 | grep -q dynamic && echo SLAAC-OK
 ip addr add 198.51.100.2/24 dev tap0 2>/dev/null; ip route add default via 198.51.100.1 2>/dev/null
 ping -c1 -W2 198.51.100.1 >/dev/null && echo GW4-OK; {PING4_REMOTE} >/dev/null && echo REMOTE4-OK
 {PING6_REMOTE} >/dev/null 2>&1 || sleep 2; {PING6_REMOTE} >/dev/null && echo REMOTE6-OK
+/usr/bin/python3 {conn} 203.0.113.1 7000 concurrent 20 >/dev/null && echo TCP4-OK
+/usr/bin/python3 {conn} 2001:db8:2::1 7000 sequential 20 >/dev/null && echo TCP6-OK
+/usr/bin/python3 {udp} 2001:db8:2::1 7777 1 65507 >/dev/null && echo UDP6-OK
 kill $(cat /tmp/p4 /tmp/p6) 2>/dev/null; id -u
 "
     );
@@ -268,6 +291,9 @@ kill $(cat /tmp/p4 /tmp/p6) 2>/dev/null; id -u
         "GW4-OK",
         "REMOTE4-OK",
         "REMOTE6-OK",
+        "TCP4-OK",
+        "TCP6-OK",
+        "UDP6-OK",
     ] {
         assert!(
             got.contains(want),

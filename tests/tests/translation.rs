@@ -408,12 +408,18 @@ fn map_guest_addr_and_outbound_binding() {
     // --map-guest-addr: 198.51.100.77 reaches the host's own 198.51.100.2.
     let (mut w, guest, _pid, log) = world(&["--map-guest-addr", "198.51.100.77"]);
     let host = w.host.clone();
-    w.serve(&host, &format!("exec python3 {} 7005", script("tcp_echo.py")));
+    w.serve(
+        &host,
+        &format!("exec python3 {} 7005", script("tcp_echo.py")),
+    );
     w.wait_listening(&host, 7005, false);
     guest_ok(
         &w,
         &guest,
-        &format!("python3 {} 198.51.100.77 7005 sequential 2", script("conn_client.py")),
+        &format!(
+            "python3 {} 198.51.100.77 7005 sequential 2",
+            script("conn_client.py")
+        ),
         &log,
     );
     // --outbound binds the host socket: the remote sees that source address.
@@ -425,11 +431,17 @@ fn map_guest_addr_and_outbound_binding() {
     ] {
         let (mut w, guest, _pid, log) = world(&arg);
         let remote = w.remote.clone();
-        w.serve(&remote, &format!("exec python3 {} 7006", script("tcp_echo.py")));
+        w.serve(
+            &remote,
+            &format!("exec python3 {} 7006", script("tcp_echo.py")),
+        );
         w.wait_listening(&remote, 7006, false);
         let out = w.run_in(
             &guest,
-            &format!("python3 {} 203.0.113.1 7006 sequential 1", script("conn_client.py")),
+            &format!(
+                "python3 {} 203.0.113.1 7006 sequential 1",
+                script("conn_client.py")
+            ),
         );
         assert_eq!(
             out.status.success(),

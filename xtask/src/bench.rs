@@ -8,9 +8,12 @@
 //! guest ↔ host with IP forwarding. For each repetition, MTU and contender (interleaved, so
 //! drift hits all alike):
 //!
-//! * TCP throughput guest → remote (`up`) and remote → guest (`down`), iperf3 single stream,
-//!   `-O 1` to skip slow start; the figure is what the *receiver* counted, so a contender
-//!   that carried nothing shows 0, not a sender's optimism;
+//! * TCP throughput guest → remote (`up`) and remote → guest (`down`), iperf3 single stream
+//!   and 4 streams, `-O 1` to skip slow start; the figure is what the *receiver* counted, so
+//!   a contender that carried nothing shows 0, not a sender's optimism;
+//! * UDP guest → remote at a fixed offered rate ([`UDP_RATE`], 1400-byte datagrams):
+//!   received Gbit/s and loss;
+//! * connection rate (`tests/scripts/crr.py`: connect, 1-byte exchange, close);
 //! * request/response latency over one TCP connection (`tests/scripts/rr.py`, 1 byte each
 //!   way, p50 and p99; Python's own cost is in every contender's figure alike);
 //! * the contender process's CPU time (utime + stime from `/proc/PID/stat`) during the
@@ -63,6 +66,11 @@ impl Contender {
 struct Sample {
     up_gbps: f64,
     down_gbps: f64,
+    up4_gbps: f64,
+    down4_gbps: f64,
+    udp_gbps: f64,
+    udp_loss_pct: f64,
+    crr_per_s: f64,
     rr_p50_us: f64,
     rr_p99_us: f64,
     cpu_s: Option<f64>,
@@ -73,7 +81,7 @@ struct Sample {
 pub fn run(args: &[String]) -> Result<()> {
     let quick = args.iter().any(|a| a == "--quick");
     let reps = if quick { 1 } else { 3 };
-    let secs = if quick { 2 } else { 4 };
+    let secs = if quick { 1 } else { 4 };
     let mtus: &[u16] = if quick { &[65520] } else { &[65520, 1500] };
     crate::ensure_packages(PACKAGES)?;
     if !crate::is_root() {
@@ -138,7 +146,7 @@ fn measure(c: Contender, mtu: u16, secs: u32, forwarder: &Path, root: &Path) -> 
     let mut w = World::new()?;
     let pid = w.start(c, mtu, forwarder)?;
     let remote = w.remote.clone();
-    w.serve(&remote, "exec iperf3 -s -p 5201")?;
+    w.serve(&remote, "exec iperf3 -s -p 5201 -B 203.0.113.1")?;
     w.serve(
         &remote,
         &format!(
@@ -148,16 +156,34 @@ fn measure(c: Contender, mtu: u16, secs: u32, forwarder: &Path, root: &Path) -> 
     )?;
     w.wait_listening(&remote, 5201)?;
     w.wait_listening(&remote, 7000)?;
+    let t = Instant::now();
+    let lap = |what: &str| eprintln!("bench:   {what} done at {:.1} s", t.elapsed().as_secs_f64());
     let cpu0 = pid.map(cpu_seconds).transpose()?;
     let mut s = Sample {
-        up_gbps: w.iperf(secs, false)?,
-        down_gbps: w.iperf(secs, true)?,
+        up_gbps: w.iperf(secs, "")?,
+        down_gbps: w.iperf(secs, "-R")?,
         ..Sample::default()
     };
     if let (Some(p), Some(c0)) = (pid, cpu0) {
         s.cpu_s = Some(cpu_seconds(p)? - c0);
         s.rss_kib = peak_rss(p).ok();
     }
+    lap("single stream");
+    s.up4_gbps = w.iperf(secs, "-P 4")?;
+    s.down4_gbps = w.iperf(secs, "-P 4 -R")?;
+    lap("4 streams");
+    (s.udp_gbps, s.udp_loss_pct) = w.iperf_udp(secs)?;
+    lap("udp");
+    let crr = w.guest_output(&format!(
+        "python3 {} 203.0.113.1 7000 2",
+        root.join("tests/scripts/crr.py").display()
+    ))?;
+    s.crr_per_s = crr
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("crr.py printed {crr:?}"))?;
+    lap("connections");
     let rr = w.guest_output(&format!(
         "python3 {} 203.0.113.1 7000 2",
         root.join("tests/scripts/rr.py").display()
@@ -359,11 +385,23 @@ impl World {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Receiver-side Gbit/s of one iperf3 run; 0 when nothing arrived.
-    fn iperf(&self, secs: u32, reverse: bool) -> Result<f64> {
-        let rev = if reverse { "-R" } else { "" };
+    /// Received Gbit/s and loss % of a UDP run at [`UDP_RATE`].
+    fn iperf_udp(&self, secs: u32) -> Result<(f64, f64)> {
         let out = self.guest_output(&format!(
-            "iperf3 -c 203.0.113.1 -p 5201 -t {secs} -O 1 {rev} -J"
+            "iperf3 -c 203.0.113.1 -p 5201 -u -b {UDP_RATE} -l 1400 -t {secs} -J"
+        ))?;
+        let v: Value = serde_json::from_str(&out).context("iperf3 JSON")?;
+        let get = |path: &str| v.pointer(path).and_then(Value::as_f64);
+        let lost = get("/end/sum/lost_percent").unwrap_or(100.0);
+        let sent_bps = get("/end/sum/bits_per_second").unwrap_or(0.0);
+        Ok((sent_bps * (100.0 - lost) / 100.0 / 1e9, lost))
+    }
+
+    /// Receiver-side Gbit/s of one TCP iperf3 run (`extra`: `-R`, `-P 4`); 0 when nothing
+    /// arrived.
+    fn iperf(&self, secs: u32, extra: &str) -> Result<f64> {
+        let out = self.guest_output(&format!(
+            "iperf3 -c 203.0.113.1 -p 5201 -t {secs} -O 1 {extra} -J"
         ))?;
         let v: Value = serde_json::from_str(&out).context("iperf3 JSON")?;
         let field = |name: &str| {
@@ -459,14 +497,27 @@ struct Report {
 
 /// The metrics, in table order: name, unit, higher is better, accessor.
 type Metric = (&'static str, &'static str, bool, fn(&Sample) -> Option<f64>);
-const METRICS: [Metric; 6] = [
+const METRICS: [Metric; 11] = [
     ("TCP guest → remote", "Gbit/s", true, |s| Some(s.up_gbps)),
     ("TCP remote → guest", "Gbit/s", true, |s| {
         Some(s.down_gbps)
     }),
+    ("TCP guest → remote, 4 streams", "Gbit/s", true, |s| {
+        Some(s.up4_gbps)
+    }),
+    ("TCP remote → guest, 4 streams", "Gbit/s", true, |s| {
+        Some(s.down4_gbps)
+    }),
+    ("UDP received, 1 Gbit/s offered", "Gbit/s", true, |s| {
+        Some(s.udp_gbps)
+    }),
+    ("UDP loss, 1 Gbit/s offered", "%", false, |s| {
+        Some(s.udp_loss_pct)
+    }),
+    ("TCP connections", "per s", true, |s| Some(s.crr_per_s)),
     ("RR p50", "µs", false, |s| Some(s.rr_p50_us)),
     ("RR p99", "µs", false, |s| Some(s.rr_p99_us)),
-    ("CPU during throughput runs", "s", false, |s| s.cpu_s),
+    ("CPU during the single-stream runs", "s", false, |s| s.cpu_s),
     ("peak RSS", "MiB", false, |s| {
         s.rss_kib.map(|k| k as f64 / 1024.0)
     }),
@@ -487,7 +538,7 @@ impl Report {
         let mut md = String::new();
         let _ = writeln!(
             md,
-            "Medians of {} interleaved repetitions, iperf3 {} s single stream; generated by \
+            "Medians of {} interleaved repetitions, iperf3 runs of {} s; generated by \
              `cargo xtask bench` in {:.0} s.\n",
             self.reps,
             self.secs,
@@ -542,6 +593,9 @@ impl Report {
                 runs.push(json!({
                     "mtu": mtu, "contender": c.name(),
                     "tcp_up_gbps": s.up_gbps, "tcp_down_gbps": s.down_gbps,
+                    "tcp_up_4_streams_gbps": s.up4_gbps, "tcp_down_4_streams_gbps": s.down4_gbps,
+                    "udp_received_gbps": s.udp_gbps, "udp_loss_percent": s.udp_loss_pct,
+                    "connections_per_s": s.crr_per_s,
                     "rr_p50_us": s.rr_p50_us, "rr_p99_us": s.rr_p99_us,
                     "cpu_s": s.cpu_s, "peak_rss_kib": s.rss_kib,
                 }));
@@ -617,5 +671,7 @@ impl Report {
     }
 }
 
+/// Offered UDP rate (iperf3 `-b`).
+const UDP_RATE: &str = "1G";
 /// `USER_HZ`: what `/proc/PID/stat` counts CPU time in on Linux.
 const CLOCK_TICKS: f64 = 100.0;

@@ -367,28 +367,15 @@ impl Engine {
                 );
             }
             L4::Fragment(frag) => {
-                let id = reassembly::Id {
-                    src: IpAddr::V4(ip.src_addr),
-                    dst: IpAddr::V4(ip.dst_addr),
-                    protocol: frag.protocol,
-                    ident: frag.ident,
-                };
-                let Some(whole) = self.reassemble(now, id, frag) else {
-                    return;
-                };
-                let src = wire::IpAddress::Ipv4(ip.src_addr);
-                let dst = wire::IpAddress::Ipv4(ip.dst_addr);
-                match wire::parse_l4(frag.protocol, &whole, src, dst) {
-                    Ok(l4) => {
-                        let ip = wire::Ipv4Repr {
-                            payload_len: whole.len(),
-                            next_header: frag.protocol,
-                            ..*ip
-                        };
-                        self.handle_ipv4(now, src_mac, &ip, &l4, host);
-                    }
-                    Err(reason) => self.stats.count_drop(reason),
-                }
+                let addrs = (IpAddr::V4(ip.src_addr), IpAddr::V4(ip.dst_addr));
+                self.reassemble_then(now, addrs, frag, |e, l4, len| {
+                    let ip = wire::Ipv4Repr {
+                        payload_len: len,
+                        next_header: frag.protocol,
+                        ..*ip
+                    };
+                    e.handle_ipv4(now, src_mac, &ip, l4, host);
+                });
             }
             L4::Tcp(seg) => self.handle_tcp(
                 now,
@@ -472,28 +459,15 @@ impl Engine {
                 }
             }
             L4::Fragment(frag) => {
-                let id = reassembly::Id {
-                    src: IpAddr::V6(ip.src_addr),
-                    dst: IpAddr::V6(ip.dst_addr),
-                    protocol: frag.protocol,
-                    ident: frag.ident,
-                };
-                let Some(whole) = self.reassemble(now, id, frag) else {
-                    return;
-                };
-                let src = wire::IpAddress::Ipv6(ip.src_addr);
-                let dst = wire::IpAddress::Ipv6(ip.dst_addr);
-                match wire::parse_l4(frag.protocol, &whole, src, dst) {
-                    Ok(l4) => {
-                        let ip = wire::Ipv6Repr {
-                            payload_len: whole.len(),
-                            next_header: frag.protocol,
-                            ..*ip
-                        };
-                        self.handle_ipv6(now, src_mac, &ip, &l4, host);
-                    }
-                    Err(reason) => self.stats.count_drop(reason),
-                }
+                let addrs = (IpAddr::V6(ip.src_addr), IpAddr::V6(ip.dst_addr));
+                self.reassemble_then(now, addrs, frag, |e, l4, len| {
+                    let ip = wire::Ipv6Repr {
+                        payload_len: len,
+                        next_header: frag.protocol,
+                        ..*ip
+                    };
+                    e.handle_ipv6(now, src_mac, &ip, l4, host);
+                });
             }
             L4::Tcp(seg) => self.handle_tcp(
                 now,
@@ -514,25 +488,35 @@ impl Engine {
         }
     }
 
-    /// Adds a fragment; returns the whole payload once complete. Drops are counted.
-    fn reassemble(
+    /// Adds a fragment; once its datagram is complete, parses the whole upper-layer
+    /// payload and hands it to `then` with its length. Drops are counted.
+    fn reassemble_then(
         &mut self,
         now: Instant,
-        id: reassembly::Id,
+        (src, dst): (IpAddr, IpAddr),
         frag: &wire::Fragment<'_>,
-    ) -> Option<Vec<u8>> {
+        then: impl FnOnce(&mut Self, &L4<'_>, usize),
+    ) {
         self.stats.fragments_in += 1;
-        match self.reassembly.add(now, id, frag) {
-            Ok(Some(whole)) => {
-                self.stats.reassembled += 1;
-                Some(whole)
-            }
-            Ok(None) => None,
+        let id = reassembly::Id {
+            src,
+            dst,
+            protocol: frag.protocol,
+            ident: frag.ident,
+        };
+        let whole = match self.reassembly.add(now, id, frag) {
+            Ok(Some(whole)) => whole,
+            Ok(None) => return,
             Err(why) => {
                 trace!(?why, "fragment dropped");
                 self.stats.count_drop(wire::DropReason::Fragment);
-                None
+                return;
             }
+        };
+        self.stats.reassembled += 1;
+        match wire::parse_l4(frag.protocol, &whole, src.into(), dst.into()) {
+            Ok(l4) => then(self, &l4, whole.len()),
+            Err(reason) => self.stats.count_drop(reason),
         }
     }
 

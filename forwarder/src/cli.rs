@@ -101,6 +101,16 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_FLOWS, value_parser = parse_max_flows)]
     pub max_flows: usize,
 
+    /// Forward host TCP ports to the namespace (repeatable): none, PORT, A-B, HOST:NS,
+    /// A-B:C-D, ~EXCLUDED, comma lists, optionally ADDR/ in front to listen on one host
+    /// address. Connections arrive in the namespace from the real client's address.
+    #[arg(short = 't', long = "tcp-ports", value_name = "SPEC", value_parser = parse_ports)]
+    pub tcp_ports: Vec<Vec<crate::forward::PortMap>>,
+
+    /// Forward host UDP ports to the namespace (same syntax as --tcp-ports).
+    #[arg(short = 'u', long = "udp-ports", value_name = "SPEC", value_parser = parse_ports)]
+    pub udp_ports: Vec<Vec<crate::forward::PortMap>>,
+
     /// Allow flows to RULE even if the blocklist or --enable-* would refuse them
     /// (repeatable, comma lists): [tcp|udp://]ADDR[/LEN][:PORT[-PORT]], IPv6 in brackets.
     #[arg(long, value_name = "RULE", value_delimiter = ',', value_parser = parse_rule)]
@@ -242,6 +252,10 @@ impl Args {
         let mut network = plan::resolve(&host, &overrides)?;
         let translation = self.translation(&host, &mut network)?;
         let io = self.io_options()?;
+        let tcp_forwards = crate::forward::join(&self.tcp_ports)
+            .map_err(|e| anyhow::anyhow!("--tcp-ports: {e}"))?;
+        let udp_forwards = crate::forward::join(&self.udp_ports)
+            .map_err(|e| anyhow::anyhow!("--udp-ports: {e}"))?;
         let services = Services {
             arp: !self.no_arp,
             ndp: !self.no_ndp,
@@ -261,6 +275,8 @@ impl Args {
             pid_file: self.pid_file,
             translation,
             io,
+            tcp_forwards,
+            udp_forwards,
         })
     }
 
@@ -364,6 +380,10 @@ impl Args {
             drop_every: self.drop_every,
         })
     }
+}
+
+fn parse_ports(s: &str) -> Result<Vec<crate::forward::PortMap>, String> {
+    crate::forward::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_rule(s: &str) -> Result<Rule, String> {

@@ -33,6 +33,10 @@ pub struct Config {
     pub translation: crate::engine::Settings,
     /// The data plane's own options (outbound binding, test hook).
     pub io: crate::io::Options,
+    /// Inbound TCP port forwards (`-t`).
+    pub tcp_forwards: Vec<crate::forward::PortMap>,
+    /// Inbound UDP port forwards (`-u`).
+    pub udp_forwards: Vec<crate::forward::PortMap>,
 }
 
 /// The namespace forwarder serves.

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod flow;
+pub mod forward;
 pub mod frames;
 pub mod io;
 pub mod netconf;

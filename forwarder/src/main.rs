@@ -42,6 +42,21 @@ fn run(args: Args) -> Result<ExitCode> {
         );
     }
     log_plan(&cfg);
+    // Bound before anything else starts: a port in use stops start-up with nothing half done.
+    let listeners = io::bind_forwards(&cfg.tcp_forwards, &cfg.udp_forwards)?;
+    for m in &cfg.tcp_forwards {
+        debug!(host = m.host, ns = m.ns, bind = ?m.bind, "forwarding tcp");
+    }
+    for m in &cfg.udp_forwards {
+        debug!(host = m.host, ns = m.ns, bind = ?m.bind, "forwarding udp");
+    }
+    if !listeners.is_empty() {
+        info!(
+            tcp = cfg.tcp_forwards.len(),
+            udp = cfg.udp_forwards.len(),
+            "port forwards bound"
+        );
+    }
     let ns::Namespace { tap, command } = ns::setup(&cfg)?;
     if let Some(path) = &cfg.pid_file {
         std::fs::write(path, format!("{}\n", std::process::id()))
@@ -58,7 +73,7 @@ fn run(args: Args) -> Result<ExitCode> {
         translation,
         Instant::now(),
     );
-    let plane = io::spawn(tap, engine, cfg.io.clone())?;
+    let plane = io::spawn(tap, engine, cfg.io.clone(), listeners)?;
     let child = command.map(ns::PendingCommand::release).transpose()?;
     info!(tap = %cfg.ifname, "forwarding");
     let runtime = tokio::runtime::Builder::new_current_thread()

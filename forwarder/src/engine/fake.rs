@@ -97,6 +97,8 @@ pub struct FakeHost {
     pub udp_error: Option<i32>,
     /// Send buffer of new TCP sockets.
     pub sndbuf: usize,
+    /// UDP flows answering through a forwarded-port socket, and which.
+    pub via: Vec<(FlowId, usize)>,
 }
 
 impl FakeHost {
@@ -155,5 +157,21 @@ impl Host for FakeHost {
 
     fn close(&mut self, flow: FlowId, abort: bool) {
         self.closed.push((flow, abort));
+    }
+
+    fn tcp_accepted(&mut self, flow: FlowId) -> io::Result<()> {
+        self.tcp.insert(
+            flow,
+            FakeTcp {
+                sndbuf: self.sndbuf,
+                ..FakeTcp::default()
+            },
+        );
+        Ok(())
+    }
+
+    fn udp_reply_via(&mut self, flow: FlowId, listener: usize, peer: SocketAddr) {
+        self.udp.insert(flow, (peer, Vec::new()));
+        self.via.push((flow, listener));
     }
 }

@@ -41,6 +41,7 @@
 //! `tx_queue_full`), and at most [`MAX_HOST_OPS`] host operations; the flow table is
 //! bounded by `--max-flows`.
 
+mod inbound;
 pub mod reassembly;
 pub mod stats;
 mod translate;
@@ -122,6 +123,15 @@ pub trait Host {
     fn udp_send(&mut self, flow: FlowId, data: &[u8]) -> io::Result<()>;
     /// Closes `flow`'s socket; `abort` resets a TCP connection (linger 0).
     fn close(&mut self, flow: FlowId, abort: bool);
+    /// Makes the connection just accepted on a forwarded port `flow`'s TCP socket.
+    ///
+    /// # Errors
+    ///
+    /// No accepted connection is pending.
+    fn tcp_accepted(&mut self, flow: FlowId) -> io::Result<()>;
+    /// Makes `flow`'s datagrams go out through forwarded-port socket `listener` to `peer`
+    /// (the client whose datagram opened the flow).
+    fn udp_reply_via(&mut self, flow: FlowId, listener: usize, peer: SocketAddr);
 }
 
 /// Per-protocol state kept in the flow table.

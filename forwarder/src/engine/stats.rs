@@ -68,6 +68,12 @@ counters! {
     tcp_resets,
     /// TCP host sockets that reported an error (reset by the remote).
     tcp_host_resets,
+    /// Inbound TCP connections on forwarded ports relayed to the guest.
+    inbound_tcp,
+    /// Inbound UDP flows on forwarded ports.
+    inbound_udp,
+    /// Inbound connections refused (family off, duplicate flow).
+    inbound_refused,
     /// UDP flows created.
     udp_flows,
     /// UDP datagrams from the guest sent to the host.

@@ -12,7 +12,7 @@ use tracing::{debug, trace};
 use super::{DEFAULT_HOP_LIMIT, Detail, Engine, Host, HostOp};
 use crate::flow::tcp::{self, Conn, Cx, Verdict};
 use crate::flow::udp::{self, Unreachable};
-use crate::flow::{self, FlowId, Key, Protocol, State};
+use crate::flow::{self, FlowId, Interface, Key, Protocol, State};
 use crate::wire::build::{self, Payload};
 use crate::wire::{
     EthernetAddress, Icmpv4DstUnreachable, Icmpv4Repr, Icmpv6DstUnreachable, Icmpv6Repr,
@@ -262,7 +262,7 @@ impl Engine {
             remote_port: dport,
         };
         let last_len = u16::try_from(payload.len()).unwrap_or(u16::MAX);
-        let flow = match self.flows.lookup(&key) {
+        let flow = match self.flows.lookup(&key).or_else(|| self.inbound_reply(&key)) {
             Some(flow) => flow,
             None => {
                 let target = match self.policy.route(Protocol::Udp, dst, dport) {
@@ -318,6 +318,25 @@ impl Engine {
         }
     }
 
+    /// An inbound UDP flow this datagram answers although it leaves from another of the
+    /// guest's addresses: a server bound to the wildcard address replies from whatever
+    /// address source selection picks (e.g. its SLAAC address rather than the planned one
+    /// the client's datagram was sent to).
+    fn inbound_reply(&self, key: &Key) -> Option<FlowId> {
+        let planned = match key.guest_addr {
+            IpAddr::V4(_) => IpAddr::V4(self.net.ipv4.as_ref()?.guest),
+            IpAddr::V6(_) => IpAddr::V6(self.net.ipv6.as_ref()?.guest),
+        };
+        if planned == key.guest_addr {
+            return None;
+        }
+        let flow = self.flows.lookup(&Key {
+            guest_addr: planned,
+            ..*key
+        })?;
+        (self.flows.get(flow)?.origin == Interface::Host).then_some(flow)
+    }
+
     /// Runs one flow's timer.
     pub(super) fn flow_timer(&mut self, now: Instant, flow: FlowId, host: &mut dyn Host) {
         let Some(f) = self.flows.get(flow) else {
@@ -353,7 +372,7 @@ impl Engine {
 
     /// Runs `f` on `flow`'s TCP connection with its socket, then applies the verdict and
     /// reschedules the flow's timer.
-    fn with_tcp(
+    pub(super) fn with_tcp(
         &mut self,
         now: Instant,
         flow: FlowId,
@@ -406,7 +425,7 @@ impl Engine {
     }
 
     /// Sets `flow`'s deadline from its protocol state.
-    fn schedule(&mut self, flow: FlowId) {
+    pub(super) fn schedule(&mut self, flow: FlowId) {
         let Some(f) = self.flows.get(flow) else {
             return;
         };
@@ -421,7 +440,7 @@ impl Engine {
     /// An initial sequence number: a keyed hash of the connection (RFC 6528 in spirit:
     /// unpredictable to other flows, different across reuse of the same ports) plus a
     /// 4-µs clock.
-    fn iss(&self, key: &Key) -> u32 {
+    pub(super) fn iss(&self, key: &Key) -> u32 {
         use std::hash::{BuildHasher, Hash, Hasher};
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         key.hash(&mut h);

@@ -1,10 +1,12 @@
 //! # Theory of operation
 //!
 //! The one flow table (STYLE A2). A flow is a conversation the namespace started, seen from
-//! both ends: the **initiating side** (on the tap: the guest's address and port or echo id)
-//! and the **target side** (on the host: the address and port the host socket talks to,
-//! which differs from what the guest named when the destination is mapped, e.g. the
-//! gateway to the host's loopback). TCP, UDP and ICMP echo flows all live here.
+//! both ends: the **tap side** (the guest's address and port or echo id) and the **host
+//! side** (the address and port the host socket talks to, which differs from what the guest
+//! named when the destination is mapped, e.g. the gateway to the host's loopback). Its
+//! **origin** says which side started it: the tap for what the namespace opens, the host for
+//! inbound port forwards (then the host side is the real client). TCP, UDP and ICMP echo
+//! flows all live here.
 //!
 //! ## State
 //!
@@ -141,8 +143,11 @@ impl State {
 pub struct Flow<T> {
     /// The tap-side key.
     pub key: Key,
-    /// Initiating side (tap) and target side (host).
+    /// The tap side ([`TAP`]) and the host side ([`HOST`]).
     pub sides: [Side; 2],
+    /// The side that started the flow: the tap for what the namespace opens, the host for
+    /// inbound port forwards.
+    pub origin: Interface,
     /// Lifecycle state.
     pub state: State,
     /// Last time traffic passed in either direction.
@@ -154,16 +159,22 @@ pub struct Flow<T> {
 }
 
 impl<T> Flow<T> {
-    /// The initiating (tap) side.
+    /// The side that started the flow.
     #[must_use]
     pub fn initiator(&self) -> &Side {
-        &self.sides[INITIATOR]
+        match self.origin {
+            Interface::Tap => &self.sides[TAP],
+            Interface::Host => &self.sides[HOST],
+        }
     }
 
-    /// The target (host) side.
+    /// The side the flow was opened toward.
     #[must_use]
     pub fn target(&self) -> &Side {
-        &self.sides[TARGET]
+        match self.origin {
+            Interface::Tap => &self.sides[HOST],
+            Interface::Host => &self.sides[TAP],
+        }
     }
 
     /// The flow's next deadline.
@@ -207,8 +218,9 @@ impl<T> Table<T> {
         self.by_key.get(key).copied()
     }
 
-    /// Adds a flow in state `Opening` whose target is `target` (the host-side address and
-    /// port, after any mapping).
+    /// Adds a flow in state `Opening`, started by the tap side, whose host side is `target`
+    /// (the address and port the host socket talks to, after any mapping). Inbound flows set
+    /// [`Flow::origin`] to the host afterwards.
     ///
     /// # Errors
     ///
@@ -239,6 +251,7 @@ impl<T> Table<T> {
                     port: target.1,
                 },
             ],
+            origin: Interface::Tap,
             state: State::Opening,
             last_seen: now,
             ext,
@@ -366,10 +379,10 @@ impl<T> Table<T> {
     }
 }
 
-/// Index of the initiating side in [`Flow::sides`].
-pub const INITIATOR: usize = 0;
-/// Index of the target side in [`Flow::sides`].
-pub const TARGET: usize = 1;
+/// Index of the tap side in [`Flow::sides`].
+pub const TAP: usize = 0;
+/// Index of the host side in [`Flow::sides`].
+pub const HOST: usize = 1;
 /// Idle timeout of echo flows (Linux's ping socket lifetime is the process's; 60 s matches
 /// the conntrack default for ICMP, 30 s, doubled for slow `ping -i`).
 pub const ICMP_IDLE: Duration = Duration::from_secs(60);

@@ -24,6 +24,7 @@
 //! |---|---|---|
 //! | `Connecting` | SYN-RECEIVED, SYN-ACK withheld | host `connect()` done → SYN-ACK, `SynAckSent`; refused → RST, removed |
 //! | `SynAckSent` | SYN-RECEIVED | guest ACKs the SYN-ACK → `Established` |
+//! | `SynSent` | SYN-SENT (inbound: a client connected to a forwarded host port) | guest's SYN-ACK → ACK, `Established`; guest's RST → the client's socket is reset |
 //! | `Established` | ESTABLISHED / CLOSE-WAIT / FIN-WAIT / LAST-ACK | both FINs exchanged and ours acknowledged → removed |
 //!
 //! `guest_fin`: the guest's FIN arrived in order (it is acknowledged and the host socket gets
@@ -133,7 +134,9 @@ pub enum TcpState {
     Connecting,
     /// The host side is connected and the SYN-ACK is out.
     SynAckSent,
-    /// The guest acknowledged the SYN-ACK.
+    /// Inbound: our SYN to the guest is out (a client connected to a forwarded port).
+    SynSent,
+    /// The guest acknowledged the SYN-ACK (or, inbound, sent its SYN-ACK).
     Established,
 }
 
@@ -258,6 +261,87 @@ impl Conn {
         }
     }
 
+    /// A connection toward the guest for a client accepted on a forwarded host port, with
+    /// our initial sequence number `iss`. [`Conn::send_syn`] opens it.
+    #[must_use]
+    pub fn inbound(iss: u32, mtu: u16, v6: bool) -> Self {
+        let ip_tcp = if v6 { 60 } else { 40 };
+        let mss = mtu.saturating_sub(ip_tcp).max(MIN_MSS);
+        Self {
+            state: TcpState::SynSent,
+            iss,
+            snd_una: iss,
+            snd_nxt: iss.wrapping_add(1),
+            rcv_nxt: 0,
+            guest_wnd: 0,
+            guest_shift: 0,
+            our_shift: OUR_WINDOW_SHIFT,
+            mss,
+            adv_edge: 0,
+            dup_acks: 0,
+            recover: None,
+            rto: RTO_INITIAL,
+            rto_at: None,
+            retries: 0,
+            connect_by: None,
+            wnd_check_at: None,
+            wnd_backoff: WINDOW_RECHECK_MIN,
+            guest_fin: false,
+            host_shut: false,
+            fin_sent: false,
+            fin_acked: false,
+            ack_pending: false,
+            stash: Vec::new(),
+            ooo: Vec::new(),
+            sack: true,
+        }
+    }
+
+    /// Sends (or resends) the SYN of an inbound connection.
+    pub fn send_syn<S: HostSocket + ?Sized>(&mut self, cx: &mut Cx<'_, S>) {
+        let space = self.window(cx).min(u32::from(u16::MAX));
+        let repr = TcpRepr {
+            src_port: cx.key.remote_port,
+            dst_port: cx.key.guest_port,
+            control: TcpControl::Syn,
+            seq_number: TcpSeqNumber(self.iss.cast_signed()),
+            ack_number: None,
+            window_len: u16::try_from(space).unwrap_or(u16::MAX),
+            window_scale: Some(OUR_WINDOW_SHIFT),
+            max_seg_size: Some(self.mss),
+            sack_permitted: true,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload: &[],
+        };
+        emit_repr(cx, &repr);
+        if self.rto_at.is_none() {
+            self.rto_at = Some(cx.now + self.rto);
+        }
+    }
+
+    /// The guest's SYN-ACK to our inbound SYN: take its options, acknowledge, established.
+    fn on_syn_ack<S: HostSocket + ?Sized>(&mut self, cx: &mut Cx<'_, S>, seg: &TcpRepr<'_>) {
+        self.rcv_nxt = seq(seg.seq_number).wrapping_add(1);
+        self.adv_edge = self.rcv_nxt;
+        match seg.window_scale {
+            Some(shift) => self.guest_shift = shift.min(MAX_WINDOW_SHIFT),
+            None => self.our_shift = 0,
+        }
+        if let Some(m) = seg.max_seg_size {
+            self.mss = self.mss.min(m.max(MIN_MSS));
+        }
+        self.sack = seg.sack_permitted;
+        self.guest_wnd = u32::from(seg.window_len);
+        self.snd_una = self.iss.wrapping_add(1);
+        self.state = TcpState::Established;
+        self.rto = RTO_MIN;
+        self.rto_at = None;
+        self.retries = 0;
+        self.send_ack(cx, self.snd_nxt);
+        self.push(cx);
+    }
+
     /// The segment size toward the guest.
     #[must_use]
     pub fn mss(&self) -> u16 {
@@ -312,6 +396,18 @@ impl Conn {
     ) -> Verdict {
         let seg_seq = seq(seg.seq_number);
         match seg.control {
+            TcpControl::Rst if self.state == TcpState::SynSent => {
+                // RFC 9293 §3.10.7.3: in SYN-SENT a RST is acceptable if it acknowledges
+                // our SYN: the guest's port is closed.
+                let ours = seg.ack_number.map(seq) == Some(self.iss.wrapping_add(1));
+                return if ours { Verdict::Abort } else { Verdict::Keep };
+            }
+            TcpControl::Syn if self.state == TcpState::SynSent => {
+                if seg.ack_number.map(seq) == Some(self.iss.wrapping_add(1)) {
+                    self.on_syn_ack(cx, seg);
+                }
+                return Verdict::Keep;
+            }
             TcpControl::Rst => {
                 // RFC 5961 §3.2 in its simplest form: only an exactly or nearly in-window
                 // RST is believed; others are ignored.
@@ -334,7 +430,7 @@ impl Conn {
             }
             _ => {}
         }
-        if self.state == TcpState::Connecting {
+        if matches!(self.state, TcpState::Connecting | TcpState::SynSent) {
             return Verdict::Keep;
         }
         let Some(ack) = seg.ack_number.map(seq) else {
@@ -367,7 +463,7 @@ impl Conn {
         readable: bool,
         writable: bool,
     ) -> Verdict {
-        if self.state == TcpState::Connecting {
+        if matches!(self.state, TcpState::Connecting | TcpState::SynSent) {
             return Verdict::Keep;
         }
         if writable {
@@ -820,6 +916,7 @@ impl Conn {
         self.rto = (self.rto * 2).min(RTO_MAX);
         match self.state {
             TcpState::Connecting => {}
+            TcpState::SynSent => self.send_syn(cx),
             TcpState::SynAckSent => self.send_syn_ack(cx),
             TcpState::Established => {
                 if self.snd_nxt == self.snd_una {

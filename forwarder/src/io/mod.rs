@@ -94,6 +94,90 @@ pub struct Outbound {
     pub iface: Option<String>,
 }
 
+/// A bound forwarded-port socket (see `forward`).
+#[derive(Debug)]
+pub struct Listener {
+    socket: ListenSocket,
+    ns_port: u16,
+}
+
+#[derive(Debug)]
+enum ListenSocket {
+    Tcp(std::net::TcpListener),
+    Udp(std::net::UdpSocket),
+}
+
+/// Binds every forwarded port, all or nothing: the first port that cannot be bound is the
+/// error, and the sockets bound before it are closed when the partial list is dropped.
+///
+/// # Errors
+///
+/// Naming the protocol, address and port that failed (e.g. already in use).
+pub fn bind_forwards(
+    tcp: &[crate::forward::PortMap],
+    udp: &[crate::forward::PortMap],
+) -> Result<Vec<Listener>> {
+    let mut out = Vec::new();
+    for (maps, is_udp) in [(tcp, false), (udp, true)] {
+        for m in maps {
+            let name = if is_udp { "udp" } else { "tcp" };
+            let fd = bind_one(m, is_udp).with_context(|| match m.bind {
+                Some(a) => format!("forward {name} port {} on {a}", m.host),
+                None => format!("forward {name} port {}", m.host),
+            })?;
+            let socket = if is_udp {
+                ListenSocket::Udp(std::net::UdpSocket::from(fd))
+            } else {
+                ListenSocket::Tcp(std::net::TcpListener::from(fd))
+            };
+            out.push(Listener {
+                socket,
+                ns_port: m.ns,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn bind_one(m: &crate::forward::PortMap, udp: bool) -> std::io::Result<OwnedFd> {
+    let ty = if udp {
+        SockType::Datagram
+    } else {
+        SockType::Stream
+    };
+    let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
+    let (fd, addr) = match m.bind {
+        Some(IpAddr::V4(a)) => (
+            socket(AddressFamily::Inet, ty, flags, None)?,
+            SocketAddr::from((a, m.host)),
+        ),
+        Some(IpAddr::V6(a)) => {
+            let fd = socket(AddressFamily::Inet6, ty, flags, None)?;
+            setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+            (fd, SocketAddr::from((a, m.host)))
+        }
+        None => match socket(AddressFamily::Inet6, ty, flags, None) {
+            // One dual-stack socket: IPv4 clients arrive as IPv4-mapped addresses.
+            Ok(fd) => {
+                setsockopt(&fd, sockopt::Ipv6V6Only, &false)?;
+                (fd, SocketAddr::from((Ipv6Addr::UNSPECIFIED, m.host)))
+            }
+            Err(_) => (
+                socket(AddressFamily::Inet, ty, flags, None)?,
+                SocketAddr::from((Ipv4Addr::UNSPECIFIED, m.host)),
+            ),
+        },
+    };
+    if !udp {
+        setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    }
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+    if !udp {
+        nix::sys::socket::listen(&fd, nix::sys::socket::Backlog::new(LISTEN_BACKLOG)?)?;
+    }
+    Ok(fd)
+}
+
 /// Options of the data plane itself.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Options {
@@ -147,12 +231,30 @@ impl Handle {
 /// # Errors
 ///
 /// When the poller cannot be created or the tap registered.
-pub fn spawn(tap: OwnedFd, engine: Engine, options: Options) -> Result<Handle> {
+pub fn spawn(
+    tap: OwnedFd,
+    engine: Engine,
+    options: Options,
+    listeners: Vec<Listener>,
+) -> Result<Handle> {
     let poll = Poll::new().context("create poller")?;
     let waker = std::sync::Arc::new(Waker::new(poll.registry(), WAKER).context("create waker")?);
     poll.registry()
         .register(&mut SourceFd(&tap.as_raw_fd()), TAP, Interest::READABLE)
         .context("register the tap")?;
+    for (i, l) in listeners.iter().enumerate() {
+        let fd = match &l.socket {
+            ListenSocket::Tcp(t) => t.as_raw_fd(),
+            ListenSocket::Udp(u) => u.as_raw_fd(),
+        };
+        poll.registry()
+            .register(
+                &mut SourceFd(&fd),
+                Token(FIRST_LISTENER_TOKEN.0 + i),
+                Interest::READABLE,
+            )
+            .context("register a forwarded port")?;
+    }
     let registry = poll.registry().try_clone().context("clone the registry")?;
     let (tx, rx) = mpsc::channel();
     let plane = Dataplane {
@@ -164,6 +266,8 @@ pub fn spawn(tap: OwnedFd, engine: Engine, options: Options) -> Result<Handle> {
             registry,
             map: HashMap::new(),
             outbound: options.outbound,
+            listeners,
+            accepted: None,
         },
         buf: vec![0; MAX_FRAME],
         tap_pending: false,
@@ -217,6 +321,8 @@ pub struct Sockets {
     registry: Registry,
     map: HashMap<FlowId, Sock>,
     outbound: Outbound,
+    listeners: Vec<Listener>,
+    accepted: Option<OwnedFd>,
 }
 
 impl std::fmt::Debug for Sockets {
@@ -228,9 +334,17 @@ impl std::fmt::Debug for Sockets {
 }
 
 enum Sock {
-    Echo { fd: OwnedFd, v6: bool },
+    Echo {
+        fd: OwnedFd,
+        v6: bool,
+    },
     Tcp(TcpSock),
     Udp(OwnedFd),
+    /// An inbound UDP flow: replies leave through forwarded-port socket `listener`.
+    UdpVia {
+        listener: usize,
+        peer: SocketAddr,
+    },
 }
 
 struct TcpSock {
@@ -285,6 +399,9 @@ impl Dataplane {
                             }
                         }
                     }
+                    Token(t) if t >= FIRST_LISTENER_TOKEN.0 => {
+                        self.listener_event(now, t - FIRST_LISTENER_TOKEN.0);
+                    }
                     Token(t) => {
                         let flow = FlowId(u64::try_from(t - FIRST_FLOW_TOKEN.0).unwrap_or(0));
                         self.socket_event(now, flow, event);
@@ -312,7 +429,59 @@ impl Dataplane {
             ),
             Some(Sock::Udp(_)) => self.drain_udp(now, flow),
             Some(Sock::Echo { .. }) => self.drain_echo(now, flow),
-            None => {}
+            Some(Sock::UdpVia { .. }) | None => {}
+        }
+    }
+
+    /// A forwarded port is readable: accept connections / receive datagrams.
+    fn listener_event(&mut self, now: Instant, index: usize) {
+        for _ in 0..ACCEPT_BATCH {
+            let Some(l) = self.sockets.listeners.get(index) else {
+                return;
+            };
+            let ns_port = l.ns_port;
+            match &l.socket {
+                ListenSocket::Tcp(t) => match t.accept() {
+                    Ok((stream, peer)) => {
+                        let _ = stream.set_nonblocking(true);
+                        let _ = stream.set_nodelay(true);
+                        self.sockets.accepted = Some(OwnedFd::from(stream));
+                        self.engine
+                            .handle_inbound_tcp(now, ns_port, peer, &mut self.sockets);
+                        if let Some(fd) = self.sockets.accepted.take() {
+                            // Not taken (table full, family off): reset the client.
+                            let _ = setsockopt(
+                                &fd,
+                                sockopt::Linger,
+                                &libc::linger {
+                                    l_onoff: 1,
+                                    l_linger: 0,
+                                },
+                            );
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                    Err(err) => {
+                        debug!(%err, "accept failed");
+                        return;
+                    }
+                },
+                ListenSocket::Udp(u) => match u.recv_from(&mut self.buf) {
+                    Ok((n, peer)) => self.engine.handle_inbound_udp(
+                        now,
+                        index,
+                        ns_port,
+                        peer,
+                        self.buf.get(..n).unwrap_or_default(),
+                        &mut self.sockets,
+                    ),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                    Err(err) => {
+                        debug!(%err, "forwarded udp port error");
+                        return;
+                    }
+                },
+            }
         }
     }
 
@@ -510,6 +679,8 @@ impl Sockets {
         let fd = match &sock {
             Sock::Echo { fd, .. } | Sock::Udp(fd) => fd,
             Sock::Tcp(t) => &t.fd,
+            // The forwarded-port socket stays: other clients use it.
+            Sock::UdpVia { .. } => return,
         };
         let _ = self.registry.deregister(&mut SourceFd(&fd.as_raw_fd()));
         if abort && matches!(sock, Sock::Tcp(_)) {
@@ -579,11 +750,49 @@ impl Host for Sockets {
     }
 
     fn udp_send(&mut self, flow: FlowId, data: &[u8]) -> std::io::Result<()> {
-        let Some(Sock::Udp(fd)) = self.map.get(&flow) else {
-            return Err(std::io::ErrorKind::NotConnected.into());
-        };
-        send(fd.as_raw_fd(), data, MsgFlags::MSG_DONTWAIT)?;
+        match self.map.get(&flow) {
+            Some(Sock::Udp(fd)) => {
+                send(fd.as_raw_fd(), data, MsgFlags::MSG_DONTWAIT)?;
+                Ok(())
+            }
+            Some(Sock::UdpVia { listener, peer }) => {
+                let Some(Listener {
+                    socket: ListenSocket::Udp(u),
+                    ..
+                }) = self.listeners.get(*listener)
+                else {
+                    return Err(std::io::ErrorKind::NotConnected.into());
+                };
+                u.send_to(data, peer)?;
+                Ok(())
+            }
+            _ => Err(std::io::ErrorKind::NotConnected.into()),
+        }
+    }
+
+    fn tcp_accepted(&mut self, flow: FlowId) -> std::io::Result<()> {
+        let fd = self
+            .accepted
+            .take()
+            .ok_or(std::io::ErrorKind::NotConnected)?;
+        let peek_off = sys::set_peek_off(&fd, 0).ok().map(|()| 0);
+        if setsockopt(&fd, sockopt::SndBufForce, &TCP_SNDBUF).is_err() {
+            let _ = setsockopt(&fd, sockopt::SndBuf, &TCP_SNDBUF);
+        }
+        self.register(flow, &fd, Interest::READABLE | Interest::WRITABLE)?;
+        self.map.insert(
+            flow,
+            Sock::Tcp(TcpSock {
+                fd,
+                peek_off,
+                scratch: Vec::new(),
+            }),
+        );
         Ok(())
+    }
+
+    fn udp_reply_via(&mut self, flow: FlowId, listener: usize, peer: SocketAddr) {
+        self.map.insert(flow, Sock::UdpVia { listener, peer });
     }
 
     fn close(&mut self, flow: FlowId, abort: bool) {
@@ -689,6 +898,13 @@ pub const FIRST_FLOW_TOKEN: Token = Token(2);
 pub const TAP_BATCH: usize = 128;
 /// Send buffer requested for TCP host sockets (the kernel doubles it for overhead).
 pub const TCP_SNDBUF: usize = 4 << 20;
+/// Token of the first forwarded-port socket (flow tokens stay far below: ids count up from
+/// 1 and would need 2^40 flows to get here).
+pub const FIRST_LISTENER_TOKEN: Token = Token(1 << 40);
+/// Connections accepted (or datagrams received) per forwarded port per wakeup.
+pub const ACCEPT_BATCH: usize = 64;
+/// Backlog of forwarded TCP ports.
+pub const LISTEN_BACKLOG: i32 = 128;
 /// Datagrams read from one UDP socket per wakeup.
 pub const UDP_BATCH: usize = 64;
 /// The largest frame: 65535 bytes of IP plus the Ethernet header, rounded up.

@@ -687,6 +687,91 @@ fn gateway_is_mapped_to_loopback() {
     assert_eq!(f.target().addr, "127.0.0.1".parse::<IpAddr>().unwrap());
 }
 
+fn syn_ack_from_guest(t: &T, seq: u32, ack: u32) -> Vec<u8> {
+    let repr = TcpRepr {
+        src_port: t.port,
+        dst_port: 80,
+        control: TcpControl::Syn,
+        seq_number: TcpSeqNumber(seq.cast_signed()),
+        ack_number: Some(TcpSeqNumber(ack.cast_signed())),
+        window_len: 1000,
+        window_scale: Some(7),
+        max_seg_size: Some(1400),
+        sack_permitted: true,
+        sack_ranges: [None; 3],
+        timestamp: None,
+        payload: &[],
+    };
+    let mut out = Vec::new();
+    build::ipv4(
+        &mut out,
+        (GUEST_MAC, DEFAULT_MAC),
+        (GUEST.parse().unwrap(), REMOTE.parse().unwrap()),
+        64,
+        &Payload::Tcp(repr),
+    )
+    .unwrap();
+    out
+}
+
+#[test]
+fn inbound_connection_opens_toward_the_guest_from_the_client_address() {
+    let mut t = T::new();
+    // A client 203.0.113.1:80 connected to a forwarded port that maps to guest port 40000
+    // (T's frames use guest port `t.port` and remote port 80).
+    let client = format!("{REMOTE}:80").parse().unwrap();
+    let flow =
+        t.e.handle_inbound_tcp(t.now, t.port, client, &mut t.host)
+            .unwrap();
+    let out = t.out();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].control, TcpControl::Syn);
+    assert_eq!(out[0].ack, None);
+    assert!(out[0].mss.is_some() && out[0].wscale.is_some());
+    let iss = out[0].seq;
+    // The host data the client already sent waits for the handshake.
+    t.host.tcp.get_mut(&flow).unwrap().rx = b"GET /".to_vec();
+    t.ready(true, false);
+    assert!(t.out().is_empty());
+    t.send(&[syn_ack_from_guest(&t, 5000, iss + 1)]);
+    let out = t.out();
+    assert_eq!(out[0].ack, Some(5001), "handshake completed");
+    let data: Vec<u8> = out.iter().flat_map(|s| s.payload.clone()).collect();
+    assert_eq!(data, b"GET /");
+    assert_eq!(
+        t.e.flows().get(flow).unwrap().initiator().addr,
+        REMOTE.parse::<IpAddr>().unwrap()
+    );
+    // The guest answers; the client's socket gets it.
+    t.send(&[t.frame(TcpControl::Psh, 5001, Some(iss + 6), b"200 OK")]);
+    assert_eq!(t.host.tcp[&flow].sent, b"200 OK");
+}
+
+#[test]
+fn inbound_to_a_closed_guest_port_resets_the_client() {
+    let mut t = T::new();
+    let client = format!("{REMOTE}:80").parse().unwrap();
+    let flow =
+        t.e.handle_inbound_tcp(t.now, t.port, client, &mut t.host)
+            .unwrap();
+    let iss = t.out()[0].seq;
+    // An unrelated RST is ignored; the one acknowledging our SYN closes the port.
+    t.send(&[t.frame(TcpControl::Rst, 0, None, &[])]);
+    assert!(!t.e.flows().is_empty());
+    let mut rst = t.frame(TcpControl::Rst, 0, Some(iss + 1), &[]);
+    t.send(std::slice::from_mut(&mut rst));
+    assert!(t.e.flows().is_empty());
+    assert_eq!(t.host.closed, vec![(flow, true)], "client reset");
+    // An unanswered SYN is retransmitted.
+    let flow =
+        t.e.handle_inbound_tcp(t.now, t.port, client, &mut t.host)
+            .unwrap();
+    let _ = t.out();
+    t.advance(super::RTO_INITIAL);
+    assert_eq!(t.out()[0].control, TcpControl::Syn);
+    assert!(t.e.flows().get(flow).is_some());
+}
+
 mod hostile {
     use proptest::prelude::*;
 

@@ -845,7 +845,7 @@ impl Conn {
         for _ in 0..count {
             let len = left.min(mss);
             left -= len;
-            let mut buf = cx.out.buffer();
+            let mut buf = cx.out.data_buffer();
             buf.resize(hdr + len, 0);
             if frames.push(buf).is_err() {
                 break;

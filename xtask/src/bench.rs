@@ -11,6 +11,9 @@
 //! * TCP throughput guest → remote (`up`) and remote → guest (`down`), iperf3 single stream
 //!   and 4 streams, `-O 1` to skip slow start; the figure is what the *receiver* counted, so
 //!   a contender that carried nothing shows 0, not a sender's optimism;
+//! * the inbound port-forward path: a client in the remote reaches an iperf3 server in the
+//!   guest through a forwarded host port (forwarder and pasta `-t 5202`, slirp4netns
+//!   `add_hostfwd` over its API socket, the kernel by routing to the guest directly);
 //! * UDP guest → remote at a fixed offered rate ([`UDP_RATE`], 1400-byte datagrams):
 //!   received Gbit/s and loss;
 //! * connection rate (`tests/scripts/crr.py`: connect, 1-byte exchange, close);
@@ -68,6 +71,7 @@ struct Sample {
     down_gbps: f64,
     up4_gbps: f64,
     down4_gbps: f64,
+    inbound_gbps: f64,
     udp_gbps: f64,
     udp_loss_pct: f64,
     crr_per_s: f64,
@@ -173,6 +177,19 @@ fn measure(c: Contender, mtu: u16, secs: u32, forwarder: &Path, root: &Path) -> 
     s.down4_gbps = w.iperf(secs, "-P 4 -R")?;
     lap("4 streams");
     (s.udp_gbps, s.udp_loss_pct) = w.iperf_udp(secs)?;
+    let guest = w.guest.clone();
+    w.serve(&guest, "exec iperf3 -s -p 5202")?;
+    w.wait_listening(&guest, 5202)?;
+    if c == Contender::Slirp {
+        w.slirp_hostfwd(5202)?;
+    }
+    let target = if c == Contender::Kernel {
+        "203.0.113.130"
+    } else {
+        "198.51.100.2"
+    };
+    s.inbound_gbps = w.iperf_from_remote(secs, target, 5202)?;
+    lap("inbound");
     lap("udp");
     let crr = w.guest_output(&format!(
         "python3 {} 203.0.113.1 7000 2",
@@ -246,6 +263,8 @@ impl World {
                 "-q".into(),
                 "-m".into(),
                 mtu_s,
+                "-t".into(),
+                "5202".into(),
             ],
             Contender::Pasta => [
                 "pasta",
@@ -277,6 +296,7 @@ impl World {
                 "slirp4netns".into(),
                 "--configure".into(),
                 format!("--mtu={mtu}"),
+                format!("--api-socket={}", self.slirp_api().display()),
                 "--netns-type=path".into(),
                 format!("/run/netns/{g}"),
                 "tap0".into(),
@@ -344,6 +364,49 @@ impl World {
             )
             .status()
             .is_ok_and(|s| s.success())
+    }
+
+    /// Adds a TCP host forward of `port` through slirp4netns's API socket.
+    fn slirp_hostfwd(&self, port: u16) -> Result<()> {
+        let request = format!(
+            "{{\"execute\":\"add_hostfwd\",\"arguments\":{{\"proto\":\"tcp\",\"host_addr\":\"0.0.0.0\",\"host_port\":{port},\"guest_port\":{port}}}}}"
+        );
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.host, "sh", "-c"])
+            .arg(format!(
+                "echo '{request}' | socat - UNIX-CONNECT:{}",
+                self.slirp_api().display()
+            ))
+            .output()
+            .context("slirp4netns API")?;
+        let reply = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() || reply.contains("error") {
+            bail!("slirp4netns add_hostfwd: {reply}");
+        }
+        Ok(())
+    }
+
+    fn slirp_api(&self) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("{}.slirp.sock", self.guest))
+    }
+
+    /// Receiver-side Gbit/s of iperf3 run from the remote against `target:port`.
+    fn iperf_from_remote(&self, secs: u32, target: &str, port: u16) -> Result<f64> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.remote, "sh", "-c"])
+            .arg(format!("iperf3 -c {target} -p {port} -t {secs} -O 1 -J"))
+            .output()
+            .context("iperf3 from the remote")?;
+        let v: Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
+        let bytes = v
+            .pointer("/end/sum_received/bytes")
+            .and_then(Value::as_f64)
+            .unwrap_or(0.0);
+        let bps = v
+            .pointer("/end/sum_received/bits_per_second")
+            .and_then(Value::as_f64)
+            .unwrap_or(0.0);
+        Ok(if bytes > 0.0 { bps / 1e9 } else { 0.0 })
     }
 
     fn serve(&mut self, ns: &str, script: &str) -> Result<()> {
@@ -423,6 +486,7 @@ impl Drop for World {
             let _ = child.kill();
             let _ = child.wait();
         }
+        let _ = std::fs::remove_file(self.slirp_api());
         for ns in [&self.guest, &self.remote, &self.host] {
             let _ = Command::new("sh")
                 .args(["-c", &format!("ip netns pids {ns} | xargs -r kill -9")])
@@ -497,7 +561,7 @@ struct Report {
 
 /// The metrics, in table order: name, unit, higher is better, accessor.
 type Metric = (&'static str, &'static str, bool, fn(&Sample) -> Option<f64>);
-const METRICS: [Metric; 11] = [
+const METRICS: [Metric; 12] = [
     ("TCP guest → remote", "Gbit/s", true, |s| Some(s.up_gbps)),
     ("TCP remote → guest", "Gbit/s", true, |s| {
         Some(s.down_gbps)
@@ -508,6 +572,12 @@ const METRICS: [Metric; 11] = [
     ("TCP remote → guest, 4 streams", "Gbit/s", true, |s| {
         Some(s.down4_gbps)
     }),
+    (
+        "TCP remote → forwarded port → guest",
+        "Gbit/s",
+        true,
+        |s| Some(s.inbound_gbps),
+    ),
     ("UDP received, 1 Gbit/s offered", "Gbit/s", true, |s| {
         Some(s.udp_gbps)
     }),
@@ -594,6 +664,7 @@ impl Report {
                     "mtu": mtu, "contender": c.name(),
                     "tcp_up_gbps": s.up_gbps, "tcp_down_gbps": s.down_gbps,
                     "tcp_up_4_streams_gbps": s.up4_gbps, "tcp_down_4_streams_gbps": s.down4_gbps,
+                    "inbound_forward_gbps": s.inbound_gbps,
                     "udp_received_gbps": s.udp_gbps, "udp_loss_percent": s.udp_loss_pct,
                     "connections_per_s": s.crr_per_s,
                     "rr_p50_us": s.rr_p50_us, "rr_p99_us": s.rr_p99_us,

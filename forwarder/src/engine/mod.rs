@@ -8,7 +8,8 @@
 //! * [`Engine::handle_frame`]: one Ethernet frame read from the tap.
 //! * [`Engine::handle_echo_reply`]: an echo reply a flow's ping socket received.
 //! * [`Engine::handle_host_error`]: a flow's host socket failed (open or send).
-//! * [`Engine::handle_timeout`]: the time [`Engine::poll_timeout`] named has come.
+//! * [`Engine::handle_timeout`]: the time [`Engine::poll_timeout`] named has come (also
+//!   where TCP connections that yielded with data left get their next turn).
 //!
 //! ## Outputs (`poll_*`)
 //!
@@ -183,6 +184,7 @@ pub struct Engine {
     next_ra: Option<Instant>,
     ras_sent: usize,
     acks: Vec<FlowId>,
+    pushes: VecDeque<FlowId>,
     reassembly: reassembly::Reassembler,
     ooo_budget: usize,
     epoch: Instant,
@@ -210,6 +212,7 @@ impl Engine {
             next_ra,
             ras_sent: 0,
             acks: Vec::new(),
+            pushes: VecDeque::new(),
             reassembly: reassembly::Reassembler::default(),
             ooo_budget: tcp::MAX_OOO_TOTAL,
             epoch: now,
@@ -301,11 +304,16 @@ impl Engine {
         while let Some(flow) = self.flows.pop_due(now) {
             self.flow_timer(now, flow, host);
         }
+        self.run_pushes(now, host);
     }
 
     /// When [`Engine::handle_timeout`] should run next.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
+        if !self.pushes.is_empty() {
+            // Connections wait for their next turn: no sleeping.
+            return Some(self.epoch);
+        }
         match (self.next_ra, self.flows.next_deadline()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),

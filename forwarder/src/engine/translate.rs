@@ -146,6 +146,16 @@ impl Engine {
         }
     }
 
+    /// Gives each connection that yielded with data left one more turn, in order.
+    pub(super) fn run_pushes(&mut self, now: Instant, host: &mut dyn Host) {
+        for _ in 0..self.pushes.len() {
+            let Some(flow) = self.pushes.pop_front() else {
+                return;
+            };
+            self.with_tcp(now, flow, host, |conn, cx| conn.resume(cx));
+        }
+    }
+
     /// Sends the ACKs coalesced over the batch of tap frames just handled.
     pub fn end_batch(&mut self, now: Instant, host: &mut dyn Host) {
         let acks = std::mem::take(&mut self.acks);
@@ -408,6 +418,9 @@ impl Engine {
         }
         if conn.is_closing() {
             entry.state = State::Closing;
+        }
+        if verdict == Verdict::Keep && conn.take_push_request() {
+            self.pushes.push_back(flow);
         }
         match verdict {
             Verdict::Keep => self.schedule(flow),

@@ -55,7 +55,9 @@
 //! ## Host → guest
 //!
 //! When the socket is readable or the guest's window opens, up to `min(guest window,
-//! MAX_PUSH_BYTES)` bytes are peeked straight into frame buffers (one `recvmsg` with one
+//! MAX_PUSH_BYTES)` bytes are peeked straight into frame buffers (a connection that could
+//! send more then yields, and the engine resumes it in a round-robin after the other flows
+//! had their turn, so one bulk flow cannot starve the rest) (one `recvmsg` with one
 //! iovec per segment) and sent as segments of at most the MSS, the last with PSH. A peek
 //! that returns 0 bytes is EOF: a FIN follows the last byte. Retransmission: on the RTO
 //! (go back to `snd_una` and resend everything, exponential backoff from [`RTO_MIN`], reset
@@ -203,6 +205,8 @@ pub struct Conn {
     stash: Vec<u8>,
     ooo: Vec<(u32, Vec<u8>, bool)>,
     sack: bool,
+    wants_push: bool,
+    push_queued: bool,
 }
 
 /// What became of a segment's bytes.
@@ -258,6 +262,8 @@ impl Conn {
             stash: Vec::new(),
             ooo: Vec::new(),
             sack: syn.sack_permitted,
+            wants_push: false,
+            push_queued: false,
         }
     }
 
@@ -294,6 +300,8 @@ impl Conn {
             stash: Vec::new(),
             ooo: Vec::new(),
             sack: true,
+            wants_push: false,
+            push_queued: false,
         }
     }
 
@@ -789,6 +797,7 @@ impl Conn {
 
     /// Sends host data the guest's window allows.
     fn push<S: HostSocket + ?Sized>(&mut self, cx: &mut Cx<'_, S>) {
+        self.wants_push = false;
         if self.state != TcpState::Established || self.fin_sent {
             return;
         }
@@ -798,8 +807,14 @@ impl Conn {
             if window == 0 {
                 return;
             }
+            if !cx.out.has_room(MAX_PUSH_SEGMENTS) {
+                self.wants_push = true;
+                return;
+            }
             let offset = in_flight as usize;
-            let budget = (window as usize).min(MAX_PUSH_BYTES);
+            let budget = (window as usize)
+                .min(MAX_PUSH_BYTES)
+                .min(MAX_PUSH_SEGMENTS * usize::from(self.mss));
             match self.send_segments(cx, offset, budget, self.snd_nxt) {
                 Ok(0) => {
                     self.send_fin(cx);
@@ -810,11 +825,14 @@ impl Conn {
                     if self.rto_at.is_none() {
                         self.rto_at = Some(cx.now + self.rto);
                     }
-                    // A short read loops once more: the next peek says `WouldBlock`, or
-                    // 0 when the remote's FIN came with the data (no further edge).
-                    if !cx.out.has_room(MAX_PUSH_SEGMENTS) {
+                    if n == budget {
+                        // The socket may hold more: yield to the other flows; the engine
+                        // resumes this one in its round-robin ([`Conn::resume`]).
+                        self.wants_push = true;
                         return;
                     }
+                    // A short read loops once more: the next peek says `WouldBlock`, or
+                    // 0 when the remote's FIN came with the data (no further edge).
                 }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                     return;
@@ -824,6 +842,24 @@ impl Conn {
                     return;
                 }
             }
+        }
+    }
+
+    /// Continues sending host data after [`Conn::wants_push`] asked for another turn.
+    pub fn resume<S: HostSocket + ?Sized>(&mut self, cx: &mut Cx<'_, S>) -> Verdict {
+        self.push_queued = false;
+        self.push(cx);
+        self.verdict()
+    }
+
+    /// Whether this connection stopped sending with data and window left, and is not yet
+    /// in the engine's round-robin; marks it queued.
+    pub fn take_push_request(&mut self) -> bool {
+        if self.wants_push && !self.push_queued {
+            self.push_queued = true;
+            true
+        } else {
+            false
         }
     }
 

@@ -129,8 +129,48 @@ impl T {
             .collect()
     }
 
+    fn flow_for_port(&self, port: u16) -> FlowId {
+        self.e
+            .flows()
+            .iter()
+            .find(|(_, f)| f.key.guest_port == port)
+            .expect("a flow")
+            .0
+    }
+
+    /// Frames out, as (destination port) only.
+    fn out_ports(&mut self) -> Vec<u16> {
+        std::iter::from_fn(|| self.e.poll_transmit())
+            .map(|f| match wire::parse(&f).expect("parses").l3 {
+                L3::Ipv4 { l4: L4::Tcp(t), .. } => t.dst_port,
+                _ => 0,
+            })
+            .collect()
+    }
+
+    /// Segments out, whatever their port.
+    fn out_any(&mut self) -> Vec<Seg> {
+        let frames: Vec<Vec<u8>> = std::iter::from_fn(|| self.e.poll_transmit()).collect();
+        let mut segs = Vec::new();
+        for f in frames {
+            if let L3::Ipv4 { l4: L4::Tcp(t), .. } = wire::parse(&f).expect("parses").l3 {
+                segs.push(Seg {
+                    control: t.control,
+                    seq: t.seq_number.0.cast_unsigned(),
+                    ack: t.ack_number.map(|a| a.0.cast_unsigned()),
+                    window: t.window_len,
+                    mss: t.max_seg_size,
+                    wscale: t.window_scale,
+                    sack: t.sack_ranges,
+                    payload: t.payload.to_vec(),
+                });
+            }
+        }
+        segs
+    }
+
     fn flow(&self) -> FlowId {
-        self.e.flows().iter().next().expect("a flow").0
+        self.flow_for_port(self.port)
     }
 
     fn sock(&mut self) -> &mut FakeTcp {
@@ -685,6 +725,35 @@ fn gateway_is_mapped_to_loopback() {
     let f = t.e.flows().get(flow).unwrap();
     assert_eq!(f.initiator().addr, GUEST.parse::<IpAddr>().unwrap());
     assert_eq!(f.target().addr, "127.0.0.1".parse::<IpAddr>().unwrap());
+}
+
+#[test]
+fn bulk_flows_take_turns() {
+    let mut t = T::new();
+    let first_a = t.establish();
+    let turn = super::MAX_PUSH_SEGMENTS * 1460;
+    // Flow A: a big window and more data than one turn.
+    t.send(&[t.frame_win(TcpControl::None, GUEST_ISN + 1, Some(first_a), &[], 65535)]);
+    t.sock().rx = data(3 * turn);
+    t.ready(true, false);
+    let sent: usize = t.out().iter().map(|s| s.payload.len()).sum();
+    assert_eq!(sent, turn, "one turn, then yield");
+    // Flow B gets its turn before A's second one.
+    t.port += 1;
+    let first_b = t.establish();
+    t.send(&[t.frame_win(TcpControl::None, GUEST_ISN + 1, Some(first_b), &[], 65535)]);
+    let b = t.flow_for_port(t.port);
+    t.host.tcp.get_mut(&b).unwrap().rx = data(turn / 2);
+    t.e.handle_tcp_ready(t.now, b, true, false, false, &mut t.host);
+    let ports: Vec<u16> = t.out_ports();
+    assert!(ports.iter().all(|p| *p == t.port), "B's data: {ports:?}");
+    assert!(
+        t.e.poll_timeout().is_some_and(|d| d <= t.now),
+        "A waits for a turn"
+    );
+    t.e.handle_timeout(t.now, &mut t.host);
+    let sent: usize = t.out_any().iter().map(|s| s.payload.len()).sum();
+    assert_eq!(sent, turn, "A's second turn");
 }
 
 fn syn_ack_from_guest(t: &T, seq: u32, ack: u32) -> Vec<u8> {

@@ -84,6 +84,12 @@ struct Sample {
 /// Runs the benchmark.
 pub fn run(args: &[String]) -> Result<()> {
     let quick = args.iter().any(|a| a == "--quick");
+    // `--only NAME` (forwarder, pasta, slirp4netns, kernel): one contender, for debugging.
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
     let reps = if quick { 1 } else { 3 };
     let secs = if quick { 1 } else { 4 };
     let mtus: &[u16] = if quick { &[65520] } else { &[65520, 1500] };
@@ -103,7 +109,9 @@ pub fn run(args: &[String]) -> Result<()> {
     for rep in 0..reps {
         for &mtu in mtus {
             for c in Contender::ALL {
-                if failures.contains_key(&(mtu, c)) {
+                if failures.contains_key(&(mtu, c))
+                    || only.as_deref().is_some_and(|o| !c.name().starts_with(o))
+                {
                     continue;
                 }
                 eprintln!(
@@ -277,7 +285,7 @@ impl World {
                 "-I",
                 "tap0",
                 "-t",
-                "none",
+                "5202",
                 "-u",
                 "none",
                 "-T",
@@ -318,7 +326,11 @@ impl World {
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(
+                std::fs::File::create(self.contender_log())
+                    .map(Stdio::from)
+                    .unwrap_or_else(|_| Stdio::null()),
+            )
             .spawn()
             .with_context(|| format!("start {}", args.join(" ")))?;
         let pid = child.id();
@@ -339,10 +351,7 @@ impl World {
             if let Some(child) = self.children.last_mut()
                 && let Ok(Some(status)) = child.try_wait()
             {
-                let mut err = String::new();
-                if let Some(mut e) = child.stderr.take() {
-                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
-                }
+                let err = std::fs::read_to_string(self.contender_log()).unwrap_or_default();
                 bail!("exited with {status}: {}", err.trim());
             }
             if Instant::now() > deadline {
@@ -386,6 +395,11 @@ impl World {
         Ok(())
     }
 
+    /// Where the contender's standard error goes (a pipe nobody reads could block it).
+    fn contender_log(&self) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("{}.contender.log", self.guest))
+    }
+
     fn slirp_api(&self) -> std::path::PathBuf {
         std::env::temp_dir().join(format!("{}.slirp.sock", self.guest))
     }
@@ -398,6 +412,20 @@ impl World {
             .output()
             .context("iperf3 from the remote")?;
         let v: Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
+        if let Some(err) = v.get("error") {
+            let listening = Command::new("ip")
+                .args(["netns", "exec", &self.host, "ss", "-Htlnp"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            let log = std::fs::read_to_string(self.contender_log()).unwrap_or_default();
+
+            eprintln!(
+                "bench:   iperf3 from the remote to {target}:{port}: {err}; host listens on: {}; contender said: {}",
+                listening.trim(),
+                log.trim()
+            );
+        }
         let bytes = v
             .pointer("/end/sum_received/bytes")
             .and_then(Value::as_f64)
@@ -487,6 +515,7 @@ impl Drop for World {
             let _ = child.wait();
         }
         let _ = std::fs::remove_file(self.slirp_api());
+        let _ = std::fs::remove_file(self.contender_log());
         for ns in [&self.guest, &self.remote, &self.host] {
             let _ = Command::new("sh")
                 .args(["-c", &format!("ip netns pids {ns} | xargs -r kill -9")])

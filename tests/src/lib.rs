@@ -105,6 +105,10 @@ impl World {
         let script = format!(
             "set -e
             ip netns add {h}; ip netns add {r}
+            # No DAD on the world's links: a tentative link-local address cannot send neighbour
+            # solicitations, so the first IPv6 packets right after start-up would fail with
+            # EHOSTUNREACH (seen once in CI).
+            for n in {h} {r}; do ip netns exec $n sysctl -qw net.ipv6.conf.default.accept_dad=0 net.ipv6.conf.all.accept_dad=0; done
             ip -n {h} link add up0 type veth peer name dn0 netns {r}
             ip -n {h} link set lo up; ip -n {r} link set lo up
             ip -n {r} addr add 198.51.100.1/24 dev dn0; ip -n {r} addr add 2001:db8:1::1/64 dev dn0 nodad

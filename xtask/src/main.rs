@@ -20,6 +20,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("setpriv", "util-linux"),
     ("python3", "python3"),
+    // The unprivileged test runs Debian's interpreter: uid 65534 cannot use a root-owned pyenv.
+    ("/usr/bin/python3", "python3"),
     ("curl", "curl"),
     ("iperf3", "iperf3"),
     ("socat", "socat"),

@@ -111,6 +111,12 @@ pub struct Args {
     #[arg(short = 'u', long = "udp-ports", value_name = "SPEC", value_parser = parse_ports)]
     pub udp_ports: Vec<Vec<crate::forward::PortMap>>,
 
+    /// Forward TCP ports of the namespace's loopback to the host's loopback (repeatable; same
+    /// syntax, LISTEN:TO maps a namespace port to a host port). Relayed with splice(2), no
+    /// translation.
+    #[arg(short = 'T', long = "tcp-ns", value_name = "SPEC", value_parser = parse_ports)]
+    pub tcp_ns: Vec<Vec<crate::forward::PortMap>>,
+
     /// Allow flows to RULE even if the blocklist or --enable-* would refuse them
     /// (repeatable, comma lists): [tcp|udp://]ADDR[/LEN][:PORT[-PORT]], IPv6 in brackets.
     #[arg(long, value_name = "RULE", value_delimiter = ',', value_parser = parse_rule)]
@@ -256,6 +262,19 @@ impl Args {
             .map_err(|e| anyhow::anyhow!("--tcp-ports: {e}"))?;
         let udp_forwards = crate::forward::join(&self.udp_ports)
             .map_err(|e| anyhow::anyhow!("--udp-ports: {e}"))?;
+        let ns_tcp_forwards =
+            crate::forward::join(&self.tcp_ns).map_err(|e| anyhow::anyhow!("--tcp-ns: {e}"))?;
+        let sockets: usize = ns_tcp_forwards
+            .iter()
+            .map(|m| if m.bind.is_some() { 1 } else { 2 })
+            .sum();
+        if sockets >= crate::ns::MAX_PASSED_FDS {
+            bail!(
+                "--tcp-ns: {} ports need {sockets} sockets in the namespace, at most {} fit",
+                ns_tcp_forwards.len(),
+                crate::ns::MAX_PASSED_FDS - 1
+            );
+        }
         let services = Services {
             arp: !self.no_arp,
             ndp: !self.no_ndp,
@@ -277,6 +296,7 @@ impl Args {
             io,
             tcp_forwards,
             udp_forwards,
+            ns_tcp_forwards,
         })
     }
 

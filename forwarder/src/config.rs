@@ -37,6 +37,9 @@ pub struct Config {
     pub tcp_forwards: Vec<crate::forward::PortMap>,
     /// Inbound UDP port forwards (`-u`).
     pub udp_forwards: Vec<crate::forward::PortMap>,
+    /// Namespace → host TCP forwards (`-T`): listen in the namespace, splice to the host's
+    /// loopback.
+    pub ns_tcp_forwards: Vec<crate::forward::PortMap>,
 }
 
 /// The namespace forwarder serves.

@@ -28,10 +28,10 @@ use std::net::IpAddr;
 pub struct PortMap {
     /// Host address to listen on; `None`: all addresses.
     pub bind: Option<IpAddr>,
-    /// Host port.
-    pub host: u16,
-    /// Port in the namespace.
-    pub ns: u16,
+    /// The port listened on: on the host for `-t`/`-u`, in the namespace for `-T`.
+    pub listen: u16,
+    /// The port connected to: in the namespace for `-t`/`-u`, on the host for `-T`.
+    pub to: u16,
 }
 
 /// Why a spec did not parse.
@@ -85,12 +85,12 @@ pub fn parse(spec: &str) -> Result<Vec<PortMap>, SpecError> {
             let ns_port = if len_n == 0 { ns.0 } else { ns.0 + offset };
             maps.push(PortMap {
                 bind,
-                host: port,
-                ns: ns_port,
+                listen: port,
+                to: ns_port,
             });
         }
     }
-    maps.retain(|m| !excluded.iter().any(|(a, b)| (*a..=*b).contains(&m.host)));
+    maps.retain(|m| !excluded.iter().any(|(a, b)| (*a..=*b).contains(&m.listen)));
     if maps.is_empty() {
         return Err(err("no port left to forward".into()));
     }
@@ -108,11 +108,10 @@ pub fn parse(spec: &str) -> Result<Vec<PortMap>, SpecError> {
 pub fn join(specs: &[Vec<PortMap>]) -> Result<Vec<PortMap>, SpecError> {
     let mut all: Vec<PortMap> = Vec::new();
     for m in specs.iter().flatten() {
-        if all
-            .iter()
-            .any(|o| o.host == m.host && (o.bind.is_none() || m.bind.is_none() || o.bind == m.bind))
-        {
-            return Err(SpecError(format!("port {} is forwarded twice", m.host)));
+        if all.iter().any(|o| {
+            o.listen == m.listen && (o.bind.is_none() || m.bind.is_none() || o.bind == m.bind)
+        }) {
+            return Err(SpecError(format!("port {} is forwarded twice", m.listen)));
         }
         all.push(*m);
     }
@@ -155,7 +154,7 @@ mod tests {
         parse(spec)
             .unwrap()
             .iter()
-            .map(|m| (m.host, m.ns))
+            .map(|m| (m.listen, m.to))
             .collect()
     }
 
@@ -173,7 +172,7 @@ mod tests {
         assert_eq!(m[0].bind, Some("2001:db8::1".parse().unwrap()));
         let m = parse("198.51.100.2/8080:80").unwrap();
         assert_eq!(
-            (m[0].bind.unwrap().to_string(), m[0].host, m[0].ns),
+            (m[0].bind.unwrap().to_string(), m[0].listen, m[0].to),
             ("198.51.100.2".into(), 8080, 80)
         );
     }

@@ -45,10 +45,10 @@ fn run(args: Args) -> Result<ExitCode> {
     // Bound before anything else starts: a port in use stops start-up with nothing half done.
     let listeners = io::bind_forwards(&cfg.tcp_forwards, &cfg.udp_forwards)?;
     for m in &cfg.tcp_forwards {
-        debug!(host = m.host, ns = m.ns, bind = ?m.bind, "forwarding tcp");
+        debug!(listen = m.listen, to = m.to, bind = ?m.bind, "forwarding tcp");
     }
     for m in &cfg.udp_forwards {
-        debug!(host = m.host, ns = m.ns, bind = ?m.bind, "forwarding udp");
+        debug!(listen = m.listen, to = m.to, bind = ?m.bind, "forwarding udp");
     }
     if !listeners.is_empty() {
         info!(
@@ -57,7 +57,17 @@ fn run(args: Args) -> Result<ExitCode> {
             "port forwards bound"
         );
     }
-    let ns::Namespace { tap, command } = ns::setup(&cfg)?;
+    let ns::Namespace {
+        tap,
+        ns_listeners,
+        command,
+    } = ns::setup(&cfg)?;
+    let mut listeners = listeners;
+    listeners.extend(
+        ns_listeners
+            .into_iter()
+            .map(|(fd, to)| io::Listener::namespace_tcp(fd, to)),
+    );
     if let Some(path) = &cfg.pid_file {
         std::fs::write(path, format!("{}\n", std::process::id()))
             .with_context(|| format!("write PID file {}", path.display()))?;

@@ -32,7 +32,7 @@
 //!
 //! ## Messages on the socketpair
 //!
-//! `b"T"` + `SCM_RIGHTS(tap)` on success, `b"E"` + a UTF-8 error chain on failure (shown to
+//! `b"T"` + `SCM_RIGHTS(tap, -T listening sockets…)` on success, `b"E"` + a UTF-8 error chain on failure (shown to
 //! the user as the cause); the parent reaps a failed child and exits non-zero, so nothing
 //! is half-applied from its side. Limit: error text is cut at [`MAX_MESSAGE`] bytes.
 
@@ -61,6 +61,8 @@ use crate::{netconf, sys};
 pub struct Namespace {
     /// The tap, bound to the namespace.
     pub tap: OwnedFd,
+    /// Listening sockets bound in the namespace for `-T`, with the host port each relays to.
+    pub ns_listeners: Vec<(OwnedFd, u16)>,
     /// The spawned command, waiting for [`PendingCommand::release`].
     pub command: Option<PendingCommand>,
 }
@@ -115,16 +117,21 @@ pub fn setup(cfg: &Config) -> Result<Namespace> {
         }
         ForkResult::Parent { child } => {
             drop(theirs);
-            let tap = match receive_after_maps(&ours, child, &cfg.target) {
-                Ok(tap) => tap,
+            let (tap, listeners) = match receive_after_maps(&ours, child, &cfg.target) {
+                Ok(got) => got,
                 Err(err) => {
                     let _ = waitpid(child, None);
                     return Err(err);
                 }
             };
+            let ns_listeners = listeners
+                .into_iter()
+                .zip(ns_listen_addrs(cfg).into_iter().map(|(_, to)| to))
+                .collect();
             match &cfg.target {
                 Target::Spawn { .. } => Ok(Namespace {
                     tap,
+                    ns_listeners,
                     command: Some(PendingCommand {
                         pid: child,
                         control: ours,
@@ -132,7 +139,11 @@ pub fn setup(cfg: &Config) -> Result<Namespace> {
                 }),
                 Target::Attach { .. } => {
                     let _ = waitpid(child, None);
-                    Ok(Namespace { tap, command: None })
+                    Ok(Namespace {
+                        tap,
+                        ns_listeners,
+                        command: None,
+                    })
                 }
             }
         }
@@ -152,9 +163,10 @@ fn child_main(cfg: &Config, sock: &OwnedFd) -> Result<()> {
             {
                 bail!("the forwarder could not map ids in the new namespace");
             }
-            let tap = open_in_namespace(cfg)?;
-            send(sock, &tap)?;
+            let (tap, listeners) = open_in_namespace(cfg)?;
+            send(sock, &tap, &listeners)?;
             drop(tap);
+            drop(listeners);
             let mut go = [0u8; 1];
             let n = nix::unistd::read(sock, &mut go).context("wait for the forwarder")?;
             if n == 0 {
@@ -176,17 +188,44 @@ fn child_main(cfg: &Config, sock: &OwnedFd) -> Result<()> {
                 enter(userns, CloneFlags::CLONE_NEWUSER)?;
             }
             enter(netns, CloneFlags::CLONE_NEWNET)?;
-            let tap = open_in_namespace(cfg)?;
-            send(sock, &tap)
+            let (tap, listeners) = open_in_namespace(cfg)?;
+            send(sock, &tap, &listeners)
         }
     }
 }
 
-fn open_in_namespace(cfg: &Config) -> Result<OwnedFd> {
+fn open_in_namespace(cfg: &Config) -> Result<(OwnedFd, Vec<OwnedFd>)> {
     let tap = sys::open_tap(&cfg.ifname)
         .with_context(|| format!("open tap {} in the namespace", cfg.ifname))?;
     netconf::configure_namespace(&cfg.ifname, &cfg.network, cfg.config_net)?;
-    Ok(tap)
+    let mut listeners = Vec::new();
+    for (addr, _) in ns_listen_addrs(cfg) {
+        listeners.push(
+            crate::io::listen_tcp(addr)
+                .with_context(|| format!("forward namespace tcp port {addr} (-T)"))?,
+        );
+    }
+    Ok((tap, listeners))
+}
+
+/// The addresses `-T` listens on inside the namespace, in order, with the host port each
+/// relays to: the spec's address, or the namespace's loopback, both families.
+#[must_use]
+pub fn ns_listen_addrs(cfg: &Config) -> Vec<(std::net::SocketAddr, u16)> {
+    let mut out = Vec::new();
+    for m in &cfg.ns_tcp_forwards {
+        let addrs: Vec<std::net::IpAddr> = match m.bind {
+            Some(a) => vec![a],
+            None => vec![
+                std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::Ipv6Addr::LOCALHOST.into(),
+            ],
+        };
+        for a in addrs {
+            out.push((std::net::SocketAddr::new(a, m.listen), m.to));
+        }
+    }
+    out
 }
 
 fn enter(path: &Path, kind: CloneFlags) -> Result<()> {
@@ -222,7 +261,11 @@ fn write_id_maps(child: Pid) -> Result<()> {
 }
 
 /// Receives the tap, first serving a spawned child's request for id maps.
-fn receive_after_maps(sock: &OwnedFd, child: Pid, target: &Target) -> Result<OwnedFd> {
+fn receive_after_maps(
+    sock: &OwnedFd,
+    child: Pid,
+    target: &Target,
+) -> Result<(OwnedFd, Vec<OwnedFd>)> {
     if matches!(target, Target::Spawn { .. }) {
         let mut buf = vec![0u8; MAX_MESSAGE];
         let n = nix::unistd::read(sock, &mut buf).context("wait for the new namespace")?;
@@ -238,8 +281,10 @@ fn receive_after_maps(sock: &OwnedFd, child: Pid, target: &Target) -> Result<Own
     receive(sock)
 }
 
-fn send(sock: &OwnedFd, tap: &OwnedFd) -> Result<()> {
-    let fds = [tap.as_raw_fd()];
+fn send(sock: &OwnedFd, tap: &OwnedFd, listeners: &[OwnedFd]) -> Result<()> {
+    let fds: Vec<std::os::fd::RawFd> = std::iter::once(tap.as_raw_fd())
+        .chain(listeners.iter().map(AsRawFd::as_raw_fd))
+        .collect();
     sendmsg::<()>(
         sock.as_raw_fd(),
         &[IoSlice::new(b"T")],
@@ -251,9 +296,9 @@ fn send(sock: &OwnedFd, tap: &OwnedFd) -> Result<()> {
     Ok(())
 }
 
-fn receive(sock: &OwnedFd) -> Result<OwnedFd> {
+fn receive(sock: &OwnedFd) -> Result<(OwnedFd, Vec<OwnedFd>)> {
     let mut buf = vec![0u8; MAX_MESSAGE];
-    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; MAX_PASSED_FDS]);
     let mut iov = [std::io::IoSliceMut::new(&mut buf)];
     let msg = recvmsg::<()>(
         sock.as_raw_fd(),
@@ -262,19 +307,17 @@ fn receive(sock: &OwnedFd) -> Result<OwnedFd> {
         MsgFlags::MSG_CMSG_CLOEXEC,
     )
     .context("receive the tap from the namespace helper")?;
-    let mut tap = None;
+    let mut fds = Vec::new();
     for c in msg.cmsgs().context("read control messages")? {
-        if let ControlMessageOwned::ScmRights(fds) = c {
-            for fd in fds {
-                let owned = sys::adopt_received_fd(fd);
-                tap.get_or_insert(owned);
-            }
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            fds.extend(raw.into_iter().map(sys::adopt_received_fd));
         }
     }
     let len = msg.bytes;
     let data = buf.get(..len).unwrap_or_default();
-    match (data.first(), tap) {
-        (Some(b'T'), Some(tap)) => Ok(tap),
+    let mut fds = fds.into_iter();
+    match (data.first(), fds.next()) {
+        (Some(b'T'), Some(tap)) => Ok((tap, fds.collect())),
         (Some(b'E'), _) => Err(anyhow!(
             "{}",
             String::from_utf8_lossy(data.get(1..).unwrap_or_default())
@@ -282,6 +325,10 @@ fn receive(sock: &OwnedFd) -> Result<OwnedFd> {
         _ => Err(anyhow!("namespace helper exited without a result")),
     }
 }
+
+/// Descriptors one message can carry (the kernel's `SCM_MAX_FD` is 253): the tap and the
+/// `-T` listening sockets.
+pub const MAX_PASSED_FDS: usize = 250;
 
 /// Resolves `--netns PID|PATH` and `--userns` into a target.
 ///

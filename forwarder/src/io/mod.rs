@@ -67,6 +67,8 @@ use nix::sys::socket::{
 };
 use tracing::{debug, info, warn};
 
+mod splice;
+
 use crate::engine::{Engine, Host, HostOp, Stats};
 use crate::flow::{FlowId, tcp};
 use crate::policy::Prefix;
@@ -105,6 +107,46 @@ pub struct Listener {
 enum ListenSocket {
     Tcp(std::net::TcpListener),
     Udp(std::net::UdpSocket),
+    /// `-T`: bound in the namespace; connections are spliced to the host's loopback.
+    NsTcp(std::net::TcpListener),
+}
+
+impl Listener {
+    /// A `-T` listening socket received from the namespace helper, relaying to host port
+    /// `to`.
+    #[must_use]
+    pub fn namespace_tcp(fd: OwnedFd, to: u16) -> Self {
+        Self {
+            socket: ListenSocket::NsTcp(std::net::TcpListener::from(fd)),
+            ns_port: to,
+        }
+    }
+}
+
+/// A non-blocking TCP listening socket on `addr` (IPv6 only for IPv6 addresses).
+///
+/// # Errors
+///
+/// The socket call that failed (e.g. the address is in use).
+pub fn listen_tcp(addr: SocketAddr) -> std::io::Result<OwnedFd> {
+    let family = if addr.is_ipv6() {
+        AddressFamily::Inet6
+    } else {
+        AddressFamily::Inet
+    };
+    let fd = socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    if addr.is_ipv6() {
+        setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+    }
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+    nix::sys::socket::listen(&fd, nix::sys::socket::Backlog::new(LISTEN_BACKLOG)?)?;
+    Ok(fd)
 }
 
 /// Binds every forwarded port, all or nothing: the first port that cannot be bound is the
@@ -122,8 +164,8 @@ pub fn bind_forwards(
         for m in maps {
             let name = if is_udp { "udp" } else { "tcp" };
             let fd = bind_one(m, is_udp).with_context(|| match m.bind {
-                Some(a) => format!("forward {name} port {} on {a}", m.host),
-                None => format!("forward {name} port {}", m.host),
+                Some(a) => format!("forward {name} port {} on {a}", m.listen),
+                None => format!("forward {name} port {}", m.listen),
             })?;
             let socket = if is_udp {
                 ListenSocket::Udp(std::net::UdpSocket::from(fd))
@@ -132,7 +174,7 @@ pub fn bind_forwards(
             };
             out.push(Listener {
                 socket,
-                ns_port: m.ns,
+                ns_port: m.to,
             });
         }
     }
@@ -149,22 +191,22 @@ fn bind_one(m: &crate::forward::PortMap, udp: bool) -> std::io::Result<OwnedFd> 
     let (fd, addr) = match m.bind {
         Some(IpAddr::V4(a)) => (
             socket(AddressFamily::Inet, ty, flags, None)?,
-            SocketAddr::from((a, m.host)),
+            SocketAddr::from((a, m.listen)),
         ),
         Some(IpAddr::V6(a)) => {
             let fd = socket(AddressFamily::Inet6, ty, flags, None)?;
             setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
-            (fd, SocketAddr::from((a, m.host)))
+            (fd, SocketAddr::from((a, m.listen)))
         }
         None => match socket(AddressFamily::Inet6, ty, flags, None) {
             // One dual-stack socket: IPv4 clients arrive as IPv4-mapped addresses.
             Ok(fd) => {
                 setsockopt(&fd, sockopt::Ipv6V6Only, &false)?;
-                (fd, SocketAddr::from((Ipv6Addr::UNSPECIFIED, m.host)))
+                (fd, SocketAddr::from((Ipv6Addr::UNSPECIFIED, m.listen)))
             }
             Err(_) => (
                 socket(AddressFamily::Inet, ty, flags, None)?,
-                SocketAddr::from((Ipv4Addr::UNSPECIFIED, m.host)),
+                SocketAddr::from((Ipv4Addr::UNSPECIFIED, m.listen)),
             ),
         },
     };
@@ -244,7 +286,7 @@ pub fn spawn(
         .context("register the tap")?;
     for (i, l) in listeners.iter().enumerate() {
         let fd = match &l.socket {
-            ListenSocket::Tcp(t) => t.as_raw_fd(),
+            ListenSocket::Tcp(t) | ListenSocket::NsTcp(t) => t.as_raw_fd(),
             ListenSocket::Udp(u) => u.as_raw_fd(),
         };
         poll.registry()
@@ -268,6 +310,8 @@ pub fn spawn(
             outbound: options.outbound,
             listeners,
             accepted: None,
+            relays: HashMap::new(),
+            next_relay: 0,
         },
         buf: vec![0; MAX_FRAME],
         tap_pending: false,
@@ -323,6 +367,8 @@ pub struct Sockets {
     outbound: Outbound,
     listeners: Vec<Listener>,
     accepted: Option<OwnedFd>,
+    relays: HashMap<usize, splice::Relay>,
+    next_relay: usize,
 }
 
 impl std::fmt::Debug for Sockets {
@@ -399,6 +445,9 @@ impl Dataplane {
                             }
                         }
                     }
+                    Token(t) if t >= FIRST_RELAY_TOKEN.0 => {
+                        self.relay_event(t - FIRST_RELAY_TOKEN.0, event);
+                    }
                     Token(t) if t >= FIRST_LISTENER_TOKEN.0 => {
                         self.listener_event(now, t - FIRST_LISTENER_TOKEN.0);
                     }
@@ -466,6 +515,14 @@ impl Dataplane {
                         return;
                     }
                 },
+                ListenSocket::NsTcp(t) => match t.accept() {
+                    Ok((stream, peer)) => self.start_relay(stream, peer, ns_port),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                    Err(err) => {
+                        debug!(%err, "accept in the namespace failed");
+                        return;
+                    }
+                },
                 ListenSocket::Udp(u) => match u.recv_from(&mut self.buf) {
                     Ok((n, peer)) => self.engine.handle_inbound_udp(
                         now,
@@ -482,6 +539,97 @@ impl Dataplane {
                     }
                 },
             }
+        }
+    }
+
+    /// A `-T` connection from the namespace: connect to the host's loopback port `to` in
+    /// the same family and splice the two.
+    fn start_relay(&mut self, stream: std::net::TcpStream, peer: SocketAddr, to: u16) {
+        if self.sockets.relays.len() >= MAX_RELAYS {
+            debug!("too many spliced connections, refusing one");
+            return;
+        }
+        let target = if peer.is_ipv6() {
+            SocketAddr::from((Ipv6Addr::LOCALHOST, to))
+        } else {
+            SocketAddr::from((Ipv4Addr::LOCALHOST, to))
+        };
+        let _ = stream.set_nonblocking(true);
+        let ns_fd = OwnedFd::from(stream);
+        let host_fd = match self.sockets.new_socket(target, SockType::Stream) {
+            Ok(fd) => fd,
+            Err(err) => {
+                debug!(%err, "splice: host socket");
+                return;
+            }
+        };
+        match connect(host_fd.as_raw_fd(), &SockaddrStorage::from(target)) {
+            Ok(()) | Err(Errno::EINPROGRESS) => {}
+            Err(err) => {
+                debug!(%err, %target, "splice: connect");
+                reset(&ns_fd);
+                return;
+            }
+        }
+        let relay = match splice::Relay::new(ns_fd, host_fd) {
+            Ok(r) => r,
+            Err(err) => {
+                debug!(%err, "splice: pipes");
+                return;
+            }
+        };
+        let id = self.sockets.next_relay;
+        self.sockets.next_relay = self.sockets.next_relay.wrapping_add(1) % (1 << 30);
+        for (side, fd) in relay.sockets.iter().enumerate() {
+            let token = Token(FIRST_RELAY_TOKEN.0 + id * 2 + side);
+            if let Err(err) = self.sockets.registry.register(
+                &mut SourceFd(&fd.as_raw_fd()),
+                token,
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                debug!(%err, "splice: register");
+                return;
+            }
+        }
+        debug!(relay = id, %peer, %target, "spliced connection");
+        self.sockets.relays.insert(id, relay);
+    }
+
+    fn relay_event(&mut self, t: usize, event: &mio::event::Event) {
+        let (id, side) = (t / 2, t % 2);
+        let Some(relay) = self.sockets.relays.get_mut(&id) else {
+            return;
+        };
+        let mut failed = false;
+        if !relay.connected && side == 1 && (event.is_writable() || event.is_error()) {
+            match relay
+                .sockets
+                .get(1)
+                .map(|fd| getsockopt(fd, sockopt::SocketError))
+            {
+                Some(Ok(0)) => relay.connected = true,
+                _ => failed = true,
+            }
+        }
+        let progress = if failed {
+            splice::Progress::Failed
+        } else {
+            relay.pump()
+        };
+        if progress == splice::Progress::Open {
+            return;
+        }
+        if let Some(relay) = self.sockets.relays.remove(&id) {
+            for fd in &relay.sockets {
+                let _ = self
+                    .sockets
+                    .registry
+                    .deregister(&mut SourceFd(&fd.as_raw_fd()));
+                if progress == splice::Progress::Failed {
+                    reset(fd);
+                }
+            }
+            debug!(relay = id, ?progress, "spliced connection done");
         }
     }
 
@@ -861,6 +1009,18 @@ impl tcp::HostSocket for TcpSock {
     }
 }
 
+/// Makes the close of `fd` send a RST (`SO_LINGER {1, 0}`).
+fn reset(fd: &OwnedFd) {
+    let _ = setsockopt(
+        fd,
+        sockopt::Linger,
+        &libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    );
+}
+
 fn open_ping(remote: IpAddr) -> nix::Result<OwnedFd> {
     let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
     match remote {
@@ -901,6 +1061,10 @@ pub const TCP_SNDBUF: usize = 4 << 20;
 /// Token of the first forwarded-port socket (flow tokens stay far below: ids count up from
 /// 1 and would need 2^40 flows to get here).
 pub const FIRST_LISTENER_TOKEN: Token = Token(1 << 40);
+/// Token of the first spliced connection's namespace side (two tokens per relay).
+pub const FIRST_RELAY_TOKEN: Token = Token(1 << 41);
+/// Spliced connections at once.
+pub const MAX_RELAYS: usize = 4096;
 /// Connections accepted (or datagrams received) per forwarded port per wakeup.
 pub const ACCEPT_BATCH: usize = 64;
 /// Backlog of forwarded TCP ports.

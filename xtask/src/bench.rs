@@ -14,6 +14,9 @@
 //! * the inbound port-forward path: a client in the remote reaches an iperf3 server in the
 //!   guest through a forwarded host port (forwarder and pasta `-t 5202`, slirp4netns
 //!   `add_hostfwd` over its API socket, the kernel by routing to the guest directly);
+//! * the local spliced path: guest loopback → host loopback (forwarder and pasta `-T 5203`,
+//!   an iperf3 server on the host's 127.0.0.1); slirp4netns and the kernel have no such
+//!   path and show "–";
 //! * UDP guest → remote at a fixed offered rate ([`UDP_RATE`], 1400-byte datagrams):
 //!   received Gbit/s and loss;
 //! * connection rate (`tests/scripts/crr.py`: connect, 1-byte exchange, close);
@@ -72,6 +75,7 @@ struct Sample {
     up4_gbps: f64,
     down4_gbps: f64,
     inbound_gbps: f64,
+    splice_gbps: Option<f64>,
     udp_gbps: f64,
     udp_loss_pct: f64,
     crr_per_s: f64,
@@ -198,6 +202,19 @@ fn measure(c: Contender, mtu: u16, secs: u32, forwarder: &Path, root: &Path) -> 
     };
     s.inbound_gbps = w.iperf_from_remote(secs, target, 5202)?;
     lap("inbound");
+    if matches!(c, Contender::Forwarder | Contender::Pasta) {
+        let host = w.host.clone();
+        w.serve(&host, "exec iperf3 -s -p 5203 -B 127.0.0.1")?;
+        w.wait_listening(&host, 5203)?;
+        let out = w.guest_output(&format!("iperf3 -c 127.0.0.1 -p 5203 -t {secs} -O 1 -J"))?;
+        let v: Value = serde_json::from_str(&out).context("iperf3 JSON")?;
+        let bps = v
+            .pointer("/end/sum_received/bits_per_second")
+            .and_then(Value::as_f64)
+            .unwrap_or(0.0);
+        s.splice_gbps = Some(bps / 1e9);
+        lap("splice");
+    }
     lap("udp");
     let crr = w.guest_output(&format!(
         "python3 {} 203.0.113.1 7000 2",
@@ -273,6 +290,8 @@ impl World {
                 mtu_s,
                 "-t".into(),
                 "5202".into(),
+                "-T".into(),
+                "5203".into(),
             ],
             Contender::Pasta => [
                 "pasta",
@@ -289,7 +308,7 @@ impl World {
                 "-u",
                 "none",
                 "-T",
-                "none",
+                "5203",
                 "-U",
                 "none",
                 "-m",
@@ -590,7 +609,7 @@ struct Report {
 
 /// The metrics, in table order: name, unit, higher is better, accessor.
 type Metric = (&'static str, &'static str, bool, fn(&Sample) -> Option<f64>);
-const METRICS: [Metric; 12] = [
+const METRICS: [Metric; 13] = [
     ("TCP guest → remote", "Gbit/s", true, |s| Some(s.up_gbps)),
     ("TCP remote → guest", "Gbit/s", true, |s| {
         Some(s.down_gbps)
@@ -606,6 +625,12 @@ const METRICS: [Metric; 12] = [
         "Gbit/s",
         true,
         |s| Some(s.inbound_gbps),
+    ),
+    (
+        "TCP guest loopback → host loopback (splice)",
+        "Gbit/s",
+        true,
+        |s| s.splice_gbps,
     ),
     ("UDP received, 1 Gbit/s offered", "Gbit/s", true, |s| {
         Some(s.udp_gbps)
@@ -694,6 +719,7 @@ impl Report {
                     "tcp_up_gbps": s.up_gbps, "tcp_down_gbps": s.down_gbps,
                     "tcp_up_4_streams_gbps": s.up4_gbps, "tcp_down_4_streams_gbps": s.down4_gbps,
                     "inbound_forward_gbps": s.inbound_gbps,
+                    "splice_gbps": s.splice_gbps,
                     "udp_received_gbps": s.udp_gbps, "udp_loss_percent": s.udp_loss_pct,
                     "connections_per_s": s.crr_per_s,
                     "rr_p50_us": s.rr_p50_us, "rr_p99_us": s.rr_p99_us,

@@ -18,7 +18,7 @@
 //! ## Limits
 //!
 //! Two sockets and two pipes (four descriptors) per connection; each pipe holds at most
-//! [`CHUNK`] bytes in flight. The number of relays is bounded by `--max-flows`.
+//! [`PIPE_SIZE`] bytes in flight. The number of relays is bounded by `--max-flows`.
 
 use std::os::fd::OwnedFd;
 
@@ -58,9 +58,15 @@ impl Relay {
     /// The pipes could not be created.
     pub fn new(ns: OwnedFd, host: OwnedFd) -> nix::Result<Self> {
         let flags = OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+        let pipes = [nix::unistd::pipe2(flags)?, nix::unistd::pipe2(flags)?];
+        for (_, w) in &pipes {
+            // A larger pipe moves more per splice call; where pipe-max-size refuses, the
+            // default 64 KiB still works.
+            let _ = nix::fcntl::fcntl(w, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
+        }
         Ok(Self {
             sockets: [ns, host],
-            pipes: [nix::unistd::pipe2(flags)?, nix::unistd::pipe2(flags)?],
+            pipes,
             pending: [0; 2],
             eof: [false; 2],
             shut: [false; 2],
@@ -136,5 +142,7 @@ impl Relay {
     }
 }
 
+/// Capacity asked for each relay pipe (Linux's default `pipe-max-size` is 1 MiB).
+pub const PIPE_SIZE: i32 = 1 << 20;
 /// Bytes one pipe carries per `splice` call.
 pub const CHUNK: usize = 1 << 20;

@@ -235,49 +235,25 @@ impl Conn {
         };
         let rcv_nxt = seq(syn.seq_number).wrapping_add(1);
         Self {
-            state: TcpState::Connecting,
-            iss,
-            snd_una: iss,
-            snd_nxt: iss,
             rcv_nxt,
             // The window in a SYN is never scaled (RFC 7323 §2.2).
             guest_wnd: u32::from(syn.window_len),
             guest_shift,
             our_shift,
-            mss,
             adv_edge: rcv_nxt,
-            dup_acks: 0,
-            recover: None,
-            rto: RTO_INITIAL,
-            rto_at: None,
-            retries: 0,
             connect_by: Some(now + CONNECT_TIMEOUT),
-            wnd_check_at: None,
-            wnd_backoff: WINDOW_RECHECK_MIN,
-            guest_fin: false,
-            host_shut: false,
-            fin_sent: false,
-            fin_acked: false,
-            ack_pending: false,
-            stash: Vec::new(),
-            ooo: Vec::new(),
             sack: syn.sack_permitted,
-            wants_push: false,
-            push_queued: false,
+            ..Self::blank(TcpState::Connecting, iss, mss)
         }
     }
 
-    /// A connection toward the guest for a client accepted on a forwarded host port, with
-    /// our initial sequence number `iss`. [`Conn::send_syn`] opens it.
-    #[must_use]
-    pub fn inbound(iss: u32, mtu: u16, v6: bool) -> Self {
-        let ip_tcp = if v6 { 60 } else { 40 };
-        let mss = mtu.saturating_sub(ip_tcp).max(MIN_MSS);
+    /// The fields every connection starts with; the constructors set the rest.
+    fn blank(state: TcpState, iss: u32, mss: u16) -> Self {
         Self {
-            state: TcpState::SynSent,
+            state,
             iss,
             snd_una: iss,
-            snd_nxt: iss.wrapping_add(1),
+            snd_nxt: iss,
             rcv_nxt: 0,
             guest_wnd: 0,
             guest_shift: 0,
@@ -302,6 +278,18 @@ impl Conn {
             sack: true,
             wants_push: false,
             push_queued: false,
+        }
+    }
+
+    /// A connection toward the guest for a client accepted on a forwarded host port, with
+    /// our initial sequence number `iss`. [`Conn::send_syn`] opens it.
+    #[must_use]
+    pub fn inbound(iss: u32, mtu: u16, v6: bool) -> Self {
+        let ip_tcp = if v6 { 60 } else { 40 };
+        let mss = mtu.saturating_sub(ip_tcp).max(MIN_MSS);
+        Self {
+            snd_nxt: iss.wrapping_add(1),
+            ..Self::blank(TcpState::SynSent, iss, mss)
         }
     }
 

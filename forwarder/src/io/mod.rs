@@ -820,6 +820,29 @@ impl Sockets {
         Ok(fd)
     }
 
+    /// Makes `fd` (connecting or accepted) `flow`'s TCP socket: buffers, peek offset,
+    /// registration.
+    fn adopt_tcp(&mut self, flow: FlowId, fd: OwnedFd) -> std::io::Result<()> {
+        // A fixed, large send buffer: the window the guest sees is its free space, and an
+        // autotuned buffer only grows once it has been filled — which a window that tracks
+        // free space never does, so after a loss the guest would stay at two segments in
+        // flight. Forced past `wmem_max` where allowed, else capped by it (pasta does the same).
+        if setsockopt(&fd, sockopt::SndBufForce, &TCP_SNDBUF).is_err() {
+            let _ = setsockopt(&fd, sockopt::SndBuf, &TCP_SNDBUF);
+        }
+        let peek_off = sys::set_peek_off(&fd, 0).ok().map(|()| 0);
+        self.register(flow, &fd, Interest::READABLE | Interest::WRITABLE)?;
+        self.map.insert(
+            flow,
+            Sock::Tcp(TcpSock {
+                fd,
+                peek_off,
+                scratch: Vec::new(),
+            }),
+        );
+        Ok(())
+    }
+
     fn close(&mut self, flow: FlowId, abort: bool) {
         let Some(sock) = self.map.remove(&flow) else {
             return;
@@ -848,28 +871,11 @@ impl Host for Sockets {
     fn tcp_connect(&mut self, flow: FlowId, target: SocketAddr) -> std::io::Result<()> {
         let fd = self.new_socket(target, SockType::Stream)?;
         let _ = setsockopt(&fd, sockopt::TcpNoDelay, &true);
-        // A fixed, large send buffer: the window the guest sees is its free space, and an
-        // autotuned buffer only grows once it has been filled — which a window that tracks
-        // free space never does, so after a loss the guest would stay at two segments in
-        // flight. Forced past `wmem_max` where allowed, else capped by it (pasta does the same).
-        if setsockopt(&fd, sockopt::SndBufForce, &TCP_SNDBUF).is_err() {
-            let _ = setsockopt(&fd, sockopt::SndBuf, &TCP_SNDBUF);
-        }
-        let peek_off = sys::set_peek_off(&fd, 0).ok().map(|()| 0);
         match connect(fd.as_raw_fd(), &SockaddrStorage::from(target)) {
             Ok(()) | Err(Errno::EINPROGRESS) => {}
             Err(err) => return Err(err.into()),
         }
-        self.register(flow, &fd, Interest::READABLE | Interest::WRITABLE)?;
-        self.map.insert(
-            flow,
-            Sock::Tcp(TcpSock {
-                fd,
-                peek_off,
-                scratch: Vec::new(),
-            }),
-        );
-        Ok(())
+        self.adopt_tcp(flow, fd)
     }
 
     fn tcp_connect_result(&mut self, flow: FlowId) -> std::io::Result<()> {
@@ -923,20 +929,7 @@ impl Host for Sockets {
             .accepted
             .take()
             .ok_or(std::io::ErrorKind::NotConnected)?;
-        let peek_off = sys::set_peek_off(&fd, 0).ok().map(|()| 0);
-        if setsockopt(&fd, sockopt::SndBufForce, &TCP_SNDBUF).is_err() {
-            let _ = setsockopt(&fd, sockopt::SndBuf, &TCP_SNDBUF);
-        }
-        self.register(flow, &fd, Interest::READABLE | Interest::WRITABLE)?;
-        self.map.insert(
-            flow,
-            Sock::Tcp(TcpSock {
-                fd,
-                peek_off,
-                scratch: Vec::new(),
-            }),
-        );
-        Ok(())
+        self.adopt_tcp(flow, fd)
     }
 
     fn udp_reply_via(&mut self, flow: FlowId, listener: usize, peer: SocketAddr) {

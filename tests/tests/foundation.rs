@@ -251,15 +251,16 @@ fn unprivileged_uid_65534_gets_the_same_service() {
         w.dir.display()
     ));
     // Without --config-net: the namespace configures itself with real clients, as root of
-    // its own user namespace (uid 65534 outside). Scratch files go to a private tmpfs.
+    // its own user namespace (uid 65534 outside). Scratch files go to a private tmpfs on
+    // /mnt (not /tmp: the checkout and the scripts may live under /tmp).
     let script = format!(
-        "mount -t tmpfs none /tmp 2>/dev/null; ip link set tap0 up
+        "mount -t tmpfs none /mnt 2>/dev/null; ip link set tap0 up
 busybox udhcpc -i tap0 -n -q -t5 -T1 -s /bin/true >/dev/null 2>&1 && echo DHCP-OK
-printf '#!/bin/sh\\nenv > /tmp/dh.$reason\\n' > /tmp/h.sh; chmod +x /tmp/h.sh
-dhclient -4 -1 -sf /tmp/h.sh -lf /tmp/l4 -pf /tmp/p4 tap0 >/dev/null 2>&1; grep -q new_ip_address=198.51.100.2 /tmp/dh.BOUND && echo DHCLIENT4-OK
+printf '#!/bin/sh\\nenv > /mnt/dh.$reason\\n' > /mnt/h.sh; chmod +x /mnt/h.sh
+dhclient -4 -1 -sf /mnt/h.sh -lf /mnt/l4 -pf /mnt/p4 tap0 >/dev/null 2>&1; grep -q new_ip_address=198.51.100.2 /mnt/dh.BOUND && echo DHCLIENT4-OK
 for i in $(seq 50); do ip -6 addr show dev tap0 scope link | grep -v tentative | grep -q inet6 && break; sleep 0.1; done
 for i in $(seq 50); do ip -6 addr show dev tap0 | grep -q dynamic && break; sleep 0.1; done
-dhclient -6 -1 -sf /tmp/h.sh -lf /tmp/l6 -pf /tmp/p6 tap0 >/dev/null 2>&1; grep -q new_ip6_address=2001:db8:1::2 /tmp/dh.BOUND6 && echo DHCLIENT6-OK
+dhclient -6 -1 -sf /mnt/h.sh -lf /mnt/l6 -pf /mnt/p6 tap0 >/dev/null 2>&1; grep -q new_ip6_address=2001:db8:1::2 /mnt/dh.BOUND6 && echo DHCLIENT6-OK
 ip -6 addr show dev tap0 | grep -q dynamic && echo SLAAC-OK
 ip addr add 198.51.100.2/24 dev tap0 2>/dev/null; ip route add default via 198.51.100.1 2>/dev/null
 ping -c1 -W2 198.51.100.1 >/dev/null && echo GW4-OK; {PING4_REMOTE} >/dev/null && echo REMOTE4-OK
@@ -267,7 +268,7 @@ ping -c1 -W2 198.51.100.1 >/dev/null && echo GW4-OK; {PING4_REMOTE} >/dev/null &
 /usr/bin/python3 {conn} 203.0.113.1 7000 concurrent 20 >/dev/null && echo TCP4-OK
 /usr/bin/python3 {conn} 2001:db8:2::1 7000 sequential 20 >/dev/null && echo TCP6-OK
 /usr/bin/python3 {udp} 2001:db8:2::1 7777 1 65507 >/dev/null && echo UDP6-OK
-kill $(cat /tmp/p4 /tmp/p6) 2>/dev/null; id -u
+kill $(cat /mnt/p4 /mnt/p6) 2>/dev/null; id -u
 "
     );
     let script_path = w.dir.join("guest.sh");

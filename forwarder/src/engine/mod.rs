@@ -395,19 +395,11 @@ impl Engine {
                     e.handle_ipv4(now, src_mac, &ip, l4, host);
                 });
             }
-            L4::Tcp(seg) => self.handle_tcp(
+            L4::Tcp(_) | L4::Udp { .. } => self.handle_transport(
                 now,
                 src_mac,
                 (IpAddr::V4(ip.src_addr), IpAddr::V4(ip.dst_addr)),
-                seg,
-                host,
-            ),
-            L4::Udp { udp, payload } => self.handle_udp(
-                now,
-                src_mac,
-                (IpAddr::V4(ip.src_addr), IpAddr::V4(ip.dst_addr)),
-                (udp.src_port, udp.dst_port),
-                payload,
+                l4,
                 host,
             ),
             _ => self.stats.ignored += 1,
@@ -487,19 +479,11 @@ impl Engine {
                     e.handle_ipv6(now, src_mac, &ip, l4, host);
                 });
             }
-            L4::Tcp(seg) => self.handle_tcp(
+            L4::Tcp(_) | L4::Udp { .. } => self.handle_transport(
                 now,
                 src_mac,
                 (IpAddr::V6(ip.src_addr), IpAddr::V6(ip.dst_addr)),
-                seg,
-                host,
-            ),
-            L4::Udp { udp, payload } => self.handle_udp(
-                now,
-                src_mac,
-                (IpAddr::V6(ip.src_addr), IpAddr::V6(ip.dst_addr)),
-                (udp.src_port, udp.dst_port),
-                payload,
+                l4,
                 host,
             ),
             _ => self.stats.ignored += 1,

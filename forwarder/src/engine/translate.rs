@@ -175,6 +175,24 @@ impl Engine {
         self.acks.clear();
     }
 
+    /// A TCP segment or UDP datagram from the guest, either family.
+    pub(super) fn handle_transport(
+        &mut self,
+        now: Instant,
+        src_mac: EthernetAddress,
+        addrs: (IpAddr, IpAddr),
+        l4: &crate::wire::L4<'_>,
+        host: &mut dyn Host,
+    ) {
+        match l4 {
+            crate::wire::L4::Tcp(seg) => self.handle_tcp(now, src_mac, addrs, seg, host),
+            crate::wire::L4::Udp { udp, payload } => {
+                self.handle_udp(now, addrs, (udp.src_port, udp.dst_port), payload, host);
+            }
+            _ => self.stats.ignored += 1,
+        }
+    }
+
     pub(super) fn handle_tcp(
         &mut self,
         now: Instant,
@@ -258,7 +276,6 @@ impl Engine {
     pub(super) fn handle_udp(
         &mut self,
         now: Instant,
-        src_mac: EthernetAddress,
         (src, dst): (IpAddr, IpAddr),
         (sport, dport): (u16, u16),
         payload: &[u8],
@@ -312,7 +329,6 @@ impl Engine {
                 flow
             }
         };
-        let _ = src_mac;
         if let Some(f) = self.flows.get_mut(flow)
             && let Detail::Udp(c) = &mut f.ext
         {

@@ -295,22 +295,7 @@ impl Conn {
 
     /// Sends (or resends) the SYN of an inbound connection.
     pub fn send_syn<S: HostSocket + ?Sized>(&mut self, cx: &mut Cx<'_, S>) {
-        let space = self.window(cx).min(u32::from(u16::MAX));
-        let repr = TcpRepr {
-            src_port: cx.key.remote_port,
-            dst_port: cx.key.guest_port,
-            control: TcpControl::Syn,
-            seq_number: TcpSeqNumber(self.iss.cast_signed()),
-            ack_number: None,
-            window_len: u16::try_from(space).unwrap_or(u16::MAX),
-            window_scale: Some(OUR_WINDOW_SHIFT),
-            max_seg_size: Some(self.mss),
-            sack_permitted: true,
-            sack_ranges: [None; 3],
-            timestamp: None,
-            payload: &[],
-        };
-        emit_repr(cx, &repr);
+        self.emit_syn(cx, None);
         if self.rto_at.is_none() {
             self.rto_at = Some(cx.now + self.rto);
         }
@@ -1024,13 +1009,20 @@ impl Conn {
     }
 
     fn send_syn_ack<S: HostSocket + ?Sized>(&mut self, cx: &mut Cx<'_, S>) {
+        self.emit_syn(cx, Some(self.rcv_nxt));
+    }
+
+    /// Emits our SYN (`ack` = `None`, inbound) or SYN-ACK with our options: MSS, window
+    /// scale when either side scales (an inbound connection offers it), SACK-permitted as
+    /// negotiated (offered inbound).
+    fn emit_syn<S: HostSocket + ?Sized>(&mut self, cx: &mut Cx<'_, S>, ack: Option<u32>) {
         let space = self.window(cx).min(u32::from(u16::MAX));
         let repr = TcpRepr {
             src_port: cx.key.remote_port,
             dst_port: cx.key.guest_port,
             control: TcpControl::Syn,
             seq_number: TcpSeqNumber(self.iss.cast_signed()),
-            ack_number: Some(TcpSeqNumber(self.rcv_nxt.cast_signed())),
+            ack_number: ack.map(|a| TcpSeqNumber(a.cast_signed())),
             window_len: u16::try_from(space).unwrap_or(u16::MAX),
             window_scale: (self.our_shift > 0 || self.guest_shift > 0).then_some(self.our_shift),
             max_seg_size: Some(self.mss),

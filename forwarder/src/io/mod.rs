@@ -129,24 +129,7 @@ impl Listener {
 ///
 /// The socket call that failed (e.g. the address is in use).
 pub fn listen_tcp(addr: SocketAddr) -> std::io::Result<OwnedFd> {
-    let family = if addr.is_ipv6() {
-        AddressFamily::Inet6
-    } else {
-        AddressFamily::Inet
-    };
-    let fd = socket(
-        family,
-        SockType::Stream,
-        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
-    if addr.is_ipv6() {
-        setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
-    }
-    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
-    bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
-    nix::sys::socket::listen(&fd, nix::sys::socket::Backlog::new(LISTEN_BACKLOG)?)?;
-    Ok(fd)
+    bound_socket(addr, SockType::Stream, true)
 }
 
 /// Binds every forwarded port, all or nothing: the first port that cannot be bound is the
@@ -187,37 +170,54 @@ fn bind_one(m: &crate::forward::PortMap, udp: bool) -> std::io::Result<OwnedFd> 
     } else {
         SockType::Stream
     };
-    let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
-    let (fd, addr) = match m.bind {
-        Some(IpAddr::V4(a)) => (
-            socket(AddressFamily::Inet, ty, flags, None)?,
-            SocketAddr::from((a, m.listen)),
-        ),
-        Some(IpAddr::V6(a)) => {
-            let fd = socket(AddressFamily::Inet6, ty, flags, None)?;
-            setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
-            (fd, SocketAddr::from((a, m.listen)))
-        }
-        None => match socket(AddressFamily::Inet6, ty, flags, None) {
-            // One dual-stack socket: IPv4 clients arrive as IPv4-mapped addresses.
-            Ok(fd) => {
-                setsockopt(&fd, sockopt::Ipv6V6Only, &false)?;
-                (fd, SocketAddr::from((Ipv6Addr::UNSPECIFIED, m.listen)))
-            }
-            Err(_) => (
-                socket(AddressFamily::Inet, ty, flags, None)?,
+    match m.bind {
+        Some(a) => bound_socket(SocketAddr::new(a, m.listen), ty, true),
+        // One dual-stack socket: IPv4 clients arrive as IPv4-mapped addresses; IPv4 only
+        // where the host has no IPv6.
+        None => match bound_socket(
+            SocketAddr::from((Ipv6Addr::UNSPECIFIED, m.listen)),
+            ty,
+            false,
+        ) {
+            Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => bound_socket(
                 SocketAddr::from((Ipv4Addr::UNSPECIFIED, m.listen)),
+                ty,
+                true,
             ),
+            other => other,
         },
-    };
-    if !udp {
+    }
+}
+
+/// A non-blocking socket bound to `addr` (and listening, for TCP); an IPv6 socket takes
+/// IPv4-mapped clients unless `v6_only`.
+fn bound_socket(addr: SocketAddr, ty: SockType, v6_only: bool) -> std::io::Result<OwnedFd> {
+    let fd = socket(
+        family(addr),
+        ty,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    if addr.is_ipv6() {
+        setsockopt(&fd, sockopt::Ipv6V6Only, &v6_only)?;
+    }
+    let stream = ty == SockType::Stream;
+    if stream {
         setsockopt(&fd, sockopt::ReuseAddr, &true)?;
     }
     bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
-    if !udp {
+    if stream {
         nix::sys::socket::listen(&fd, nix::sys::socket::Backlog::new(LISTEN_BACKLOG)?)?;
     }
     Ok(fd)
+}
+
+fn family(addr: SocketAddr) -> AddressFamily {
+    if addr.is_ipv6() {
+        AddressFamily::Inet6
+    } else {
+        AddressFamily::Inet
+    }
 }
 
 /// Options of the data plane itself.
@@ -499,14 +499,7 @@ impl Dataplane {
                             .handle_inbound_tcp(now, ns_port, peer, &mut self.sockets);
                         if let Some(fd) = self.sockets.accepted.take() {
                             // Not taken (table full, family off): reset the client.
-                            let _ = setsockopt(
-                                &fd,
-                                sockopt::Linger,
-                                &libc::linger {
-                                    l_onoff: 1,
-                                    l_linger: 0,
-                                },
-                            );
+                            reset(&fd);
                         }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
@@ -788,13 +781,8 @@ impl Sockets {
     }
 
     fn new_socket(&self, target: SocketAddr, ty: SockType) -> std::io::Result<OwnedFd> {
-        let family = if target.is_ipv6() {
-            AddressFamily::Inet6
-        } else {
-            AddressFamily::Inet
-        };
         let fd = socket(
-            family,
+            family(target),
             ty,
             SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
             None,
@@ -855,14 +843,7 @@ impl Sockets {
         };
         let _ = self.registry.deregister(&mut SourceFd(&fd.as_raw_fd()));
         if abort && matches!(sock, Sock::Tcp(_)) {
-            let _ = setsockopt(
-                fd,
-                sockopt::Linger,
-                &libc::linger {
-                    l_onoff: 1,
-                    l_linger: 0,
-                },
-            );
+            reset(fd);
         }
     }
 }

@@ -7,7 +7,11 @@
 //!
 //! * [`Engine::handle_frame`]: one Ethernet frame read from the tap.
 //! * [`Engine::handle_echo_reply`]: an echo reply a flow's ping socket received.
-//! * [`Engine::handle_host_error`]: a flow's host socket failed (open or send).
+//! * [`Engine::handle_host_error`]: a flow's ping socket failed (open or send).
+//! * `handle_tcp_ready`, `handle_udp_datagram`, `handle_udp_error`: readiness and data of
+//!   TCP and UDP host sockets (`engine::translate`); `handle_inbound_tcp`,
+//!   `handle_inbound_udp`: clients of forwarded ports (`engine::inbound`); `end_batch`: the
+//!   ACKs coalesced over a batch of tap frames.
 //! * [`Engine::handle_timeout`]: the time [`Engine::poll_timeout`] named has come (also
 //!   where TCP connections that yielded with data left get their next turn).
 //!
@@ -16,7 +20,9 @@
 //! * [`Engine::poll_transmit`]: frames to write to the tap, in order. Buffers come from a
 //!   pool; the shell hands them back with [`Engine::recycle`] so steady-state traffic
 //!   allocates nothing per frame.
-//! * [`Engine::poll_host_op`]: operations on host sockets ([`HostOp`]).
+//! * [`Engine::poll_host_op`]: operations on ping sockets ([`HostOp`]). TCP and UDP host
+//!   sockets are reached in place through the [`Host`] trait instead, because the TCP
+//!   translation needs each answer (bytes taken, bytes peeked) before its next step.
 //! * [`Engine::poll_timeout`]: when to call `handle_timeout` next.
 //!
 //! ## Data flow, namespace → host
@@ -24,23 +30,30 @@
 //! `wire::parse` → drop with a counted reason, or dispatch by protocol: ARP → `services::arp`;
 //! NS/RS → `services::ndp`; UDP to 67 → `services::dhcp`; UDP to 547 → `services::dhcpv6`;
 //! echo to forwarder's own addresses → answered here; other echo → the flow table, which
-//! asks the shell to open a ping socket (`HostOp::EchoOpen`) and send (`HostOp::EchoSend`).
+//! asks the shell to open a ping socket (`HostOp::EchoOpen`) and send (`HostOp::EchoSend`);
+//! IPv4/IPv6 fragments → `engine::reassembly`, then dispatched whole; other TCP and UDP →
+//! the flow table, `policy` for new flows, and `flow::tcp` / `flow::udp`.
 //!
 //! ## Data flow, host → namespace
 //!
 //! A ping socket's reply becomes an echo reply frame from the remote address to the guest,
-//! with the guest's own echo identifier restored (a ping socket picks its own).
+//! with the guest's own echo identifier restored (a ping socket picks its own). TCP host data
+//! becomes segments (`flow::tcp`); UDP datagrams become frames, fragmented beyond the MTU;
+//! socket errors become ICMP errors.
 //!
 //! ## Timers
 //!
 //! Unsolicited router advertisements at start and then at [`RA_SCHEDULE`] offsets, then every
-//! [`RA_INTERVAL`]; the flow sweep every [`flow::SWEEP_INTERVAL`] while flows exist.
+//! [`RA_INTERVAL`]; each flow's one deadline from the table's timer heap (idle, TCP
+//! retransmission, connect and window re-check); TCP connections waiting for their turn make
+//! the next timeout immediate.
 //!
 //! ## Limits
 //!
 //! At most [`frames::MAX_QUEUED`] frames wait for the shell (more are dropped and counted
 //! `tx_queue_full`), and at most [`MAX_HOST_OPS`] host operations; the flow table is
-//! bounded by `--max-flows`.
+//! bounded by `--max-flows`; out-of-order TCP data by `flow::tcp::MAX_OOO_TOTAL` in all;
+//! reassembly by `engine::reassembly`'s limits.
 
 mod inbound;
 pub mod reassembly;

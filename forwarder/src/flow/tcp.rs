@@ -818,7 +818,7 @@ impl Conn {
         }
     }
 
-    /// Continues sending host data after [`Conn::wants_push`] asked for another turn.
+    /// Continues sending host data after [`Conn::take_push_request`] queued another turn.
     pub fn resume<S: HostSocket + ?Sized>(&mut self, cx: &mut Cx<'_, S>) -> Verdict {
         self.push_queued = false;
         self.push(cx);

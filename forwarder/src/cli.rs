@@ -117,6 +117,13 @@ pub struct Args {
     #[arg(short = 'T', long = "tcp-ns", value_name = "SPEC", value_parser = parse_ports)]
     pub tcp_ns: Vec<Vec<crate::forward::PortMap>>,
 
+    /// Carry the namespace's flows to GUESTIP:PORT to HOSTIP:HOSTPORT on the host
+    /// (repeatable): [tcp|udp://][GUESTIP:]PORT[:HOSTIP:HOSTPORT], IPv6 in brackets. GUESTIP
+    /// defaults to the gateway (IPv6 gateway if the spec holds an IPv6 address), HOSTIP to the
+    /// loopback, HOSTPORT to PORT. Not subject to --deny.
+    #[arg(long, value_name = "SPEC", value_parser = parse_remote)]
+    pub remote_forward: Vec<crate::forward::RemoteForward>,
+
     /// Allow flows to RULE even if the blocklist or --enable-* would refuse them
     /// (repeatable, comma lists): [tcp|udp://]ADDR[/LEN][:PORT[-PORT]], IPv6 in brackets.
     #[arg(long, value_name = "RULE", value_delimiter = ',', value_parser = parse_rule)]
@@ -329,6 +336,30 @@ impl Args {
                 policy.maps.push((IpAddr::V6(v6.router_ll), lo));
             }
         }
+        for r in &self.remote_forward {
+            let guest = match (r.guest, r.family_v6) {
+                (Some(a), _) => a,
+                (None, false) => match &network.ipv4 {
+                    Some(p) => IpAddr::V4(p.gateway),
+                    None => bail!("--remote-forward: IPv4 is off, name the guest-side address"),
+                },
+                (None, true) => match &network.ipv6 {
+                    Some(p) => IpAddr::V6(p.gateway),
+                    None => bail!("--remote-forward: IPv6 is off, name the guest-side address"),
+                },
+            };
+            if policy
+                .remote
+                .iter()
+                .any(|(p, a, n, _)| *p == r.protocol && *a == guest && *n == r.port)
+            {
+                bail!(
+                    "--remote-forward: {guest} port {} is forwarded twice",
+                    r.port
+                );
+            }
+            policy.remote.push((r.protocol, guest, r.port, r.host));
+        }
         if let Some(addr) = self.map_guest_addr {
             let to = match addr {
                 IpAddr::V4(_) => network.ipv4.as_ref().map(|p| IpAddr::V4(p.guest)),
@@ -404,6 +435,10 @@ impl Args {
 
 fn parse_ports(s: &str) -> Result<Vec<crate::forward::PortMap>, String> {
     crate::forward::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_remote(s: &str) -> Result<crate::forward::RemoteForward, String> {
+    crate::forward::parse_remote(s).map_err(|e| e.to_string())
 }
 
 fn parse_rule(s: &str) -> Result<Rule, String> {

@@ -17,11 +17,130 @@
 //! brackets, e.g. `2001:db8::1/80`); without it they listen on every address, both families.
 //! `auto` and `all` are refused with a clear message: not implemented yet.
 //!
+//! ## Remote forwards (`--remote-forward`, slirpnetstack's `-R`)
+//!
+//! `[tcp|udp://]FIELDS`, FIELDS split on `:` outside `[...]`: `PORT`, `GUESTIP:PORT`,
+//! `PORT:HOSTIP:HOSTPORT`, `GUESTIP:PORT:HOSTIP:HOSTPORT`; empty fields take the default. A
+//! flow the namespace opens to GUESTIP:PORT is carried to HOSTIP:HOSTPORT on the host. GUESTIP
+//! may be any address (default: the gateway, the IPv6 one when the spec has an IPv6
+//! literal); HOSTIP defaults to the loopback of that family and HOSTPORT to PORT. No
+//! listening socket is involved: the engine's policy rewrites the destination of matching
+//! flows (see `policy`), before the firewall, which does not apply to remote forwards.
+//!
 //! ## Limits
 //!
 //! At most [`MAX_FORWARDS`] forwarded ports per protocol (each costs a socket).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use crate::flow::Protocol;
+
+/// A `--remote-forward`: the namespace's flows to `guest`:`port` go to `host`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteForward {
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// The destination the namespace uses; `None`: the gateway of `family_v6`'s family.
+    pub guest: Option<IpAddr>,
+    /// Whether the default guest address is the IPv6 gateway.
+    pub family_v6: bool,
+    /// Destination port in the namespace.
+    pub port: u16,
+    /// Where it goes on the host.
+    pub host: SocketAddr,
+}
+
+/// Parses one `--remote-forward` spec.
+///
+/// # Errors
+///
+/// [`SpecError`] naming the part that is wrong.
+pub fn parse_remote(spec: &str) -> Result<RemoteForward, SpecError> {
+    let err = |why: String| SpecError(format!("{spec:?}: {why}"));
+    let (protocol, fields) = match spec.split_once("://") {
+        Some(("tcp", rest)) => (Protocol::Tcp, rest),
+        Some(("udp", rest)) => (Protocol::Udp, rest),
+        Some((other, _)) => {
+            return Err(err(format!(
+                "protocol {other:?} is not supported (tcp or udp)"
+            )));
+        }
+        None => (Protocol::Tcp, spec),
+    };
+    let fields = split_fields(fields).map_err(err)?;
+    let (guest, port, host_ip, host_port) = match fields.as_slice() {
+        [p] => ("", *p, "", ""),
+        [g, p] => (*g, *p, "", ""),
+        [p, h, hp] => ("", *p, *h, *hp),
+        [g, p, h, hp] => (*g, *p, *h, *hp),
+        _ => {
+            return Err(err(
+                "expected PORT, IP:PORT, PORT:IP:PORT or IP:PORT:IP:PORT".into(),
+            ));
+        }
+    };
+    let ip = |s: &str| -> Result<Option<IpAddr>, SpecError> {
+        if s.is_empty() {
+            return Ok(None);
+        }
+        let bare = s
+            .strip_prefix('[')
+            .and_then(|s| s.strip_suffix(']'))
+            .unwrap_or(s);
+        bare.parse()
+            .map(Some)
+            .map_err(|_| err(format!("{s:?} is not an IP address")))
+    };
+    let port_of = |s: &str| -> Result<u16, SpecError> {
+        s.parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| err(format!("{s:?} is not a port (1-65535)")))
+    };
+    let guest = ip(guest)?;
+    let host_ip = ip(host_ip)?;
+    let port = port_of(port)?;
+    let host_port = if host_port.is_empty() {
+        port
+    } else {
+        port_of(host_port)?
+    };
+    let family_v6 = guest.is_some_and(|a| a.is_ipv6()) || host_ip.is_some_and(|a| a.is_ipv6());
+    let host_ip = host_ip.unwrap_or(if family_v6 {
+        IpAddr::V6(Ipv6Addr::LOCALHOST)
+    } else {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    });
+    Ok(RemoteForward {
+        protocol,
+        guest,
+        family_v6,
+        port,
+        host: SocketAddr::new(host_ip, host_port),
+    })
+}
+
+/// Splits on `:` outside `[...]`.
+fn split_fields(s: &str) -> Result<Vec<&str>, String> {
+    let mut out = Vec::new();
+    let (mut depth, mut start) = (0u32, 0usize);
+    for (i, c) in s.char_indices() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth = depth.checked_sub(1).ok_or("unbalanced \"]\"")?,
+            ':' if depth == 0 => {
+                out.push(s.get(start..i).unwrap_or_default());
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if depth != 0 {
+        return Err("unbalanced \"[\"".into());
+    }
+    out.push(s.get(start..).unwrap_or_default());
+    Ok(out)
+}
 
 /// One forwarded port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -178,6 +297,34 @@ mod tests {
     }
 
     #[test]
+    fn remote_grammar() {
+        let r = parse_remote("8080").unwrap();
+        assert_eq!(
+            (r.protocol, r.guest, r.port, r.host.to_string()),
+            (Protocol::Tcp, None, 8080, "127.0.0.1:8080".into())
+        );
+        let r = parse_remote("udp://198.51.100.7:53:203.0.113.1:5353").unwrap();
+        assert_eq!(
+            (r.protocol, r.guest, r.port, r.host.to_string()),
+            (
+                Protocol::Udp,
+                Some("198.51.100.7".parse().unwrap()),
+                53,
+                "203.0.113.1:5353".into()
+            )
+        );
+        let r = parse_remote("[2001:db8::7]:80::8080").unwrap();
+        assert_eq!(r.host.to_string(), "[::1]:8080");
+        assert!(r.family_v6);
+        let r = parse_remote("80:[2001:db8::1]:81").unwrap();
+        assert_eq!(
+            (r.guest, r.host.to_string()),
+            (None, "[2001:db8::1]:81".into())
+        );
+        assert!(r.family_v6);
+    }
+
+    #[test]
     fn errors_name_the_part() {
         for (bad, names) in [
             ("0", "\"0\""),
@@ -189,6 +336,16 @@ mod tests {
             ("1,~1", "no port left"),
         ] {
             let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains(names), "{bad}: {e}");
+        }
+        for (bad, names) in [
+            ("sctp://80", "sctp"),
+            ("0", "\"0\""),
+            ("x:80", "\"x\""),
+            ("1:2:3:4:5", "expected"),
+            ("[::1:80", "unbalanced"),
+        ] {
+            let e = parse_remote(bad).unwrap_err().to_string();
             assert!(e.contains(names), "{bad}: {e}");
         }
         let twice = join(&[parse("80").unwrap(), parse("79-81").unwrap()]).unwrap_err();

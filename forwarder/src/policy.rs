@@ -7,6 +7,8 @@
 //!
 //! ## Mapping (before the firewall)
 //!
+//! * `--remote-forward`: protocol, destination address and port → a host address and port
+//!   (checked first; not subject to `--deny` either, like slirpnetstack's `-R`);
 //! * the IPv4 gateway → `127.0.0.1`, the IPv6 gateway and forwarder's link-local address →
 //!   `::1` (pasta's `--map-gw`, on by default; `--no-map-gw` turns it off);
 //! * `--map-guest-addr ADDR` → the host's own address that the namespace mirrors;
@@ -222,6 +224,8 @@ pub struct Policy {
     pub resolver: Option<IpAddr>,
     /// Host-local prefixes (rescanned).
     pub local: Vec<Prefix>,
+    /// `--remote-forward`s: `(protocol, destination, port)` → host socket address.
+    pub remote: Vec<(Protocol, IpAddr, u16, std::net::SocketAddr)>,
 }
 
 impl Default for Policy {
@@ -236,6 +240,7 @@ impl Default for Policy {
             dns_forward: None,
             resolver: None,
             local: Vec::new(),
+            remote: Vec::new(),
         }
     }
 }
@@ -278,6 +283,13 @@ impl Policy {
         dst: IpAddr,
         port: u16,
     ) -> Result<(IpAddr, u16), Denied> {
+        if let Some((.., to)) = self
+            .remote
+            .iter()
+            .find(|(p, a, n, _)| *p == protocol && *a == dst && *n == port)
+        {
+            return Ok((to.ip(), to.port()));
+        }
         if self.deny.iter().any(|r| r.matches(protocol, dst, port)) {
             return Err(Denied::Rule);
         }

@@ -245,3 +245,64 @@ fn tcp_ns_splices_namespace_loopback_to_host_loopback() {
         "{tap_bytes} bytes went over the tap"
     );
 }
+
+#[test]
+fn remote_forward_carries_any_guest_side_address_to_a_host_service() {
+    if !privileged() {
+        return;
+    }
+    let mut w = World::new();
+    let guest = w.add_guest();
+    let host = w.host.clone();
+    w.serve(
+        &host,
+        &format!("exec python3 {} 7401", script("tcp_echo.py")),
+    );
+    w.wait_listening(&host, 7401, false);
+    w.serve(
+        &host,
+        &format!("exec python3 {} 127.0.0.1 5401", script("udp_echo.py")),
+    );
+    w.wait_listening(&host, 5401, true);
+    // The firewall does not apply to remote forwards: the guest-side addresses are denied.
+    let (_pid, log) = w.start_attached(&[
+        "--config-net",
+        "--deny",
+        "203.0.113.0/24,[2001:db8:77::/48]",
+        "--remote-forward",
+        "203.0.113.77:7400:127.0.0.1:7401",
+        "--remote-forward",
+        "[2001:db8:77::7]:7400:[::1]:7401",
+        "--remote-forward",
+        "udp://203.0.113.77:5400:127.0.0.1:5401",
+    ]);
+    for (address, what) in [
+        ("TCP:203.0.113.77:7400", "v4 tcp"),
+        ("TCP6:[2001:db8:77::7]:7400", "v6 tcp"),
+        ("UDP:203.0.113.77:5400", "v4 udp"),
+    ] {
+        let out = w.run_in(&guest, &format!("echo ping-{what} | socat -T2 - {address}"));
+        assert_eq!(
+            text(&out.stdout).trim(),
+            format!("ping-{what}"),
+            "{what}: {}\n{}",
+            text(&out.stderr),
+            read(&log)
+        );
+    }
+    // Other ports of the denied prefix stay denied.
+    let out = w.run_in(
+        &guest,
+        "socat -T2 - TCP:203.0.113.77:7401,connect-timeout=2 </dev/null",
+    );
+    assert!(!out.status.success(), "a denied destination was reached");
+    // Bad specs name the bad part.
+    for (spec, names) in [("sctp://80", "sctp"), ("x:80", "\"x\""), ("0", "\"0\"")] {
+        let out = Command::new(forwarder_bin())
+            .args(["--netns", &guest, "--remote-forward", spec])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        assert!(text(&out.stderr).contains(names), "{}", text(&out.stderr));
+    }
+}

@@ -10,6 +10,7 @@ use anyhow::{Result, bail};
 use clap::Parser;
 
 use crate::config::{Config, DEFAULT_MAC, DEFAULT_MAX_FLOWS, DEFAULT_MTU, Services, Target};
+use crate::forward::{Kind, Spec};
 use crate::plan::{self, HostInfo, Overrides};
 use crate::policy::{Policy, Rule};
 use crate::wire::EthernetAddress;
@@ -103,19 +104,31 @@ pub struct Args {
 
     /// Forward host TCP ports to the namespace (repeatable): none, PORT, A-B, HOST:NS,
     /// A-B:C-D, ~EXCLUDED, comma lists, optionally ADDR/ in front to listen on one host
-    /// address. Connections arrive in the namespace from the real client's address.
+    /// address; auto follows the ports bound in the namespace (every second; PORT and A-B
+    /// next to it restrict it). Connections arrive in the namespace from the real client's
+    /// address.
     #[arg(short = 't', long = "tcp-ports", value_name = "SPEC", value_parser = parse_ports)]
-    pub tcp_ports: Vec<Vec<crate::forward::PortMap>>,
+    pub tcp_ports: Vec<Spec>,
 
     /// Forward host UDP ports to the namespace (same syntax as --tcp-ports).
     #[arg(short = 'u', long = "udp-ports", value_name = "SPEC", value_parser = parse_ports)]
-    pub udp_ports: Vec<Vec<crate::forward::PortMap>>,
+    pub udp_ports: Vec<Spec>,
 
     /// Forward TCP ports of the namespace's loopback to the host's loopback (repeatable; same
-    /// syntax, LISTEN:TO maps a namespace port to a host port). Relayed with splice(2), no
-    /// translation.
+    /// syntax, LISTEN:TO maps a namespace port to a host port; auto follows the host's bound
+    /// ports). Relayed with splice(2), no translation.
     #[arg(short = 'T', long = "tcp-ns", value_name = "SPEC", value_parser = parse_ports)]
-    pub tcp_ns: Vec<Vec<crate::forward::PortMap>>,
+    pub tcp_ns: Vec<Spec>,
+
+    /// Forward UDP ports of the namespace's loopback to the host's loopback (same syntax as
+    /// --tcp-ns). Relayed with recvmmsg/sendmmsg, no translation.
+    #[arg(short = 'U', long = "udp-ns", value_name = "SPEC", value_parser = parse_ports)]
+    pub udp_ns: Vec<Spec>,
+
+    /// Serve the runtime control API on this UNIX socket (JSON, see docs/api.md; used by
+    /// `forwarder ctl`): add, list and remove forwards, read the counters.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
 
     /// Carry the namespace's flows to GUESTIP:PORT to HOSTIP:HOSTPORT on the host
     /// (repeatable): [tcp|udp://][GUESTIP:]PORT[:HOSTIP:HOSTPORT], IPv6 in brackets. GUESTIP
@@ -265,21 +278,55 @@ impl Args {
         let mut network = plan::resolve(&host, &overrides)?;
         let translation = self.translation(&host, &mut network)?;
         let io = self.io_options()?;
-        let tcp_forwards = crate::forward::join(&self.tcp_ports)
-            .map_err(|e| anyhow::anyhow!("--tcp-ports: {e}"))?;
-        let udp_forwards = crate::forward::join(&self.udp_ports)
-            .map_err(|e| anyhow::anyhow!("--udp-ports: {e}"))?;
-        let ns_tcp_forwards =
-            crate::forward::join(&self.tcp_ns).map_err(|e| anyhow::anyhow!("--tcp-ns: {e}"))?;
+        let mut auto = Vec::new();
+        let mut fixed = Vec::new();
+        for (kind, specs) in [
+            (Kind::Tcp, &self.tcp_ports),
+            (Kind::Udp, &self.udp_ports),
+            (Kind::TcpNs, &self.tcp_ns),
+            (Kind::UdpNs, &self.udp_ns),
+        ] {
+            let mut lists = Vec::new();
+            for spec in specs {
+                match spec {
+                    Spec::Ports(maps) => lists.push(maps.clone()),
+                    Spec::Auto(a) => {
+                        if auto.iter().any(|(k, _)| *k == kind) {
+                            bail!("{}: auto given twice", kind.option());
+                        }
+                        auto.push((kind, a.clone()));
+                    }
+                }
+            }
+            let maps = crate::forward::join(&lists)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", kind.option()))?;
+            fixed.push(maps);
+        }
+        let mut fixed = fixed.into_iter();
+        let (tcp_forwards, udp_forwards, ns_tcp_forwards, ns_udp_forwards) = (
+            fixed.next().unwrap_or_default(),
+            fixed.next().unwrap_or_default(),
+            fixed.next().unwrap_or_default(),
+            fixed.next().unwrap_or_default(),
+        );
         let sockets: usize = ns_tcp_forwards
             .iter()
+            .chain(&ns_udp_forwards)
             .map(|m| if m.bind.is_some() { 1 } else { 2 })
             .sum();
         if sockets >= crate::ns::MAX_PASSED_FDS {
             bail!(
-                "--tcp-ns: {} ports need {sockets} sockets in the namespace, at most {} fit",
-                ns_tcp_forwards.len(),
+                "--tcp-ns/--udp-ns: {} ports need {sockets} sockets in the namespace, at most {} fit at start (add more with the API)",
+                ns_tcp_forwards.len() + ns_udp_forwards.len(),
                 crate::ns::MAX_PASSED_FDS - 1
+            );
+        }
+        if let Some(path) = &self.api_socket
+            && path.as_os_str().len() >= 108
+        {
+            bail!(
+                "--api-socket {}: a UNIX socket path must be shorter than 108 bytes",
+                path.display()
             );
         }
         let services = Services {
@@ -304,6 +351,9 @@ impl Args {
             tcp_forwards,
             udp_forwards,
             ns_tcp_forwards,
+            ns_udp_forwards,
+            auto,
+            api_socket: self.api_socket,
         })
     }
 
@@ -428,13 +478,14 @@ impl Args {
         }
         Ok(crate::io::Options {
             outbound,
+            udp_idle: Duration::from_secs(self.udp_timeout),
             drop_every: self.drop_every,
         })
     }
 }
 
-fn parse_ports(s: &str) -> Result<Vec<crate::forward::PortMap>, String> {
-    crate::forward::parse(s).map_err(|e| e.to_string())
+fn parse_ports(s: &str) -> Result<Spec, String> {
+    crate::forward::parse_spec(s).map_err(|e| e.to_string())
 }
 
 fn parse_remote(s: &str) -> Result<crate::forward::RemoteForward, String> {

@@ -40,6 +40,12 @@ pub struct Config {
     /// Namespace → host TCP forwards (`-T`): listen in the namespace, splice to the host's
     /// loopback.
     pub ns_tcp_forwards: Vec<crate::forward::PortMap>,
+    /// Namespace → host UDP forwards (`-U`).
+    pub ns_udp_forwards: Vec<crate::forward::PortMap>,
+    /// `auto` specs, at most one per kind.
+    pub auto: Vec<(crate::forward::Kind, crate::forward::Auto)>,
+    /// The runtime control API's socket.
+    pub api_socket: Option<PathBuf>,
 }
 
 /// The namespace forwarder serves.

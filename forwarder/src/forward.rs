@@ -15,7 +15,18 @@
 //! (ranges of equal length), and exclusions `~PORT` / `~A-B` (removed from the ranges given in
 //! the same spec). `ADDR` binds the listening sockets to one host address (IPv6 without
 //! brackets, e.g. `2001:db8::1/80`); without it they listen on every address, both families.
-//! `auto` and `all` are refused with a clear message: not implemented yet.
+//!
+//! `auto` (pasta's): forward the ports that are bound on the other side, as they appear and
+//! disappear. Plain ports and ranges next to it restrict it (`8000-8010,auto`), exclusions
+//! apply (`auto,~22`). For `-t`/`-u` the namespace's sockets are read from its
+//! `/proc/net/{tcp,udp}{,6}` (by the namespace agent, see `ns::Agent`) every
+//! [`AUTO_SCAN_INTERVAL`]; sockets bound only to a loopback address are skipped (nothing
+//! arriving over the tap could reach them), and so are ports forwarder itself bound there.
+//! For `-T`/`-U` the host's own tables are read the same way, minus forwarder's own ports.
+//! The host port is the namespace port; a port that cannot be bound on the other side (in
+//! use) is logged once and retried at every scan.
+//!
+//! `all` is refused with a clear message: not implemented.
 //!
 //! ## Remote forwards (`--remote-forward`, slirpnetstack's `-R`)
 //!
@@ -142,6 +153,185 @@ fn split_fields(s: &str) -> Result<Vec<&str>, String> {
     Ok(out)
 }
 
+/// Which way and which protocol a forward goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// `-t`: host TCP port → namespace, translated over the tap.
+    Tcp,
+    /// `-u`: host UDP port → namespace.
+    Udp,
+    /// `-T`: namespace TCP port → host loopback, spliced.
+    TcpNs,
+    /// `-U`: namespace UDP port → host loopback, relayed with recvmmsg/sendmmsg.
+    UdpNs,
+}
+
+impl Kind {
+    /// All kinds.
+    pub const ALL: [Self; 4] = [Self::Tcp, Self::Udp, Self::TcpNs, Self::UdpNs];
+
+    /// The name in the API and in logs.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+            Self::TcpNs => "tcp-ns",
+            Self::UdpNs => "udp-ns",
+        }
+    }
+
+    /// The kind called `name`.
+    #[must_use]
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// The command-line option.
+    #[must_use]
+    pub fn option(self) -> &'static str {
+        match self {
+            Self::Tcp => "--tcp-ports",
+            Self::Udp => "--udp-ports",
+            Self::TcpNs => "--tcp-ns",
+            Self::UdpNs => "--udp-ns",
+        }
+    }
+
+    /// UDP, not TCP.
+    #[must_use]
+    pub fn is_udp(self) -> bool {
+        matches!(self, Self::Udp | Self::UdpNs)
+    }
+
+    /// The sockets are bound in the namespace.
+    #[must_use]
+    pub fn in_namespace(self) -> bool {
+        matches!(self, Self::TcpNs | Self::UdpNs)
+    }
+}
+
+/// A parsed spec: a fixed list of ports, or `auto`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Spec {
+    /// These ports.
+    Ports(Vec<PortMap>),
+    /// Follow the ports bound on the other side.
+    Auto(Auto),
+}
+
+/// An `auto` spec.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Auto {
+    /// Only these ranges (empty: every port).
+    pub include: Vec<(u16, u16)>,
+    /// Never these.
+    pub exclude: Vec<(u16, u16)>,
+}
+
+impl Auto {
+    /// Whether `port` is followed.
+    #[must_use]
+    pub fn wants(&self, port: u16) -> bool {
+        (self.include.is_empty() || self.include.iter().any(|(a, b)| (*a..=*b).contains(&port)))
+            && !self.exclude.iter().any(|(a, b)| (*a..=*b).contains(&port))
+    }
+}
+
+/// Parses one `-t`/`-u`/`-T`/`-U` spec, `auto` included.
+///
+/// # Errors
+///
+/// [`SpecError`] naming the part that is wrong.
+pub fn parse_spec(spec: &str) -> Result<Spec, SpecError> {
+    let items: Vec<&str> = spec.split(',').collect();
+    if !items.contains(&"auto") {
+        return parse(spec).map(Spec::Ports);
+    }
+    let err = |why: String| SpecError(format!("{spec:?}: {why}"));
+    let mut auto = Auto::default();
+    for item in items {
+        if item == "auto" {
+            continue;
+        }
+        if let Some(ex) = item.strip_prefix('~') {
+            auto.exclude.push(range(ex).map_err(err)?);
+        } else if item.contains(':') || item.contains('/') {
+            return Err(err(format!(
+                "{item:?}: auto forwards each port to the same port, on every address"
+            )));
+        } else {
+            auto.include.push(range(item).map_err(err)?);
+        }
+    }
+    Ok(Spec::Auto(auto))
+}
+
+/// A socket found bound in a `/proc/net/{tcp,udp}{,6}` table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bound {
+    /// Local address.
+    pub addr: IpAddr,
+    /// Local port.
+    pub port: u16,
+}
+
+/// The listening (TCP) or unconnected bound (UDP) sockets of one `/proc/net` table; `v6`
+/// for the `tcp6`/`udp6` tables. Lines that do not parse are skipped.
+#[must_use]
+pub fn parse_proc_net(text: &str, v6: bool, udp: bool) -> Vec<Bound> {
+    // TCP_LISTEN is 0x0A; an unconnected UDP socket shows TCP_CLOSE, 0x07.
+    let want = if udp { "07" } else { "0A" };
+    let mut out = Vec::new();
+    for line in text.lines().skip(1) {
+        let mut fields = line.split_whitespace();
+        let (Some(_), Some(local), Some(remote), Some(state)) =
+            (fields.next(), fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        if state != want {
+            continue;
+        }
+        if udp && !remote.ends_with(":0000") {
+            continue;
+        }
+        let Some((addr, port)) = local.split_once(':') else {
+            continue;
+        };
+        let (Some(addr), Ok(port)) = (proc_addr(addr, v6), u16::from_str_radix(port, 16)) else {
+            continue;
+        };
+        if port != 0 {
+            out.push(Bound { addr, port });
+        }
+    }
+    out
+}
+
+/// `/proc/net` prints addresses as 32-bit words in host byte order, in hex.
+fn proc_addr(hex: &str, v6: bool) -> Option<IpAddr> {
+    let word = |i: usize| -> Option<[u8; 4]> {
+        let w = u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16).ok()?;
+        Some(w.to_ne_bytes())
+    };
+    if v6 {
+        if hex.len() != 32 {
+            return None;
+        }
+        let mut b = [0u8; 16];
+        for (i, chunk) in b.chunks_exact_mut(4).enumerate() {
+            chunk.copy_from_slice(&word(i)?);
+        }
+        Some(IpAddr::V6(Ipv6Addr::from(b)))
+    } else {
+        (hex.len() == 8).then(|| word(0).map(|w| IpAddr::V4(Ipv4Addr::from(w))))?
+    }
+}
+
+/// How often `auto` looks at the other side's sockets (pasta's interval).
+pub const AUTO_SCAN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// One forwarded port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PortMap {
@@ -167,10 +357,10 @@ pub fn parse(spec: &str) -> Result<Vec<PortMap>, SpecError> {
     let err = |why: String| SpecError(format!("{spec:?}: {why}"));
     match spec {
         "none" => return Ok(Vec::new()),
-        "auto" | "all" => {
-            return Err(err(format!(
-                "{spec:?} is not supported yet; list the ports (e.g. 8080 or 8000-8010)"
-            )));
+        "all" => {
+            return Err(err(
+                "\"all\" is not supported; list the ports (e.g. 8000-8010) or use auto".into(),
+            ));
         }
         _ => {}
     }
@@ -297,6 +487,68 @@ mod tests {
     }
 
     #[test]
+    fn auto_grammar() {
+        let Spec::Auto(a) = parse_spec("8000-8010,auto,~8005").unwrap() else {
+            panic!("not auto")
+        };
+        assert!(a.wants(8000) && a.wants(8010) && !a.wants(8005) && !a.wants(80));
+        let Spec::Auto(a) = parse_spec("auto").unwrap() else {
+            panic!("not auto")
+        };
+        assert!(a.wants(1) && a.wants(65535));
+        assert!(
+            parse_spec("auto,80:81")
+                .unwrap_err()
+                .to_string()
+                .contains("same port")
+        );
+        assert_eq!(
+            parse_spec("80").unwrap(),
+            Spec::Ports(vec![PortMap {
+                bind: None,
+                listen: 80,
+                to: 80
+            }])
+        );
+    }
+
+    #[test]
+    fn proc_net_tables() {
+        // Lines as Linux prints them (little-endian host).
+        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0000000000000000 100 0 0 10 0
+   1: 0264330A:0050 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 2 1 0000000000000000 100 0 0 10 0
+   2: 0264330A:0050 0164330A:C350 01 00000000:00000000 00:00000000 00000000     0        0 3 1 0000000000000000 100 0 0 10 0
+   garbage";
+        let got = parse_proc_net(tcp, false, false);
+        assert_eq!(
+            got,
+            vec![
+                Bound {
+                    addr: "127.0.0.1".parse().unwrap(),
+                    port: 8080
+                },
+                Bound {
+                    addr: "10.51.100.2".parse().unwrap(),
+                    port: 80
+                },
+            ]
+        );
+        let tcp6 =
+            "  sl  local_address                         remote_address                        st
+   0: 00000000000000000000000001000000:0016 00000000000000000000000000000000:0000 0A 0
+   1: B80D0120000000000000000002000000:01BB 00000000000000000000000000000000:0000 0A 0";
+        let got = parse_proc_net(tcp6, true, false);
+        assert_eq!(got[0].addr, "::1".parse::<IpAddr>().unwrap());
+        assert_eq!(got[0].port, 22);
+        assert_eq!(got[1].addr, "2001:db8::2".parse::<IpAddr>().unwrap());
+        let udp = "  sl  local_address rem_address   st
+  1: 00000000:0035 00000000:0000 07 0
+  2: 0100007F:0036 0100007F:0035 01 0";
+        assert_eq!(parse_proc_net(udp, false, true).len(), 1);
+    }
+
+    #[test]
     fn remote_grammar() {
         let r = parse_remote("8080").unwrap();
         assert_eq!(
@@ -332,7 +584,7 @@ mod tests {
             ("5-1", "reversed"),
             ("1-3:1-2", "differ"),
             ("x/80", "\"x\""),
-            ("auto", "not supported"),
+            ("all", "not supported"),
             ("1,~1", "no port left"),
         ] {
             let e = parse(bad).unwrap_err().to_string();

@@ -4,6 +4,8 @@
 
 pub mod cli;
 pub mod config;
+pub mod control;
+pub mod ctl;
 pub mod engine;
 pub mod flow;
 pub mod forward;

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 use forwarder::cli::Args;
+use forwarder::control::Control;
 use forwarder::engine::Engine;
+use forwarder::forward::Kind;
 use forwarder::{io, netconf, ns};
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitStatus, waitpid};
@@ -17,6 +19,9 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, info, warn};
 
 fn main() -> ExitCode {
+    if std::env::args_os().nth(1).is_some_and(|a| a == "ctl") {
+        return forwarder::ctl::main(std::env::args_os().skip(1));
+    }
     let args = Args::parse();
     if let Err(err) = init_logging(&args) {
         eprintln!("forwarder: {err:#}");
@@ -43,31 +48,70 @@ fn run(args: Args) -> Result<ExitCode> {
     }
     log_plan(&cfg);
     // Bound before anything else starts: a port in use stops start-up with nothing half done.
-    let listeners = io::bind_forwards(&cfg.tcp_forwards, &cfg.udp_forwards)?;
+    let tcp = io::bind_forwards(&cfg.tcp_forwards, &[])?;
+    let udp = io::bind_forwards(&[], &cfg.udp_forwards)?;
     for m in &cfg.tcp_forwards {
         debug!(listen = m.listen, to = m.to, bind = ?m.bind, "forwarding tcp");
     }
     for m in &cfg.udp_forwards {
         debug!(listen = m.listen, to = m.to, bind = ?m.bind, "forwarding udp");
     }
-    if !listeners.is_empty() {
+    if !tcp.is_empty() || !udp.is_empty() {
         info!(
             tcp = cfg.tcp_forwards.len(),
             udp = cfg.udp_forwards.len(),
             "port forwards bound"
         );
     }
+    let api = cfg.api_socket.as_deref().map(api_listener).transpose()?;
     let ns::Namespace {
         tap,
         ns_listeners,
         command,
     } = ns::setup(&cfg)?;
-    let mut listeners = listeners;
-    listeners.extend(
-        ns_listeners
-            .into_iter()
-            .map(|(fd, to)| io::Listener::namespace_tcp(fd, to)),
-    );
+    // The agent must be forked now, while the process has one thread.
+    let agent = if api.is_some() || !cfg.auto.is_empty() {
+        let (userns, netns) = match (&cfg.target, &command) {
+            (forwarder::config::Target::Attach { netns, userns }, _) => {
+                (userns.clone(), netns.clone())
+            }
+            (_, Some(cmd)) => (
+                Some(format!("/proc/{}/ns/user", cmd.pid).into()),
+                format!("/proc/{}/ns/net", cmd.pid).into(),
+            ),
+            (_, None) => anyhow::bail!("no namespace to run the agent in"),
+        };
+        Some(ns::Agent::start(userns.as_deref(), &netns)?)
+    } else {
+        None
+    };
+    let (mut ns_tcp, mut ns_udp) = (Vec::new(), Vec::new());
+    for (fd, to, udp) in ns_listeners {
+        if udp {
+            ns_udp.push(io::Listener::namespace_udp(fd, to));
+        } else {
+            ns_tcp.push(io::Listener::namespace_tcp(fd, to));
+        }
+    }
+    let mut guest = Vec::new();
+    if let Some(v4) = &cfg.network.ipv4 {
+        guest.push(std::net::IpAddr::V4(v4.guest));
+    }
+    if let Some(v6) = &cfg.network.ipv6 {
+        guest.push(std::net::IpAddr::V6(v6.guest));
+    }
+    let mut control = Control::new(agent, cfg.auto.clone(), guest);
+    let mut forwards = Vec::new();
+    for (kind, maps, listeners) in [
+        (Kind::Tcp, &cfg.tcp_forwards, tcp),
+        (Kind::Udp, &cfg.udp_forwards, udp),
+        (Kind::TcpNs, &cfg.ns_tcp_forwards, ns_tcp),
+        (Kind::UdpNs, &cfg.ns_udp_forwards, ns_udp),
+    ] {
+        if !maps.is_empty() {
+            forwards.push((control.record(kind, maps.clone()), listeners));
+        }
+    }
     if let Some(path) = &cfg.pid_file {
         std::fs::write(path, format!("{}\n", std::process::id()))
             .with_context(|| format!("write PID file {}", path.display()))?;
@@ -83,20 +127,90 @@ fn run(args: Args) -> Result<ExitCode> {
         translation,
         Instant::now(),
     );
-    let plane = io::spawn(tap, engine, cfg.io.clone(), listeners)?;
+    let plane = io::spawn(tap, engine, cfg.io.clone(), forwards)?;
     let child = command.map(ns::PendingCommand::release).transpose()?;
     info!(tap = %cfg.ifname, "forwarding");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("start the control runtime")?;
-    let outcome = runtime.block_on(supervise(child, &plane));
+    let outcome = runtime.block_on(supervise(child, &plane, &mut control, api));
+    if let Some(path) = &cfg.api_socket {
+        let _ = std::fs::remove_file(path);
+    }
+    drop(control);
     let stats = plane.stop()?;
     info!("final stats: {}", stats.summary());
     outcome
 }
 
-async fn supervise(child: Option<Pid>, plane: &io::Handle) -> Result<ExitCode> {
+/// Binds the API socket before anything is set up: a bad path stops start-up. A stale
+/// socket file (nothing accepts on it) is replaced; a live one or another file is an error.
+fn api_listener(path: &std::path::Path) -> Result<std::os::unix::net::UnixListener> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            anyhow::bail!(
+                "--api-socket {}: exists and is not a socket",
+                path.display()
+            );
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!("--api-socket {}: another process serves it", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("--api-socket {}: remove the stale socket", path.display()))?;
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path)
+        .with_context(|| format!("--api-socket {}", path.display()))?;
+    listener
+        .set_nonblocking(true)
+        .context("--api-socket: non-blocking")?;
+    Ok(listener)
+}
+
+/// One API connection: read the request until the client shuts down its side (at most
+/// `MAX_REQUEST` bytes plus one, so a larger one is seen as too large), pass it to the
+/// control loop, write the reply.
+async fn api_connection(
+    mut stream: tokio::net::UnixStream,
+    requests: tokio::sync::mpsc::Sender<(Vec<u8>, tokio::sync::oneshot::Sender<Vec<u8>>)>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut request = Vec::new();
+    let limit = u64::try_from(forwarder::control::MAX_REQUEST + 1).unwrap_or(u64::MAX);
+    let read = tokio::time::timeout(
+        Duration::from_secs(5),
+        (&mut stream).take(limit).read_to_end(&mut request),
+    )
+    .await;
+    if !matches!(read, Ok(Ok(_))) {
+        debug!("api: the client sent no complete request");
+        return;
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if requests.send((request, tx)).await.is_err() {
+        return;
+    }
+    if let Ok(reply) = rx.await {
+        let _ = stream.write_all(&reply).await;
+        let _ = stream.shutdown().await;
+    }
+}
+
+async fn supervise(
+    child: Option<Pid>,
+    plane: &io::Handle,
+    control: &mut Control,
+    api: Option<std::os::unix::net::UnixListener>,
+) -> Result<ExitCode> {
+    let api = api
+        .map(tokio::net::UnixListener::from_std)
+        .transpose()
+        .context("serve the API socket")?;
+    let (req_tx, mut req_rx) = tokio::sync::mpsc::channel(16);
+    let mut auto = tokio::time::interval(forwarder::forward::AUTO_SCAN_INTERVAL);
+    let has_auto = control.has_auto();
     let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let mut usr1 = signal(SignalKind::user_defined1()).context("install SIGUSR1 handler")?;
@@ -130,6 +244,17 @@ async fn supervise(child: Option<Pid>, plane: &io::Handle) -> Result<ExitCode> {
                 if child.is_none() { info!("interrupted"); return Ok(ExitCode::SUCCESS); }
             }
             _ = usr1.recv() => plane.send(io::Command::LogStats),
+            accepted = async { match &api { Some(l) => l.accept().await, None => std::future::pending().await } } => {
+                match accepted {
+                    Ok((stream, _)) => { tokio::spawn(api_connection(stream, req_tx.clone())); }
+                    Err(err) => debug!(%err, "api: accept failed"),
+                }
+            }
+            Some((request, reply)) = req_rx.recv() => {
+                let answer = control.handle(plane, &request);
+                let _ = reply.send(answer.to_string().into_bytes());
+            }
+            _ = auto.tick(), if has_auto => control.scan_auto(plane),
             _ = rescan.tick() => {
                 match tokio::task::spawn_blocking(netconf::local_prefixes).await {
                     Ok(Ok(local)) => plane.send(io::Command::SetLocalPrefixes(local)),

@@ -61,8 +61,9 @@ use crate::{netconf, sys};
 pub struct Namespace {
     /// The tap, bound to the namespace.
     pub tap: OwnedFd,
-    /// Listening sockets bound in the namespace for `-T`, with the host port each relays to.
-    pub ns_listeners: Vec<(OwnedFd, u16)>,
+    /// Sockets bound in the namespace for `-T` and `-U`, with the host port each relays to
+    /// and whether it is UDP.
+    pub ns_listeners: Vec<(OwnedFd, u16, bool)>,
     /// The spawned command, waiting for [`PendingCommand::release`].
     pub command: Option<PendingCommand>,
 }
@@ -126,7 +127,8 @@ pub fn setup(cfg: &Config) -> Result<Namespace> {
             };
             let ns_listeners = listeners
                 .into_iter()
-                .zip(ns_listen_addrs(cfg).into_iter().map(|(_, to)| to))
+                .zip(ns_listen_addrs(cfg))
+                .map(|(fd, (_, to, udp))| (fd, to, udp))
                 .collect();
             match &cfg.target {
                 Target::Spawn { .. } => Ok(Namespace {
@@ -199,33 +201,40 @@ fn open_in_namespace(cfg: &Config) -> Result<(OwnedFd, Vec<OwnedFd>)> {
         .with_context(|| format!("open tap {} in the namespace", cfg.ifname))?;
     netconf::configure_namespace(&cfg.ifname, &cfg.network, cfg.config_net)?;
     let mut listeners = Vec::new();
-    for (addr, _) in ns_listen_addrs(cfg) {
-        listeners.push(
+    for (addr, _, udp) in ns_listen_addrs(cfg) {
+        listeners.push(if udp {
+            crate::io::bind_udp(addr)
+                .with_context(|| format!("forward namespace udp port {addr} (-U)"))?
+        } else {
             crate::io::listen_tcp(addr)
-                .with_context(|| format!("forward namespace tcp port {addr} (-T)"))?,
-        );
+                .with_context(|| format!("forward namespace tcp port {addr} (-T)"))?
+        });
     }
     Ok((tap, listeners))
 }
 
-/// The addresses `-T` listens on inside the namespace, in order, with the host port each
-/// relays to: the spec's address, or the namespace's loopback, both families.
+/// The addresses `-T` and `-U` bind inside the namespace, in order, with the host port
+/// each relays to and whether it is UDP.
 #[must_use]
-pub fn ns_listen_addrs(cfg: &Config) -> Vec<(std::net::SocketAddr, u16)> {
-    let mut out = Vec::new();
-    for m in &cfg.ns_tcp_forwards {
-        let addrs: Vec<std::net::IpAddr> = match m.bind {
-            Some(a) => vec![a],
-            None => vec![
-                std::net::Ipv4Addr::LOCALHOST.into(),
-                std::net::Ipv6Addr::LOCALHOST.into(),
-            ],
-        };
-        for a in addrs {
-            out.push((std::net::SocketAddr::new(a, m.listen), m.to));
-        }
+pub fn ns_listen_addrs(cfg: &Config) -> Vec<(std::net::SocketAddr, u16, bool)> {
+    let tcp = cfg.ns_tcp_forwards.iter().map(|m| (m, false));
+    let udp = cfg.ns_udp_forwards.iter().map(|m| (m, true));
+    tcp.chain(udp)
+        .flat_map(|(m, udp)| ns_bind_addrs(m).into_iter().map(move |a| (a, m.to, udp)))
+        .collect()
+}
+
+/// Where a `-T`/`-U` port is bound in the namespace: the spec's address, or the loopback of
+/// both families.
+#[must_use]
+pub fn ns_bind_addrs(m: &crate::forward::PortMap) -> Vec<std::net::SocketAddr> {
+    match m.bind {
+        Some(a) => vec![std::net::SocketAddr::new(a, m.listen)],
+        None => vec![
+            std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, m.listen)),
+            std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, m.listen)),
+        ],
     }
-    out
 }
 
 fn enter(path: &Path, kind: CloneFlags) -> Result<()> {
@@ -371,3 +380,243 @@ pub fn attach_target(netns: &str, userns: Option<PathBuf>) -> Result<Target> {
 
 /// Largest message on the socketpair.
 pub const MAX_MESSAGE: usize = 4096;
+
+/// A process that lives in the target's namespaces for the whole run and does there what
+/// the control plane needs after start-up: bind the sockets of `-T`/`-U` forwards added
+/// through the API, and read the namespace's socket tables for `auto`.
+///
+/// ## Why a process
+///
+/// The forwarder's own threads stay in the host's namespaces, and an unprivileged process
+/// cannot `setns` into the namespace once it has threads (see the module's theory). So the
+/// agent is forked at start-up while the process still has one thread; it joins the user
+/// namespace (when there is one to join) and the network namespace, and then answers
+/// requests on a `SOCK_SEQPACKET` socketpair until the forwarder goes away (EOF, or
+/// `PR_SET_PDEATHSIG`). `/proc/net/*` read by the agent shows the agent's network namespace.
+///
+/// ## Messages
+///
+/// `b"B" + (b't'|b'u') + ADDR:PORT` → `b"F"` + `SCM_RIGHTS(fd)` or `b"E"` + error text;
+/// `b"P" + (b't'|b'u')` → `b"L"` + lines `ADDR PORT` (at most [`MAX_AGENT_ENTRIES`]).
+#[derive(Debug)]
+pub struct Agent {
+    sock: OwnedFd,
+    pid: Pid,
+}
+
+/// Most sockets one table listing reports.
+pub const MAX_AGENT_ENTRIES: usize = 4096;
+const AGENT_REPLY: usize = MAX_AGENT_ENTRIES * 48 + 16;
+
+impl Agent {
+    /// Forks the agent into `netns` (after `userns`, if given). Must run while the process
+    /// is single-threaded.
+    ///
+    /// # Errors
+    ///
+    /// When the fork fails, or the agent cannot join the namespaces (its error chain).
+    pub fn start(userns: Option<&Path>, netns: &Path) -> Result<Self> {
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .context("create socketpair")?;
+        let _ = nix::sys::socket::setsockopt(
+            &theirs,
+            nix::sys::socket::sockopt::SndBuf,
+            &(AGENT_REPLY * 2),
+        );
+        let _ = nix::sys::socket::setsockopt(
+            &ours,
+            nix::sys::socket::sockopt::RcvBuf,
+            &(AGENT_REPLY * 2),
+        );
+        match sys::fork_single_threaded().context("fork the namespace agent")? {
+            ForkResult::Child => {
+                drop(ours);
+                let joined = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
+                    .context("set parent-death signal")
+                    .and_then(|()| match userns {
+                        Some(u) => enter(u, CloneFlags::CLONE_NEWUSER),
+                        None => Ok(()),
+                    })
+                    .and_then(|()| enter(netns, CloneFlags::CLONE_NEWNET));
+                match joined {
+                    Ok(()) => {
+                        let _ = nix::unistd::write(&theirs, b"R");
+                        agent_main(&theirs);
+                        sys::exit_now(0)
+                    }
+                    Err(err) => {
+                        let mut msg = format!("E{err:#}").into_bytes();
+                        msg.truncate(MAX_MESSAGE);
+                        let _ = nix::unistd::write(&theirs, &msg);
+                        sys::exit_now(1)
+                    }
+                }
+            }
+            ForkResult::Parent { child } => {
+                drop(theirs);
+                let mut buf = vec![0u8; MAX_MESSAGE];
+                let n = nix::unistd::read(&ours, &mut buf).context("wait for the agent")?;
+                match buf.get(..n) {
+                    Some([b'R']) => {}
+                    Some([b'E', rest @ ..]) => {
+                        let _ = waitpid(child, None);
+                        bail!("namespace agent: {}", String::from_utf8_lossy(rest))
+                    }
+                    _ => {
+                        let _ = waitpid(child, None);
+                        bail!("namespace agent exited at start")
+                    }
+                }
+                // A stuck agent must not hang the control plane.
+                let _ = nix::sys::socket::setsockopt(
+                    &ours,
+                    nix::sys::socket::sockopt::ReceiveTimeout,
+                    &nix::sys::time::TimeVal::new(5, 0),
+                );
+                Ok(Self {
+                    sock: ours,
+                    pid: child,
+                })
+            }
+        }
+    }
+
+    /// Binds (and, for TCP, listens on) `addr` in the namespace.
+    ///
+    /// # Errors
+    ///
+    /// The agent's error (e.g. "Address in use"), or a lost agent.
+    pub fn bind(&self, addr: std::net::SocketAddr, udp: bool) -> Result<OwnedFd> {
+        let req = format!("B{}{addr}", if udp { 'u' } else { 't' });
+        nix::unistd::write(&self.sock, req.as_bytes()).context("ask the namespace agent")?;
+        let (data, mut fds) = self.reply()?;
+        match (data.first(), fds.pop()) {
+            (Some(b'F'), Some(fd)) => Ok(fd),
+            (Some(b'E'), _) => bail!(
+                "{}",
+                String::from_utf8_lossy(data.get(1..).unwrap_or_default())
+            ),
+            _ => bail!("the namespace agent did not answer"),
+        }
+    }
+
+    /// The listening TCP (or unconnected bound UDP) sockets of the namespace, both families.
+    ///
+    /// # Errors
+    ///
+    /// A lost agent.
+    pub fn bound(&self, udp: bool) -> Result<Vec<crate::forward::Bound>> {
+        nix::unistd::write(&self.sock, if udp { b"Pu" } else { b"Pt" })
+            .context("ask the namespace agent")?;
+        let (data, _) = self.reply()?;
+        let Some((b'L', rest)) = data.split_first() else {
+            bail!("the namespace agent did not answer");
+        };
+        Ok(String::from_utf8_lossy(rest)
+            .lines()
+            .filter_map(|l| {
+                let (a, p) = l.split_once(' ')?;
+                Some(crate::forward::Bound {
+                    addr: a.parse().ok()?,
+                    port: p.parse().ok()?,
+                })
+            })
+            .collect())
+    }
+
+    fn reply(&self) -> Result<(Vec<u8>, Vec<OwnedFd>)> {
+        let mut buf = vec![0u8; AGENT_REPLY];
+        let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let msg = recvmsg::<()>(
+            self.sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .context("read the namespace agent's answer")?;
+        let mut fds = Vec::new();
+        for c in msg.cmsgs().context("read control messages")? {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                fds.extend(raw.into_iter().map(sys::adopt_received_fd));
+            }
+        }
+        let n = msg.bytes;
+        buf.truncate(n);
+        Ok((buf, fds))
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.pid, Signal::SIGKILL);
+        let _ = waitpid(self.pid, None);
+    }
+}
+
+/// The agent's loop (in the namespace).
+fn agent_main(sock: &OwnedFd) {
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    loop {
+        let n = match nix::unistd::read(sock, &mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let req = buf.get(..n).unwrap_or_default();
+        let sent = match req {
+            [b'B', proto, addr @ ..] => {
+                let bound = String::from_utf8_lossy(addr)
+                    .parse::<std::net::SocketAddr>()
+                    .map_err(|_| anyhow!("bad address"))
+                    .and_then(|a| {
+                        if *proto == b'u' {
+                            crate::io::bind_udp(a)
+                        } else {
+                            crate::io::listen_tcp(a)
+                        }
+                        .map_err(|e| anyhow!("{e}"))
+                    });
+                match bound {
+                    Ok(fd) => sendmsg::<()>(
+                        sock.as_raw_fd(),
+                        &[IoSlice::new(b"F")],
+                        &[ControlMessage::ScmRights(&[fd.as_raw_fd()])],
+                        MsgFlags::empty(),
+                        None,
+                    )
+                    .map(drop),
+                    Err(err) => nix::unistd::write(sock, format!("E{err}").as_bytes()).map(drop),
+                }
+            }
+            [b'P', proto] => {
+                let udp = *proto == b'u';
+                let mut out = String::from("L");
+                let mut entries = 0;
+                for (table, v6) in [
+                    (if udp { "udp" } else { "tcp" }, false),
+                    (if udp { "udp6" } else { "tcp6" }, true),
+                ] {
+                    let text =
+                        std::fs::read_to_string(format!("/proc/net/{table}")).unwrap_or_default();
+                    for b in crate::forward::parse_proc_net(&text, v6, udp).into_iter() {
+                        entries += 1;
+                        if entries > MAX_AGENT_ENTRIES {
+                            break;
+                        }
+                        out.push_str(&format!("{} {}\n", b.addr, b.port));
+                    }
+                }
+                nix::unistd::write(sock, out.as_bytes()).map(drop)
+            }
+            _ => nix::unistd::write(sock, b"Ebad request").map(drop),
+        };
+        if sent.is_err() {
+            return;
+        }
+    }
+}

@@ -157,9 +157,14 @@ fn a_port_in_use_stops_start_up_with_nothing_bound() {
     for (spec, names) in [
         ("70000", "70000"),
         ("5-1", "reversed"),
-        ("auto", "not supported"),
+        ("all", "not supported"),
+        ("auto,80:81", "same port"),
     ] {
-        let out = Command::new(forwarder_bin())
+        // In the test's host namespace, and bounded: a spec that wrongly parses must not
+        // leave a forwarder running.
+        let out = Command::new("ip")
+            .args(["netns", "exec", &w.host, "timeout", "10"])
+            .arg(forwarder_bin())
             .args(["--netns", &guest, "-t", spec])
             .output()
             .unwrap();
@@ -298,7 +303,11 @@ fn remote_forward_carries_any_guest_side_address_to_a_host_service() {
     assert!(!out.status.success(), "a denied destination was reached");
     // Bad specs name the bad part.
     for (spec, names) in [("sctp://80", "sctp"), ("x:80", "\"x\""), ("0", "\"0\"")] {
-        let out = Command::new(forwarder_bin())
+        // In the test's host namespace, and bounded: a spec that wrongly parses must not
+        // leave a forwarder running.
+        let out = Command::new("ip")
+            .args(["netns", "exec", &w.host, "timeout", "10"])
+            .arg(forwarder_bin())
             .args(["--netns", &guest, "--remote-forward", spec])
             .output()
             .unwrap();

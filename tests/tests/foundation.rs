@@ -245,11 +245,15 @@ fn unprivileged_uid_65534_gets_the_same_service() {
     let tun = w.dir.join("tun");
     let bin = w.dir.join("forwarder");
     std::fs::copy(forwarder_bin(), &bin).unwrap();
+    let run = w.dir.join("run");
     sh_ok(&format!(
-        "mknod -m 0666 {} c 10 200 && chmod 755 {}",
+        "mknod -m 0666 {} c 10 200 && chmod 755 {} && mkdir -m 777 {}",
         tun.display(),
-        w.dir.display()
+        w.dir.display(),
+        run.display()
     ));
+    let api = run.join("api.sock").display().to_string();
+    let ctl = format!("{} ctl -s {api}", bin.display());
     // Without --config-net: the namespace configures itself with real clients, as root of
     // its own user namespace (uid 65534 outside). Scratch files go to a private tmpfs on
     // /mnt (not /tmp: the checkout and the scripts may live under /tmp).
@@ -268,6 +272,10 @@ ping -c1 -W2 198.51.100.1 >/dev/null && echo GW4-OK; {PING4_REMOTE} >/dev/null &
 /usr/bin/python3 {conn} 203.0.113.1 7000 concurrent 20 >/dev/null && echo TCP4-OK
 /usr/bin/python3 {conn} 2001:db8:2::1 7000 sequential 20 >/dev/null && echo TCP6-OK
 /usr/bin/python3 {udp} 2001:db8:2::1 7777 1 65507 >/dev/null && echo UDP6-OK
+/usr/bin/python3 -m http.server -b 0.0.0.0 8097 >/dev/null 2>&1 & server=$!; sleep 2.5
+{ctl} list | grep -q 'tcp.auto.8097:8097' && echo AUTO-OK
+{ctl} add udp-ns 5801 && echo AGENT-OK
+kill $server
 kill $(cat /mnt/p4 /mnt/p6) 2>/dev/null; id -u
 "
     );
@@ -276,7 +284,7 @@ kill $(cat /mnt/p4 /mnt/p6) 2>/dev/null; id -u
     let out = std::process::Command::new("ip")
         .args(["netns", "exec", &w.host, "unshare", "-m", "sh", "-c"])
         .arg(format!(
-            "mount --bind {tun} /dev/net/tun && exec setpriv --reuid 65534 --regid 65534 --clear-groups {bin} -q -- unshare -m sh {script}",
+            "mount --bind {tun} /dev/net/tun && exec setpriv --reuid 65534 --regid 65534 --clear-groups {bin} -q -t auto --api-socket {api} -- unshare -m sh {script}",
             tun = tun.display(),
             bin = bin.display(),
             script = script_path.display()
@@ -295,6 +303,8 @@ kill $(cat /mnt/p4 /mnt/p6) 2>/dev/null; id -u
         "TCP4-OK",
         "TCP6-OK",
         "UDP6-OK",
+        "AUTO-OK",
+        "AGENT-OK",
     ] {
         assert!(
             got.contains(want),

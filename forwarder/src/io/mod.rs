@@ -68,6 +68,7 @@ use nix::sys::socket::{
 use tracing::{debug, info, warn};
 
 mod splice;
+mod udp_splice;
 
 use crate::engine::{Engine, Host, HostOp, Stats};
 use crate::flow::{FlowId, tcp};
@@ -75,10 +76,16 @@ use crate::policy::Prefix;
 use crate::{sys, wire};
 
 /// A command from the control plane.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Command {
     /// Log the counters at info level.
     LogStats,
+    /// Serve these bound sockets as forward `id` (see `control`).
+    AddForward(u32, Vec<Listener>),
+    /// Close the sockets of forward `id`; connections already accepted go on.
+    RemoveForward(u32),
+    /// Answer with the current counters.
+    Stats(mpsc::Sender<Stats>),
     /// Replace the host-local prefixes the policy uses.
     SetLocalPrefixes(Vec<Prefix>),
     /// Stop the loop and return the final counters.
@@ -109,6 +116,8 @@ enum ListenSocket {
     Udp(std::net::UdpSocket),
     /// `-T`: bound in the namespace; connections are spliced to the host's loopback.
     NsTcp(std::net::TcpListener),
+    /// `-U`: bound in the namespace; datagrams are relayed to the host's loopback.
+    NsUdp(std::net::UdpSocket),
 }
 
 impl Listener {
@@ -121,6 +130,31 @@ impl Listener {
             ns_port: to,
         }
     }
+
+    /// A `-U` socket bound in the namespace, relaying to host port `to`.
+    #[must_use]
+    pub fn namespace_udp(fd: OwnedFd, to: u16) -> Self {
+        Self {
+            socket: ListenSocket::NsUdp(std::net::UdpSocket::from(fd)),
+            ns_port: to,
+        }
+    }
+
+    fn raw_fd(&self) -> std::os::fd::RawFd {
+        match &self.socket {
+            ListenSocket::Tcp(t) | ListenSocket::NsTcp(t) => t.as_raw_fd(),
+            ListenSocket::Udp(u) | ListenSocket::NsUdp(u) => u.as_raw_fd(),
+        }
+    }
+}
+
+/// A non-blocking UDP socket bound to `addr` (IPv6 only for IPv6 addresses).
+///
+/// # Errors
+///
+/// The socket call that failed (e.g. the address is in use).
+pub fn bind_udp(addr: SocketAddr) -> std::io::Result<OwnedFd> {
+    bound_socket(addr, SockType::Datagram, true)
 }
 
 /// A non-blocking TCP listening socket on `addr` (IPv6 only for IPv6 addresses).
@@ -225,6 +259,8 @@ fn family(addr: SocketAddr) -> AddressFamily {
 pub struct Options {
     /// Binding of outbound sockets.
     pub outbound: Outbound,
+    /// Idle time after which a `-U` relay's host socket is closed.
+    pub udp_idle: Duration,
     /// Test hook: drop every Nth tap frame each way.
     pub drop_every: Option<u32>,
 }
@@ -277,26 +313,13 @@ pub fn spawn(
     tap: OwnedFd,
     engine: Engine,
     options: Options,
-    listeners: Vec<Listener>,
+    forwards: Vec<(u32, Vec<Listener>)>,
 ) -> Result<Handle> {
     let poll = Poll::new().context("create poller")?;
     let waker = std::sync::Arc::new(Waker::new(poll.registry(), WAKER).context("create waker")?);
     poll.registry()
         .register(&mut SourceFd(&tap.as_raw_fd()), TAP, Interest::READABLE)
         .context("register the tap")?;
-    for (i, l) in listeners.iter().enumerate() {
-        let fd = match &l.socket {
-            ListenSocket::Tcp(t) | ListenSocket::NsTcp(t) => t.as_raw_fd(),
-            ListenSocket::Udp(u) => u.as_raw_fd(),
-        };
-        poll.registry()
-            .register(
-                &mut SourceFd(&fd),
-                Token(FIRST_LISTENER_TOKEN.0 + i),
-                Interest::READABLE,
-            )
-            .context("register a forwarded port")?;
-    }
     let registry = poll.registry().try_clone().context("clone the registry")?;
     let (tx, rx) = mpsc::channel();
     let plane = Dataplane {
@@ -308,10 +331,13 @@ pub fn spawn(
             registry,
             map: HashMap::new(),
             outbound: options.outbound,
-            listeners,
+            listeners: HashMap::new(),
+            next_listener: 0,
             accepted: None,
             relays: HashMap::new(),
             next_relay: 0,
+            udp_relays: udp_splice::Relays::default(),
+            udp_idle: options.udp_idle,
         },
         buf: vec![0; MAX_FRAME],
         tap_pending: false,
@@ -319,6 +345,13 @@ pub fn spawn(
         frames_seen: [0; 2],
         frames_dropped: [0; 2],
     };
+    let mut plane = plane;
+    for (id, listeners) in forwards {
+        plane
+            .sockets
+            .add_forward(id, listeners)
+            .context("register a forwarded port")?;
+    }
     let thread = std::thread::Builder::new()
         .name("dataplane".into())
         .spawn(move || plane.run())
@@ -365,10 +398,47 @@ pub struct Sockets {
     registry: Registry,
     map: HashMap<FlowId, Sock>,
     outbound: Outbound,
-    listeners: Vec<Listener>,
+    /// Forwarded-port sockets by key (token minus [`FIRST_LISTENER_TOKEN`]), with the
+    /// forward each belongs to.
+    listeners: HashMap<usize, (u32, Listener)>,
+    next_listener: usize,
     accepted: Option<OwnedFd>,
     relays: HashMap<usize, splice::Relay>,
     next_relay: usize,
+    udp_relays: udp_splice::Relays,
+    udp_idle: Duration,
+}
+
+impl Sockets {
+    /// Registers the sockets of forward `id`.
+    fn add_forward(&mut self, id: u32, listeners: Vec<Listener>) -> std::io::Result<()> {
+        for l in listeners {
+            let key = self.next_listener;
+            self.next_listener += 1;
+            self.registry.register(
+                &mut SourceFd(&l.raw_fd()),
+                Token(FIRST_LISTENER_TOKEN.0 + key),
+                Interest::READABLE,
+            )?;
+            self.listeners.insert(key, (id, l));
+        }
+        Ok(())
+    }
+
+    /// Closes the sockets of forward `id`.
+    fn remove_forward(&mut self, id: u32) {
+        let keys: Vec<usize> = self
+            .listeners
+            .iter()
+            .filter(|(_, (f, _))| *f == id)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in keys {
+            if let Some((_, l)) = self.listeners.remove(&key) {
+                let _ = self.registry.deregister(&mut SourceFd(&l.raw_fd()));
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Sockets {
@@ -429,6 +499,15 @@ impl Dataplane {
                                 Command::LogStats => {
                                     info!("stats: {}", self.engine.stats().summary());
                                 }
+                                Command::AddForward(id, listeners) => {
+                                    if let Err(err) = self.sockets.add_forward(id, listeners) {
+                                        warn!(%err, forward = id, "registering a forward failed");
+                                    }
+                                }
+                                Command::RemoveForward(id) => self.sockets.remove_forward(id),
+                                Command::Stats(reply) => {
+                                    let _ = reply.send(self.engine.stats());
+                                }
                                 Command::SetLocalPrefixes(prefixes) => {
                                     self.engine.set_local_prefixes(prefixes);
                                 }
@@ -445,6 +524,10 @@ impl Dataplane {
                             }
                         }
                     }
+                    Token(t) if t >= FIRST_UDP_RELAY_TOKEN.0 => {
+                        self.sockets
+                            .udp_relay_event(now, t - FIRST_UDP_RELAY_TOKEN.0);
+                    }
                     Token(t) if t >= FIRST_RELAY_TOKEN.0 => {
                         self.relay_event(t - FIRST_RELAY_TOKEN.0, event);
                     }
@@ -460,6 +543,7 @@ impl Dataplane {
             if tap_ready {
                 self.read_tap(now);
             }
+            self.sockets.expire_udp_relays(now);
             self.engine.handle_timeout(now, &mut self.sockets);
             self.run_host_ops(now, &mut scratch);
             self.flush();
@@ -485,7 +569,7 @@ impl Dataplane {
     /// A forwarded port is readable: accept connections / receive datagrams.
     fn listener_event(&mut self, now: Instant, index: usize) {
         for _ in 0..ACCEPT_BATCH {
-            let Some(l) = self.sockets.listeners.get(index) else {
+            let Some((_, l)) = self.sockets.listeners.get(&index) else {
                 return;
             };
             let ns_port = l.ns_port;
@@ -516,6 +600,10 @@ impl Dataplane {
                         return;
                     }
                 },
+                ListenSocket::NsUdp(_) => {
+                    self.sockets.udp_from_namespace(now, index);
+                    return;
+                }
                 ListenSocket::Udp(u) => match u.recv_from(&mut self.buf) {
                     Ok((n, peer)) => self.engine.handle_inbound_udp(
                         now,
@@ -891,10 +979,13 @@ impl Host for Sockets {
                 Ok(())
             }
             Some(Sock::UdpVia { listener, peer }) => {
-                let Some(Listener {
-                    socket: ListenSocket::Udp(u),
-                    ..
-                }) = self.listeners.get(*listener)
+                let Some((
+                    _,
+                    Listener {
+                        socket: ListenSocket::Udp(u),
+                        ..
+                    },
+                )) = self.listeners.get(listener)
                 else {
                     return Err(std::io::ErrorKind::NotConnected.into());
                 };
@@ -1037,6 +1128,8 @@ pub const TCP_SNDBUF: usize = 4 << 20;
 pub const FIRST_LISTENER_TOKEN: Token = Token(1 << 40);
 /// Token of the first spliced connection's namespace side (two tokens per relay).
 pub const FIRST_RELAY_TOKEN: Token = Token(1 << 41);
+/// Token of the first `-U` relay's host socket.
+pub const FIRST_UDP_RELAY_TOKEN: Token = Token(1 << 42);
 /// Spliced connections at once.
 pub const MAX_RELAYS: usize = 4096;
 /// Connections accepted (or datagrams received) per forwarded port per wakeup.

@@ -10,7 +10,7 @@ use anyhow::{Result, bail};
 use clap::Parser;
 
 use crate::config::{Config, DEFAULT_MAC, DEFAULT_MAX_FLOWS, DEFAULT_MTU, Services, Target};
-use crate::forward::{Kind, Spec};
+use crate::forward::{Kind, PortMap, Spec};
 use crate::plan::{self, HostInfo, Overrides};
 use crate::policy::{Policy, Rule};
 use crate::wire::EthernetAddress;
@@ -279,6 +279,7 @@ impl Args {
         let translation = self.translation(&host, &mut network)?;
         let io = self.io_options()?;
         let mut auto = Vec::new();
+        let mut all = Vec::new();
         let mut fixed = Vec::new();
         for (kind, specs) in [
             (Kind::Tcp, &self.tcp_ports),
@@ -296,9 +297,29 @@ impl Args {
                         }
                         auto.push((kind, a.clone()));
                     }
+                    Spec::All(a) => {
+                        if kind.in_namespace() {
+                            bail!("{}: all is for --tcp-ports and --udp-ports", kind.option());
+                        }
+                        if all.contains(&kind) {
+                            bail!("{}: all given twice", kind.option());
+                        }
+                        all.push(kind);
+                        let below = crate::netconf::ephemeral_start();
+                        lists.push(
+                            (1..below)
+                                .filter(|p| a.wants(*p))
+                                .map(|p| PortMap {
+                                    bind: None,
+                                    listen: p,
+                                    to: p,
+                                })
+                                .collect(),
+                        );
+                    }
                 }
             }
-            let maps = crate::forward::join(&lists)
+            let maps = crate::forward::join(&lists, all.contains(&kind))
                 .map_err(|e| anyhow::anyhow!("{}: {e}", kind.option()))?;
             fixed.push(maps);
         }
@@ -353,6 +374,7 @@ impl Args {
             ns_tcp_forwards,
             ns_udp_forwards,
             auto,
+            all,
             api_socket: self.api_socket,
         })
     }

@@ -44,6 +44,8 @@ pub struct Config {
     pub ns_udp_forwards: Vec<crate::forward::PortMap>,
     /// `auto` specs, at most one per kind.
     pub auto: Vec<(crate::forward::Kind, crate::forward::Auto)>,
+    /// Kinds given `all`: their ports are bound best-effort.
+    pub all: Vec<crate::forward::Kind>,
     /// The runtime control API's socket.
     pub api_socket: Option<PathBuf>,
 }

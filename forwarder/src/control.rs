@@ -456,9 +456,10 @@ impl Control {
             .ok_or("bad request: add_forward: bad arguments.spec")?;
         let maps = match forward::parse_spec(spec) {
             Ok(forward::Spec::Ports(maps)) => maps,
-            Ok(forward::Spec::Auto(_)) => {
+            Ok(forward::Spec::Auto(_) | forward::Spec::All(_)) => {
                 return Err(
-                    "bad request: add_forward: auto is given on the command line only".into(),
+                    "bad request: add_forward: auto and all are given on the command line only"
+                        .into(),
                 );
             }
             Err(e) => return Err(format!("bad request: add_forward: {e}")),

@@ -26,7 +26,10 @@
 //! The host port is the namespace port; a port that cannot be bound on the other side (in
 //! use) is logged once and retried at every scan.
 //!
-//! `all` is refused with a clear message: not implemented.
+//! `all` (pasta's, `-t`/`-u` only): every port below the host's ephemeral range
+//! (`net.ipv4.ip_local_port_range`) that can be bound, restricted and excluded like `auto`;
+//! ports that cannot be bound (in use, privileged) are skipped, and start-up fails only when
+//! none can. The soft open-file limit is raised to the hard one for it.
 //!
 //! ## Remote forwards (`--remote-forward`, slirpnetstack's `-R`)
 //!
@@ -218,6 +221,8 @@ pub enum Spec {
     Ports(Vec<PortMap>),
     /// Follow the ports bound on the other side.
     Auto(Auto),
+    /// Every free port below the ephemeral range (the `Auto` holds the restrictions).
+    All(Auto),
 }
 
 /// An `auto` spec.
@@ -245,26 +250,30 @@ impl Auto {
 /// [`SpecError`] naming the part that is wrong.
 pub fn parse_spec(spec: &str) -> Result<Spec, SpecError> {
     let items: Vec<&str> = spec.split(',').collect();
-    if !items.contains(&"auto") {
+    let all = items.contains(&"all");
+    if !items.contains(&"auto") && !all {
         return parse(spec).map(Spec::Ports);
     }
     let err = |why: String| SpecError(format!("{spec:?}: {why}"));
     let mut auto = Auto::default();
     for item in items {
-        if item == "auto" {
+        if item == "auto" || item == "all" {
+            if all && item == "auto" {
+                return Err(err("auto and all exclude each other".into()));
+            }
             continue;
         }
         if let Some(ex) = item.strip_prefix('~') {
             auto.exclude.push(range(ex).map_err(err)?);
         } else if item.contains(':') || item.contains('/') {
             return Err(err(format!(
-                "{item:?}: auto forwards each port to the same port, on every address"
+                "{item:?}: auto and all forward each port to the same port, on every address"
             )));
         } else {
             auto.include.push(range(item).map_err(err)?);
         }
     }
-    Ok(Spec::Auto(auto))
+    Ok(if all { Spec::All(auto) } else { Spec::Auto(auto) })
 }
 
 /// A socket found bound in a `/proc/net/{tcp,udp}{,6}` table.
@@ -357,11 +366,6 @@ pub fn parse(spec: &str) -> Result<Vec<PortMap>, SpecError> {
     let err = |why: String| SpecError(format!("{spec:?}: {why}"));
     match spec {
         "none" => return Ok(Vec::new()),
-        "all" => {
-            return Err(err(
-                "\"all\" is not supported; list the ports (e.g. 8000-8010) or use auto".into(),
-            ));
-        }
         _ => {}
     }
     let (bind, ports) = match spec.rsplit_once('/') {
@@ -409,25 +413,31 @@ pub fn parse(spec: &str) -> Result<Vec<PortMap>, SpecError> {
     Ok(maps)
 }
 
-/// Joins several specs, refusing a host port given twice for the same address.
+/// Joins several specs, refusing a host port given twice for the same address. With
+/// `all`, the [`MAX_FORWARDS`] bound does not apply (`all` is bounded by the port space).
 ///
 /// # Errors
 ///
 /// [`SpecError`] naming the duplicated port.
-pub fn join(specs: &[Vec<PortMap>]) -> Result<Vec<PortMap>, SpecError> {
-    let mut all: Vec<PortMap> = Vec::new();
+pub fn join(specs: &[Vec<PortMap>], all: bool) -> Result<Vec<PortMap>, SpecError> {
+    let mut seen: std::collections::HashMap<u16, Vec<Option<IpAddr>>> =
+        std::collections::HashMap::new();
+    let mut out: Vec<PortMap> = Vec::new();
     for m in specs.iter().flatten() {
-        if all.iter().any(|o| {
-            o.listen == m.listen && (o.bind.is_none() || m.bind.is_none() || o.bind == m.bind)
-        }) {
+        let binds = seen.entry(m.listen).or_default();
+        if binds
+            .iter()
+            .any(|b| b.is_none() || m.bind.is_none() || *b == m.bind)
+        {
             return Err(SpecError(format!("port {} is forwarded twice", m.listen)));
         }
-        all.push(*m);
+        binds.push(m.bind);
+        out.push(*m);
     }
-    if all.len() > MAX_FORWARDS {
+    if !all && out.len() > MAX_FORWARDS {
         return Err(SpecError(format!("more than {MAX_FORWARDS} ports")));
     }
-    Ok(all)
+    Ok(out)
 }
 
 fn range(s: &str) -> Result<(u16, u16), String> {
@@ -584,7 +594,6 @@ mod tests {
             ("5-1", "reversed"),
             ("1-3:1-2", "differ"),
             ("x/80", "\"x\""),
-            ("all", "not supported"),
             ("1,~1", "no port left"),
         ] {
             let e = parse(bad).unwrap_err().to_string();
@@ -600,7 +609,7 @@ mod tests {
             let e = parse_remote(bad).unwrap_err().to_string();
             assert!(e.contains(names), "{bad}: {e}");
         }
-        let twice = join(&[parse("80").unwrap(), parse("79-81").unwrap()]).unwrap_err();
+        let twice = join(&[parse("80").unwrap(), parse("79-81").unwrap()], false).unwrap_err();
         assert!(twice.to_string().contains("port 80"), "{twice}");
     }
 }

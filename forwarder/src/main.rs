@@ -48,8 +48,26 @@ fn run(args: Args) -> Result<ExitCode> {
     }
     log_plan(&cfg);
     // Bound before anything else starts: a port in use stops start-up with nothing half done.
-    let tcp = io::bind_forwards(&cfg.tcp_forwards, &[])?;
-    let udp = io::bind_forwards(&[], &cfg.udp_forwards)?;
+    if !cfg.all.is_empty() {
+        match netconf::raise_nofile() {
+            Ok(n) => debug!(limit = n, "open-file limit raised for all"),
+            Err(err) => warn!("{err:#}"),
+        }
+    }
+    let tcp = if cfg.all.contains(&Kind::Tcp) {
+        let (listeners, bound) = io::bind_best_effort(&cfg.tcp_forwards, false)?;
+        cfg.tcp_forwards = bound;
+        listeners
+    } else {
+        io::bind_forwards(&cfg.tcp_forwards, &[])?
+    };
+    let udp = if cfg.all.contains(&Kind::Udp) {
+        let (listeners, bound) = io::bind_best_effort(&cfg.udp_forwards, true)?;
+        cfg.udp_forwards = bound;
+        listeners
+    } else {
+        io::bind_forwards(&[], &cfg.udp_forwards)?
+    };
     for m in &cfg.tcp_forwards {
         debug!(listen = m.listen, to = m.to, bind = ?m.bind, "forwarding tcp");
     }

@@ -302,3 +302,25 @@ mod tests {
         );
     }
 }
+
+/// The first port of the host's ephemeral range (`net.ipv4.ip_local_port_range`; 32768
+/// when it cannot be read): `all` forwards the ports below it.
+#[must_use]
+pub fn ephemeral_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768)
+}
+
+/// Raises the soft open-file limit to the hard one (for `all`, one socket per port).
+///
+/// # Errors
+///
+/// When the limits cannot be read or set.
+pub fn raise_nofile() -> Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("read RLIMIT_NOFILE")?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).context("raise RLIMIT_NOFILE")?;
+    Ok(hard)
+}

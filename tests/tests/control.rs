@@ -258,6 +258,8 @@ fn auto_follows_ports_bound_in_the_namespace() {
         "auto,~7777",
         "-u",
         "auto",
+        "-T",
+        "auto",
     ]);
     // Servers started after forwarder: found within a few scans.
     w.serve(
@@ -300,6 +302,15 @@ fn auto_follows_ports_bound_in_the_namespace() {
     // Excluded, and bound to the namespace's loopback only: not forwarded.
     let l = text(&w.run_in(&host, "ss -Htuln").stdout);
     assert!(!l.contains(":7777 ") && !l.contains(":7778 "), "{l}");
+    // -T auto: a host service started now is reached from the namespace's loopback.
+    w.serve(&host, &format!("exec python3 {} 7601", script("tcp_echo.py")));
+    wait_for("-T auto did not forward 7601", &log, || {
+        text(&w.run_in(&guest, "ss -Htln").stdout).contains("127.0.0.1:7601 ")
+    });
+    let out = w.run_in(&guest, "echo to-host | socat -T2 - TCP:127.0.0.1:7601");
+    assert_eq!(text(&out.stdout).trim(), "to-host", "{}", read(&log));
+    // forwarder's own host ports (the -t auto ones) are not forwarded back.
+    assert!(!text(&w.run_in(&guest, "ss -Htln").stdout).contains("127.0.0.1:8095 "));
     // An auto entry is not removed by hand.
     let id = list
         .lines()

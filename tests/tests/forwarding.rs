@@ -315,3 +315,67 @@ fn remote_forward_carries_any_guest_side_address_to_a_host_service() {
         assert!(text(&out.stderr).contains(names), "{}", text(&out.stderr));
     }
 }
+
+#[test]
+fn all_forwards_every_free_port_below_the_ephemeral_range() {
+    if !privileged() {
+        return;
+    }
+    let mut w = World::new();
+    let guest = w.add_guest();
+    let host = w.host.clone();
+    w.serve(
+        &host,
+        &format!("exec python3 {} 7101", script("tcp_echo.py")),
+    );
+    w.wait_listening(&host, 7101, false);
+    // Restricted to a range: the port in use is skipped, not fatal.
+    let (_pid, log) = w.start_attached(&["--config-net", "-t", "7000-7200,all,~7199"]);
+    w.serve(
+        &guest,
+        &format!("exec python3 {} tcp 7150", script("peer_server.py")),
+    );
+    w.wait_listening(&guest, 7150, false);
+    let listening = text(&w.run_in(&host, "ss -Htln").stdout);
+    let forwarded = (7000..=7200)
+        .filter(|p| listening.contains(&format!("]:{p} ")) || listening.contains(&format!("*:{p} ")))
+        .count();
+    assert_eq!(forwarded, 200, "7000-7200 minus 7199, 7101 bound by the echo server\n{listening}");
+    assert!(read(&log).contains("bound=199 skipped=1"), "{}", read(&log));
+    let out = w.run_in(
+        &w.remote.clone(),
+        "echo hi | socat -T2 - TCP:198.51.100.2:7150,bind=203.0.113.1",
+    );
+    assert!(text(&out.stdout).starts_with("203.0.113.1 "), "{}", read(&log));
+    // The whole range: one socket per port, so it needs a hard open-file limit above the
+    // ephemeral start; below that, start-up fails naming the limit (this machine's hard
+    // limit is 20000, and root here may not raise it).
+    let out = w.run_in(
+        &host,
+        &format!(
+            "ulimit -Sn 1024; {} --netns {guest} -q -t all & pid=$!; sleep 3; echo LISTEN $(ss -Htln | wc -l); echo HARD $(ulimit -Hn); kill $pid; wait $pid; echo EXIT $?",
+            forwarder_bin().display()
+        ),
+    );
+    let said = text(&out.stdout);
+    let value = |key: &str| -> u64 {
+        said.lines()
+            .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let low: u64 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    if value("HARD ") > low + 1024 {
+        assert!(value("LISTEN ") + 16 >= low, "{said}{}", text(&out.stderr));
+    } else {
+        assert_eq!(value("EXIT "), 1, "{said}");
+        assert!(
+            text(&out.stderr).contains("raise the hard open-file limit"),
+            "{}",
+            text(&out.stderr)
+        );
+        assert!(value("LISTEN ") < 300, "sockets left bound after the failure: {said}");
+    }
+}

@@ -198,6 +198,57 @@ pub fn bind_forwards(
     Ok(out)
 }
 
+/// Binds what it can of `maps` (`all`): ports that fail are skipped and counted. Returns
+/// the sockets and the forwards they serve.
+///
+/// # Errors
+///
+/// When not one port could be bound.
+pub fn bind_best_effort(
+    maps: &[crate::forward::PortMap],
+    udp: bool,
+) -> Result<(Vec<Listener>, Vec<crate::forward::PortMap>)> {
+    let mut out = Vec::new();
+    let mut bound = Vec::new();
+    let mut skipped = 0usize;
+    for m in maps {
+        match bind_one(m, udp) {
+            Ok(fd) => {
+                out.push(Listener {
+                    socket: if udp {
+                        ListenSocket::Udp(std::net::UdpSocket::from(fd))
+                    } else {
+                        ListenSocket::Tcp(std::net::TcpListener::from(fd))
+                    },
+                    ns_port: m.to,
+                });
+                bound.push(*m);
+            }
+            Err(err) if err.raw_os_error() == Some(libc::EMFILE) => {
+                anyhow::bail!(
+                    "all: out of file descriptors after {} ports: all needs one per port, raise the hard open-file limit (ulimit -Hn)",
+                    out.len()
+                )
+            }
+            Err(_) => skipped += 1,
+        }
+    }
+    if out.is_empty() && !maps.is_empty() {
+        anyhow::bail!(
+            "all: none of {} {} ports could be bound",
+            maps.len(),
+            if udp { "udp" } else { "tcp" }
+        );
+    }
+    info!(
+        bound = out.len(),
+        skipped,
+        proto = if udp { "udp" } else { "tcp" },
+        "all: ports bound"
+    );
+    Ok((out, bound))
+}
+
 fn bind_one(m: &crate::forward::PortMap, udp: bool) -> std::io::Result<OwnedFd> {
     let ty = if udp {
         SockType::Datagram

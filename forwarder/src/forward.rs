@@ -273,7 +273,11 @@ pub fn parse_spec(spec: &str) -> Result<Spec, SpecError> {
             auto.include.push(range(item).map_err(err)?);
         }
     }
-    Ok(if all { Spec::All(auto) } else { Spec::Auto(auto) })
+    Ok(if all {
+        Spec::All(auto)
+    } else {
+        Spec::Auto(auto)
+    })
 }
 
 /// A socket found bound in a `/proc/net/{tcp,udp}{,6}` table.

@@ -303,7 +303,10 @@ fn auto_follows_ports_bound_in_the_namespace() {
     let l = text(&w.run_in(&host, "ss -Htuln").stdout);
     assert!(!l.contains(":7777 ") && !l.contains(":7778 "), "{l}");
     // -T auto: a host service started now is reached from the namespace's loopback.
-    w.serve(&host, &format!("exec python3 {} 7601", script("tcp_echo.py")));
+    w.serve(
+        &host,
+        &format!("exec python3 {} 7601", script("tcp_echo.py")),
+    );
     wait_for("-T auto did not forward 7601", &log, || {
         text(&w.run_in(&guest, "ss -Htln").stdout).contains("127.0.0.1:7601 ")
     });

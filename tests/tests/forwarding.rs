@@ -338,15 +338,24 @@ fn all_forwards_every_free_port_below_the_ephemeral_range() {
     w.wait_listening(&guest, 7150, false);
     let listening = text(&w.run_in(&host, "ss -Htln").stdout);
     let forwarded = (7000..=7200)
-        .filter(|p| listening.contains(&format!("]:{p} ")) || listening.contains(&format!("*:{p} ")))
+        .filter(|p| {
+            listening.contains(&format!("]:{p} ")) || listening.contains(&format!("*:{p} "))
+        })
         .count();
-    assert_eq!(forwarded, 200, "7000-7200 minus 7199, 7101 bound by the echo server\n{listening}");
+    assert_eq!(
+        forwarded, 200,
+        "7000-7200 minus 7199, 7101 bound by the echo server\n{listening}"
+    );
     assert!(read(&log).contains("bound=199 skipped=1"), "{}", read(&log));
     let out = w.run_in(
         &w.remote.clone(),
         "echo hi | socat -T2 - TCP:198.51.100.2:7150,bind=203.0.113.1",
     );
-    assert!(text(&out.stdout).starts_with("203.0.113.1 "), "{}", read(&log));
+    assert!(
+        text(&out.stdout).starts_with("203.0.113.1 "),
+        "{}",
+        read(&log)
+    );
     // The whole range: one socket per port, so it needs a hard open-file limit above the
     // ephemeral start; below that, start-up fails naming the limit (this machine's hard
     // limit is 20000, and root here may not raise it).
@@ -376,6 +385,9 @@ fn all_forwards_every_free_port_below_the_ephemeral_range() {
             "{}",
             text(&out.stderr)
         );
-        assert!(value("LISTEN ") < 300, "sockets left bound after the failure: {said}");
+        assert!(
+            value("LISTEN ") < 300,
+            "sockets left bound after the failure: {said}"
+        );
     }
 }

@@ -368,9 +368,8 @@ pub struct SpecError(String);
 /// [`SpecError`] naming the part that is wrong.
 pub fn parse(spec: &str) -> Result<Vec<PortMap>, SpecError> {
     let err = |why: String| SpecError(format!("{spec:?}: {why}"));
-    match spec {
-        "none" => return Ok(Vec::new()),
-        _ => {}
+    if spec == "none" {
+        return Ok(Vec::new());
     }
     let (bind, ports) = match spec.rsplit_once('/') {
         Some((addr, ports)) => {

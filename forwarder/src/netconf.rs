@@ -285,24 +285,6 @@ async fn addresses(handle: &Handle, index: u32) -> Result<Vec<(IpAddr, u8)>> {
 const MAIN_TABLE: u8 = 254;
 const LOCAL_TABLE: u8 = 255;
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn resolv_conf_parsing() {
-        let text = "# comment\nnameserver 127.0.0.53\nsearch example\nnameserver  2001:db8::53 \nnameserver fe80::1%eth0\nnameserver bogus\n";
-        let got = read_resolvers(text);
-        assert_eq!(
-            got,
-            vec![
-                "127.0.0.53".parse::<IpAddr>().unwrap(),
-                "2001:db8::53".parse().unwrap()
-            ]
-        );
-    }
-}
-
 /// The first port of the host's ephemeral range (`net.ipv4.ip_local_port_range`; 32768
 /// when it cannot be read): `all` forwards the ports below it.
 #[must_use]
@@ -323,4 +305,22 @@ pub fn raise_nofile() -> Result<u64> {
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("read RLIMIT_NOFILE")?;
     setrlimit(Resource::RLIMIT_NOFILE, hard, hard).context("raise RLIMIT_NOFILE")?;
     Ok(hard)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolv_conf_parsing() {
+        let text = "# comment\nnameserver 127.0.0.53\nsearch example\nnameserver  2001:db8::53 \nnameserver fe80::1%eth0\nnameserver bogus\n";
+        let got = read_resolvers(text);
+        assert_eq!(
+            got,
+            vec![
+                "127.0.0.53".parse::<IpAddr>().unwrap(),
+                "2001:db8::53".parse().unwrap()
+            ]
+        );
+    }
 }

@@ -5,9 +5,9 @@
 //! two sides cannot silently disagree on layout. Fields that come from packets are kept in
 //! network byte order (`[u8; N]`), so neither side converts them.
 //!
-//! The TC programs themselves (ARP/NDP answering, the established-flow fast path) are built
-//! for `bpfel-unknown-none` by the eBPF toolchain step of `cargo xtask`; this crate's library
-//! part builds on stable for any target and holds no code that runs.
+//! The TC programs themselves (`src/main.rs`, `src/programs.rs`) are built for
+//! `bpfel-unknown-none` by the agent's build script; this library builds on stable for any
+//! target. With the `user` feature the agent gets `aya::Pod` for the map types.
 #![no_std]
 
 /// Feature bit in [`Config::flags`]: answer ARP requests in TC egress.
@@ -47,7 +47,41 @@ pub enum Counter {
     Passed = 3,
 }
 
+impl Counter {
+    /// Every counter, in index order.
+    pub const ALL: [Self; 4] = [
+        Self::TapEgressFrames,
+        Self::ArpAnswered,
+        Self::NdpAnswered,
+        Self::Passed,
+    ];
+
+    /// Name in forwarder's statistics.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::TapEgressFrames => "bpf_tap_egress_frames",
+            Self::ArpAnswered => "bpf_arp_answered",
+            Self::NdpAnswered => "bpf_ndp_answered",
+            Self::Passed => "bpf_passed",
+        }
+    }
+}
+
 /// Number of entries in the `STATS` map.
 pub const COUNTERS: u32 = 4;
+
+/// Name of the tap egress program in the object.
+pub const TAP_EGRESS: &str = "tap_egress";
+/// Name of the configuration map.
+pub const CONFIG_MAP: &str = "CONFIG";
+/// Name of the per-CPU counters map.
+pub const STATS_MAP: &str = "STATS";
+
+#[cfg(feature = "user")]
+#[allow(unsafe_code)]
+// SAFETY: `Config` is `#[repr(C)]`, `Copy`, made only of byte arrays and `u32`s with explicit
+// padding (size asserted below), so every bit pattern is valid and there is no implicit padding.
+unsafe impl aya::Pod for Config {}
 
 const _: () = assert!(size_of::<Config>() == 36);

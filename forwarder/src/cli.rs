@@ -130,6 +130,12 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
 
+    /// Load forwarder's eBPF programs onto the tap (root in the initial user namespace):
+    /// ARP and NDP answered in the kernel. Where that is not possible forwarder says why in
+    /// one line and works in userspace as without it.
+    #[arg(long)]
+    pub ebpf: bool,
+
     /// Carry the namespace's flows to GUESTIP:PORT to HOSTIP:HOSTPORT on the host
     /// (repeatable): [tcp|udp://][GUESTIP:]PORT[:HOSTIP:HOSTPORT], IPv6 in brackets. GUESTIP
     /// defaults to the gateway (IPv6 gateway if the spec holds an IPv6 address), HOSTIP to the
@@ -376,6 +382,7 @@ impl Args {
             auto,
             all,
             api_socket: self.api_socket,
+            ebpf: self.ebpf,
         })
     }
 

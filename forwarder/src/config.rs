@@ -48,6 +48,8 @@ pub struct Config {
     pub all: Vec<crate::forward::Kind>,
     /// The runtime control API's socket.
     pub api_socket: Option<PathBuf>,
+    /// `--ebpf`: try the kernel programs.
+    pub ebpf: bool,
 }
 
 /// The namespace forwarder serves.

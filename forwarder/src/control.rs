@@ -103,6 +103,7 @@ pub struct Control {
     agent: Option<ns::Agent>,
     auto: Vec<AutoState>,
     guest: Vec<IpAddr>,
+    kernel: Option<crate::ebpf::Kernel>,
 }
 
 /// The data plane, as the control plane sees it (a trait so the table is testable without
@@ -145,7 +146,13 @@ impl Control {
                 })
                 .collect(),
             guest,
+            kernel: None,
         }
+    }
+
+    /// The eBPF programs, whose counters join the engine's in `stats`.
+    pub fn set_kernel(&mut self, kernel: crate::ebpf::Kernel) {
+        self.kernel = Some(kernel);
     }
 
     /// Records forwards bound at start-up; returns the id for their sockets.
@@ -417,8 +424,14 @@ impl Control {
                 let stats = plane
                     .stats()
                     .ok_or("stats: the data plane did not answer")?;
+                let kernel = self
+                    .kernel
+                    .as_mut()
+                    .map(crate::ebpf::Kernel::counters)
+                    .unwrap_or_default();
                 let counters: serde_json::Map<String, Value> = stats
                     .iter()
+                    .chain(kernel)
                     .map(|(name, n)| (name, Value::from(n)))
                     .collect();
                 Ok(json!({ "counters": counters, "forwards": self.entries.len() }))

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod ctl;
+pub mod ebpf;
 pub mod engine;
 pub mod flow;
 pub mod forward;

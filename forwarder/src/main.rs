@@ -87,9 +87,8 @@ fn run(args: Args) -> Result<ExitCode> {
         ns_listeners,
         command,
     } = ns::setup(&cfg)?;
-    // The agent must be forked now, while the process has one thread.
-    let agent = if api.is_some() || !cfg.auto.is_empty() {
-        let (userns, netns) = match (&cfg.target, &command) {
+    let (userns, netns): (Option<std::path::PathBuf>, std::path::PathBuf) =
+        match (&cfg.target, &command) {
             (forwarder::config::Target::Attach { netns, userns }, _) => {
                 (userns.clone(), netns.clone())
             }
@@ -97,9 +96,22 @@ fn run(args: Args) -> Result<ExitCode> {
                 Some(format!("/proc/{}/ns/user", cmd.pid).into()),
                 format!("/proc/{}/ns/net", cmd.pid).into(),
             ),
-            (_, None) => anyhow::bail!("no namespace to run the agent in"),
+            (_, None) => anyhow::bail!("no namespace to serve"),
         };
+    // The agent must be forked now, while the process has one thread.
+    let agent = if api.is_some() || !cfg.auto.is_empty() {
         Some(ns::Agent::start(userns.as_deref(), &netns)?)
+    } else {
+        None
+    };
+    let kernel = if cfg.ebpf {
+        match forwarder::ebpf::start(&netns, &cfg.ifname, &cfg.network, &cfg.services) {
+            Ok(k) => Some(k),
+            Err(err) => {
+                warn!("--ebpf: staying in userspace: {err:#}");
+                None
+            }
+        }
     } else {
         None
     };
@@ -119,6 +131,9 @@ fn run(args: Args) -> Result<ExitCode> {
         guest.push(std::net::IpAddr::V6(v6.guest));
     }
     let mut control = Control::new(agent, cfg.auto.clone(), guest);
+    if let Some(k) = kernel {
+        control.set_kernel(k);
+    }
     let mut forwards = Vec::new();
     for (kind, maps, listeners) in [
         (Kind::Tcp, &cfg.tcp_forwards, tcp),

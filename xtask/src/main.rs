@@ -6,6 +6,7 @@
 //! Every task does its own set-up and is idempotent, so each works on a fresh machine.
 
 mod bench;
+mod ebpf;
 
 use std::process::{Command, ExitCode};
 
@@ -33,10 +34,11 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("setup") => setup(),
+        Some("ebpf-setup") => ebpf::ensure_toolchain(),
         Some("run-integration") => run_integration(),
         Some("bench") => bench::run(args.get(1..).unwrap_or_default()),
         _ => {
-            eprintln!("usage: cargo xtask <setup|run-integration|bench [--quick]>");
+            eprintln!("usage: cargo xtask <setup|ebpf-setup|run-integration|bench [--quick]>");
             return ExitCode::from(2);
         }
     };
@@ -51,7 +53,12 @@ fn main() -> ExitCode {
 
 /// Installs missing test tools with apt (root only; otherwise lists what is missing).
 fn setup() -> Result<()> {
-    ensure_packages(PACKAGES)
+    ensure_packages(PACKAGES)?;
+    // Not fatal: without it the agent builds without eBPF support and says so.
+    if let Err(err) = ebpf::ensure_toolchain() {
+        println!("xtask: eBPF toolchain unavailable, building without eBPF support: {err:#}");
+    }
+    Ok(())
 }
 
 /// Installs the packages of `list` whose command is missing.

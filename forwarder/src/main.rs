@@ -202,22 +202,33 @@ fn api_listener(path: &std::path::Path) -> Result<std::os::unix::net::UnixListen
     Ok(listener)
 }
 
-/// One API connection: read the request until the client shuts down its side (at most
-/// `MAX_REQUEST` bytes plus one, so a larger one is seen as too large), pass it to the
-/// control loop, write the reply.
+/// One API connection: read the request until the client shuts down its side, keeping at
+/// most `MAX_REQUEST` bytes plus one (so a larger request is seen as too large, and the
+/// rest is read and dropped, up to `API_DRAIN`, so that closing does not reset the client
+/// before it reads the reply), pass it to the control loop, write the reply.
 async fn api_connection(
     mut stream: tokio::net::UnixStream,
     requests: tokio::sync::mpsc::Sender<(Vec<u8>, tokio::sync::oneshot::Sender<Vec<u8>>)>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const API_DRAIN: usize = 1 << 20;
+    let keep = forwarder::control::MAX_REQUEST + 1;
     let mut request = Vec::new();
-    let limit = u64::try_from(forwarder::control::MAX_REQUEST + 1).unwrap_or(u64::MAX);
-    let read = tokio::time::timeout(
-        Duration::from_secs(5),
-        (&mut stream).take(limit).read_to_end(&mut request),
-    )
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut chunk = [0u8; 4096];
+        let mut total = 0usize;
+        loop {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 || total > API_DRAIN {
+                return Ok::<(), std::io::Error>(());
+            }
+            total += n;
+            let room = keep.saturating_sub(request.len()).min(n);
+            request.extend_from_slice(chunk.get(..room).unwrap_or_default());
+        }
+    })
     .await;
-    if !matches!(read, Ok(Ok(_))) {
+    if !matches!(read, Ok(Ok(()))) {
         debug!("api: the client sent no complete request");
         return;
     }

@@ -121,6 +121,8 @@ pub fn setup(cfg: &Config) -> Result<Namespace> {
             let (tap, listeners) = match receive_after_maps(&ours, child, &cfg.target) {
                 Ok(got) => got,
                 Err(err) => {
+                    // The child may be waiting for us: it must not outlive the error.
+                    let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
                     let _ = waitpid(child, None);
                     return Err(err);
                 }
@@ -255,17 +257,21 @@ fn write_id_maps(child: Pid) -> Result<()> {
         nix::unistd::getegid().as_raw(),
     );
     let dir = PathBuf::from(format!("/proc/{child}"));
-    let (uid_map, gid_map) = if uid == 0 {
-        // Root may map every id: commands in the namespace keep all their users.
-        ("0 0 4294967295".to_string(), "0 0 4294967295".to_string())
-    } else {
-        // An unprivileged user may map exactly itself, after giving up setgroups.
-        std::fs::write(dir.join("setgroups"), "deny")
-            .context("write setgroups of the new namespace")?;
-        (format!("0 {uid} 1"), format!("0 {gid} 1"))
-    };
-    std::fs::write(dir.join("uid_map"), uid_map).context("write uid_map of the new namespace")?;
-    std::fs::write(dir.join("gid_map"), gid_map).context("write gid_map of the new namespace")?;
+    // Root may map every id, so commands in the namespace keep all their users; root of a
+    // user namespace that itself maps fewer ids (`unshare -Ur`) may not, and falls back to
+    // what an unprivileged user does: map exactly itself, after giving up setgroups.
+    if uid == 0
+        && std::fs::write(dir.join("uid_map"), "0 0 4294967295").is_ok()
+        && std::fs::write(dir.join("gid_map"), "0 0 4294967295").is_ok()
+    {
+        return Ok(());
+    }
+    std::fs::write(dir.join("setgroups"), "deny")
+        .context("write setgroups of the new namespace")?;
+    std::fs::write(dir.join("uid_map"), format!("0 {uid} 1"))
+        .context("write uid_map of the new namespace")?;
+    std::fs::write(dir.join("gid_map"), format!("0 {gid} 1"))
+        .context("write gid_map of the new namespace")?;
     Ok(())
 }
 

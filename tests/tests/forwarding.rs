@@ -157,8 +157,8 @@ fn a_port_in_use_stops_start_up_with_nothing_bound() {
     for (spec, names) in [
         ("70000", "70000"),
         ("5-1", "reversed"),
-        ("all", "not supported"),
         ("auto,80:81", "same port"),
+        ("all,auto", "exclude each other"),
     ] {
         // In the test's host namespace, and bounded: a spec that wrongly parses must not
         // leave a forwarder running.

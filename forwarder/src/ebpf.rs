@@ -256,6 +256,40 @@ impl Kernel {
     }
 }
 
+/// `forwarder ebpf-status IFACE`: prints the programs attached to IFACE (in the caller's
+/// network namespace) with TCX, one `DIRECTION NAME ID` per line, or `none`. A diagnostic:
+/// after forwarder ends, however it ended, nothing of its should be listed.
+#[must_use]
+pub fn status_main(args: impl Iterator<Item = std::ffi::OsString>) -> std::process::ExitCode {
+    let args: Vec<_> = args.collect();
+    let Some(iface) = args.get(1).and_then(|a| a.to_str()) else {
+        eprintln!("usage: forwarder ebpf-status IFACE");
+        return std::process::ExitCode::from(2);
+    };
+    let mut any = false;
+    for (name, kind) in [
+        ("ingress", TcAttachType::Ingress),
+        ("egress", TcAttachType::Egress),
+    ] {
+        match SchedClassifier::query_tcx(iface, kind) {
+            Ok((_, programs)) => {
+                for p in programs {
+                    any = true;
+                    println!("{name} {} {}", p.name_as_str().unwrap_or("?"), p.id());
+                }
+            }
+            Err(err) => {
+                eprintln!("forwarder ebpf-status: {iface} {name}: {err}");
+                return std::process::ExitCode::from(1);
+            }
+        }
+    }
+    if !any {
+        println!("none");
+    }
+    std::process::ExitCode::SUCCESS
+}
+
 /// Runs the tap egress program once on `frame` with `cfg` (`BPF_PROG_TEST_RUN`); returns
 /// the program's verdict and the frame as it left the program. For tests; needs the same
 /// privileges as `--ebpf`.
@@ -499,7 +533,7 @@ mod tests {
         while sum > 0xffff {
             sum = (sum & 0xffff) + (sum >> 16);
         }
-        let c = !(sum as u16);
+        let c = !u16::try_from(sum).unwrap_or(0xffff);
         if let Some(b) = f.get_mut(56..58) {
             b.copy_from_slice(&c.to_be_bytes());
         }

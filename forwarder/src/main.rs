@@ -22,6 +22,12 @@ fn main() -> ExitCode {
     if std::env::args_os().nth(1).is_some_and(|a| a == "ctl") {
         return forwarder::ctl::main(std::env::args_os().skip(1));
     }
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "ebpf-status")
+    {
+        return forwarder::ebpf::status_main(std::env::args_os().skip(1));
+    }
     let args = Args::parse();
     if let Err(err) = init_logging(&args) {
         eprintln!("forwarder: {err:#}");

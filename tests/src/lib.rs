@@ -152,6 +152,7 @@ impl World {
             .args(["--netns", &guest, "-l"])
             .arg(&log)
             .args(extra)
+            .args(mode_args())
             .stdin(Stdio::null())
             .spawn()
             .expect("start forwarder");
@@ -176,6 +177,7 @@ impl World {
             .args(["netns", "exec", &self.host])
             .arg(forwarder_bin())
             .args(args)
+            .args(mode_args())
             .args(["--", "sh", "-c", script])
             .output()
             .expect("run forwarder")
@@ -265,6 +267,18 @@ fn kill_all_in(ns: &str) {
     let _ = Command::new("sh")
         .args(["-c", &format!("ip netns pids {ns} | xargs -r kill -9")])
         .status();
+}
+
+/// Extra forwarder arguments for a whole test run, from `FORWARDER_TEST_ARGS` (split on
+/// spaces): `cargo xtask run-integration` runs the foundation tests a second time with
+/// `--ebpf`, so everything they check must hold in that mode too.
+#[must_use]
+pub fn mode_args() -> Vec<String> {
+    std::env::var("FORWARDER_TEST_ARGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(String::from)
+        .collect()
 }
 
 /// The directory of the helper scripts (`tests/scripts`).

@@ -176,14 +176,26 @@ fn dhcpv6_and_slaac_configure_ipv6() {
         "no RA default route:\n{seen}"
     );
 
+    // dhclient -6 binds the link-local address: wait until DAD is done with it (it exits 1
+    // at once on a tentative address; seen when the RA came quickly).
+    for _ in 0..50 {
+        let addrs = text(&w.run_in(&guest, "ip -6 addr show dev tap0").stdout);
+        if addrs.contains("scope link") && !addrs.contains("tentative") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let dir = w.dir.display().to_string();
     std::fs::write(w.dir.join("dhclient.sh"), format!("#!/bin/sh\nenv | grep -E '^new_(ip6_address|ip6_prefixlen|dhcp6_name_servers)=' | sort > {dir}/dhclient.$reason\nexit 0\n")).unwrap();
     let out = w.run_in(&guest, &format!("chmod +x {dir}/dhclient.sh; timeout 20 dhclient -6 -1 -sf {dir}/dhclient.sh -lf {dir}/dh6.lease -pf {dir}/dh6.pid tap0"));
     let got = read(&w.dir.join("dhclient.BOUND6"));
     assert!(
         got.contains("new_ip6_address=2001:db8:1::2"),
-        "dhclient -6: {got}\n{}",
-        text(&out.stderr)
+        "dhclient -6: {got}\n{:?} {}{}\n{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr),
+        read(&log)
     );
     assert!(
         got.contains("new_dhcp6_name_servers=2001:db8:1::53"),
@@ -284,9 +296,10 @@ kill $(cat /mnt/p4 /mnt/p6) 2>/dev/null; id -u
     let out = std::process::Command::new("ip")
         .args(["netns", "exec", &w.host, "unshare", "-m", "sh", "-c"])
         .arg(format!(
-            "mount --bind {tun} /dev/net/tun && exec setpriv --reuid 65534 --regid 65534 --clear-groups {bin} -q -t auto --api-socket {api} -- unshare -m sh {script}",
+            "mount --bind {tun} /dev/net/tun && exec setpriv --reuid 65534 --regid 65534 --clear-groups {bin} -q -t auto --api-socket {api} {mode} -- unshare -m sh {script}",
             tun = tun.display(),
             bin = bin.display(),
+            mode = forwarder_tests::mode_args().join(" "),
             script = script_path.display()
         ))
         .output()

@@ -1,5 +1,7 @@
-//! Project tasks. `cargo xtask run-integration` is the whole test suite (what `.ci/run`
-//! calls); `cargo xtask setup` installs what the tests need from Debian's packages;
+//! Project tasks. `cargo xtask run -- ARGS` runs forwarder (the main job);
+//! `cargo xtask run-integration` is the whole test suite (what `.ci/run`
+//! calls); `cargo xtask setup` installs what the tests need from Debian's packages and the
+//! eBPF toolchain (`ebpf-setup` alone does the latter);
 //! `cargo xtask bench [--quick]` measures forwarder against pasta, slirp4netns and the
 //! kernel side by side (see `bench`).
 //!
@@ -35,10 +37,13 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("setup") => setup(),
         Some("ebpf-setup") => ebpf::ensure_toolchain(),
+        Some("run") => run_forwarder(args.get(1..).unwrap_or_default()),
         Some("run-integration") => run_integration(),
         Some("bench") => bench::run(args.get(1..).unwrap_or_default()),
         _ => {
-            eprintln!("usage: cargo xtask <setup|ebpf-setup|run-integration|bench [--quick]>");
+            eprintln!(
+                "usage: cargo xtask <run [-- ARGS]|setup|ebpf-setup|run-integration|bench [--quick]>"
+            );
             return ExitCode::from(2);
         }
     };
@@ -49,6 +54,21 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The main job: the eBPF toolchain if it can be had (not fatal), then forwarder itself,
+/// release build, with `args` (a leading `--` is dropped).
+fn run_forwarder(args: &[String]) -> Result<()> {
+    if let Err(err) = ebpf::ensure_toolchain() {
+        println!("xtask: eBPF toolchain unavailable, building without eBPF support: {err:#}");
+    }
+    let args = match args.first().map(String::as_str) {
+        Some("--") => args.get(1..).unwrap_or_default(),
+        _ => args,
+    };
+    run(Command::new("cargo")
+        .args(["run", "--release", "--package", "forwarder", "--"])
+        .args(args))
 }
 
 /// Installs missing test tools with apt (root only; otherwise lists what is missing).
@@ -102,7 +122,13 @@ fn run_integration() -> Result<()> {
         "warnings",
     ]))?;
     run(Command::new("cargo").args(["build", "--package", "forwarder"]))?;
-    run(Command::new("cargo").args(["test", "--workspace", "--exclude", "forwarder-tests"]))?;
+    let mut unit = Command::new("cargo");
+    unit.args(["test", "--workspace", "--exclude", "forwarder-tests"]);
+    if is_root() {
+        // The eBPF program tests (BPF_PROG_TEST_RUN) need root: here they must run.
+        unit.env("FORWARDER_REQUIRE_PRIVILEGED", "1");
+    }
+    run(&mut unit)?;
     let mut e2e = Command::new("cargo");
     e2e.args([
         "test",
@@ -117,7 +143,23 @@ fn run_integration() -> Result<()> {
     } else {
         println!("xtask: not root: end-to-end tests will skip (they need to create namespaces)");
     }
-    let result = run(&mut e2e);
+    let mut result = run(&mut e2e);
+    if result.is_ok() && is_root() {
+        // Everything the foundation tests check must hold with the eBPF programs loaded.
+        println!("xtask: the foundation tests again, with --ebpf");
+        result = run(Command::new("cargo")
+            .args([
+                "test",
+                "--package",
+                "forwarder-tests",
+                "--test",
+                "foundation",
+                "--",
+                "--test-threads=2",
+            ])
+            .env("FORWARDER_REQUIRE_PRIVILEGED", "1")
+            .env("FORWARDER_TEST_ARGS", "--ebpf"));
+    }
     sweep_stale_namespaces();
     result
 }

@@ -157,6 +157,11 @@ impl Control {
 
     /// Records forwards bound at start-up; returns the id for their sockets.
     pub fn record(&mut self, kind: Kind, maps: Vec<PortMap>) -> u32 {
+        self.insert(kind, maps, Origin::Cli)
+    }
+
+    /// Adds an entry under the next id.
+    fn insert(&mut self, kind: Kind, maps: Vec<PortMap>, origin: Origin) -> u32 {
         let id = self.next_id;
         self.next_id += 1;
         self.entries.insert(
@@ -165,7 +170,7 @@ impl Control {
                 id,
                 kind,
                 maps,
-                origin: Origin::Cli,
+                origin,
             },
         );
         id
@@ -207,18 +212,8 @@ impl Control {
             bail!("more than {MAX_FORWARDS} {} ports", kind.name());
         }
         let listeners = self.bind(kind, &maps)?;
-        let id = self.next_id;
-        self.next_id += 1;
+        let id = self.insert(kind, maps, origin);
         plane.send(io::Command::AddForward(id, listeners));
-        self.entries.insert(
-            id,
-            Entry {
-                id,
-                kind,
-                maps,
-                origin,
-            },
-        );
         Ok(id)
     }
 

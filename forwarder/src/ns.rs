@@ -312,24 +312,8 @@ fn send(sock: &OwnedFd, tap: &OwnedFd, listeners: &[OwnedFd]) -> Result<()> {
 }
 
 fn receive(sock: &OwnedFd) -> Result<(OwnedFd, Vec<OwnedFd>)> {
-    let mut buf = vec![0u8; MAX_MESSAGE];
-    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; MAX_PASSED_FDS]);
-    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-    let msg = recvmsg::<()>(
-        sock.as_raw_fd(),
-        &mut iov,
-        Some(&mut cmsg),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )
-    .context("receive the tap from the namespace helper")?;
-    let mut fds = Vec::new();
-    for c in msg.cmsgs().context("read control messages")? {
-        if let ControlMessageOwned::ScmRights(raw) = c {
-            fds.extend(raw.into_iter().map(sys::adopt_received_fd));
-        }
-    }
-    let len = msg.bytes;
-    let data = buf.get(..len).unwrap_or_default();
+    let (data, fds) =
+        recv_with_fds(sock, MAX_MESSAGE).context("receive the tap from the namespace helper")?;
     let mut fds = fds.into_iter();
     match (data.first(), fds.next()) {
         (Some(b'T'), Some(tap)) => Ok((tap, fds.collect())),
@@ -339,6 +323,29 @@ fn receive(sock: &OwnedFd) -> Result<(OwnedFd, Vec<OwnedFd>)> {
         )),
         _ => Err(anyhow!("namespace helper exited without a result")),
     }
+}
+
+/// One message of at most `size` bytes and the descriptors it carries (at most
+/// [`MAX_PASSED_FDS`]), each adopted as an `OwnedFd`.
+fn recv_with_fds(sock: &OwnedFd, size: usize) -> Result<(Vec<u8>, Vec<OwnedFd>)> {
+    let mut buf = vec![0u8; size];
+    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; MAX_PASSED_FDS]);
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut fds = Vec::new();
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            fds.extend(raw.into_iter().map(sys::adopt_received_fd));
+        }
+    }
+    let n = msg.bytes;
+    buf.truncate(n);
+    Ok((buf, fds))
 }
 
 /// Descriptors one message can carry (the kernel's `SCM_MAX_FD` is 253): the tap and the
@@ -536,25 +543,7 @@ impl Agent {
     }
 
     fn reply(&self) -> Result<(Vec<u8>, Vec<OwnedFd>)> {
-        let mut buf = vec![0u8; AGENT_REPLY];
-        let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-        let msg = recvmsg::<()>(
-            self.sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )
-        .context("read the namespace agent's answer")?;
-        let mut fds = Vec::new();
-        for c in msg.cmsgs().context("read control messages")? {
-            if let ControlMessageOwned::ScmRights(raw) = c {
-                fds.extend(raw.into_iter().map(sys::adopt_received_fd));
-            }
-        }
-        let n = msg.bytes;
-        buf.truncate(n);
-        Ok((buf, fds))
+        recv_with_fds(&self.sock, AGENT_REPLY).context("read the namespace agent's answer")
     }
 }
 

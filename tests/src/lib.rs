@@ -203,6 +203,25 @@ impl World {
         self.children.push(child);
     }
 
+    /// Starts the TCP echo server (`tests/scripts/tcp_echo.py`, all addresses) on `port` in
+    /// `ns` and waits until it listens.
+    pub fn tcp_echo(&mut self, ns: &str, port: u16) {
+        let script = scripts().join("tcp_echo.py");
+        self.serve(ns, &format!("exec python3 {} {port}", script.display()));
+        self.wait_listening(ns, port, false);
+    }
+
+    /// Starts the UDP echo server (`tests/scripts/udp_echo.py`) on `addr`:`port` in `ns` and
+    /// waits until it is bound.
+    pub fn udp_echo(&mut self, ns: &str, addr: &str, port: u16) {
+        let script = scripts().join("udp_echo.py");
+        self.serve(
+            ns,
+            &format!("exec python3 {} {addr} {port}", script.display()),
+        );
+        self.wait_listening(ns, port, true);
+    }
+
     /// Waits until something listens on `port` (TCP, or UDP with `udp`) in `ns`.
     pub fn wait_listening(&self, ns: &str, port: u16, udp: bool) {
         let flag = if udp { "-uln" } else { "-tln" };

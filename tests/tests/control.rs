@@ -103,11 +103,7 @@ fn api_adds_lists_and_removes_forwards_atomically_under_load() {
 
     // Invalid requests: an error each, and the table is unchanged.
     let before = text(&ctl(&api, &["list", "--json"]).stdout);
-    w.serve(
-        &host,
-        &format!("exec python3 {} 8090", script("tcp_echo.py")),
-    );
-    w.wait_listening(&host, 8090, false);
+    w.tcp_echo(&host, 8090);
     for (args, names) in [
         (&["add", "tcp", "8089-8091:89-91"][..], "8090"),
         (&["add", "tcp", "8080"][..], "already forwarded (id 1)"),
@@ -196,16 +192,8 @@ fn api_adds_namespace_side_forwards_through_the_agent() {
     let mut w = World::new();
     let guest = w.add_guest();
     let host = w.host.clone();
-    w.serve(
-        &host,
-        &format!("exec python3 {} 7501", script("tcp_echo.py")),
-    );
-    w.wait_listening(&host, 7501, false);
-    w.serve(
-        &host,
-        &format!("exec python3 {} 127.0.0.1 5601", script("udp_echo.py")),
-    );
-    w.wait_listening(&host, 5601, true);
+    w.tcp_echo(&host, 7501);
+    w.udp_echo(&host, "127.0.0.1", 5601);
     let api = w.dir.join("api.sock");
     let (_pid, log) =
         w.start_attached(&["--config-net", "--api-socket", &api.display().to_string()]);
@@ -349,11 +337,7 @@ fn udp_ns_relays_namespace_loopback_to_host_loopback() {
         &host,
         &format!("exec python3 {} 127.0.0.1 5701", script("udp_echo.py")),
     );
-    w.serve(
-        &host,
-        &format!("exec python3 {} ::1 5701", script("udp_echo.py")),
-    );
-    w.wait_listening(&host, 5701, true);
+    w.udp_echo(&host, "::1", 5701);
     let (_pid, log) = w.start_attached(&["--config-net", "-U", "5700:5701"]);
     for (address, what) in [("UDP:127.0.0.1:5700", "v4"), ("UDP6:[::1]:5700", "v6")] {
         let out = w.run_in(

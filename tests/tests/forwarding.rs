@@ -127,11 +127,7 @@ fn a_port_in_use_stops_start_up_with_nothing_bound() {
     let mut w = World::new();
     let guest = w.add_guest();
     let host = w.host.clone();
-    w.serve(
-        &host,
-        &format!("exec python3 {} 7101", script("tcp_echo.py")),
-    );
-    w.wait_listening(&host, 7101, false);
+    w.tcp_echo(&host, 7101);
     let out = Command::new("ip")
         .args(["netns", "exec", &host])
         .arg(forwarder_bin())
@@ -181,11 +177,7 @@ fn tcp_ns_splices_namespace_loopback_to_host_loopback() {
     let mut w = World::new();
     let guest = w.add_guest();
     let host = w.host.clone();
-    w.serve(
-        &host,
-        &format!("exec python3 {} 7200", script("tcp_echo.py")),
-    );
-    w.wait_listening(&host, 7200, false);
+    w.tcp_echo(&host, 7200);
     let sum = w.dir.join("received.sha256");
     w.serve(
         &host,
@@ -259,16 +251,8 @@ fn remote_forward_carries_any_guest_side_address_to_a_host_service() {
     let mut w = World::new();
     let guest = w.add_guest();
     let host = w.host.clone();
-    w.serve(
-        &host,
-        &format!("exec python3 {} 7401", script("tcp_echo.py")),
-    );
-    w.wait_listening(&host, 7401, false);
-    w.serve(
-        &host,
-        &format!("exec python3 {} 127.0.0.1 5401", script("udp_echo.py")),
-    );
-    w.wait_listening(&host, 5401, true);
+    w.tcp_echo(&host, 7401);
+    w.udp_echo(&host, "127.0.0.1", 5401);
     // The firewall does not apply to remote forwards: the guest-side addresses are denied.
     let (_pid, log) = w.start_attached(&[
         "--config-net",
@@ -324,11 +308,7 @@ fn all_forwards_every_free_port_below_the_ephemeral_range() {
     let mut w = World::new();
     let guest = w.add_guest();
     let host = w.host.clone();
-    w.serve(
-        &host,
-        &format!("exec python3 {} 7101", script("tcp_echo.py")),
-    );
-    w.wait_listening(&host, 7101, false);
+    w.tcp_echo(&host, 7101);
     // Restricted to a range: the port in use is skipped, not fatal.
     let (_pid, log) = w.start_attached(&["--config-net", "-t", "7000-7200,all,~7199"]);
     w.serve(

@@ -157,11 +157,7 @@ fn sequential_and_concurrent_connections_complete_and_table_empties() {
     }
     let (mut w, guest, pid, log) = world(&[]);
     let remote = w.remote.clone();
-    w.serve(
-        &remote,
-        &format!("exec python3 {} 7000", script("tcp_echo.py")),
-    );
-    w.wait_listening(&remote, 7000, false);
+    w.tcp_echo(&remote, 7000);
     let client = script("conn_client.py");
     for host in ["203.0.113.1", "2001:db8:2::1"] {
         let out = guest_ok(
@@ -195,11 +191,7 @@ fn refused_blackholed_denied_and_blocklisted_destinations() {
         "udp://[2001:db8:2::1]:7002",
     ]);
     let remote = w.remote.clone();
-    w.serve(
-        &remote,
-        &format!("exec python3 {} 7001", script("tcp_echo.py")),
-    );
-    w.wait_listening(&remote, 7001, false);
+    w.tcp_echo(&remote, 7001);
     // Nothing listens on 7999: refused at once (curl exit 7), v4 and v6.
     for host in [REMOTE4, REMOTE6] {
         let start = Instant::now();
@@ -408,11 +400,7 @@ fn map_guest_addr_and_outbound_binding() {
     // --map-guest-addr: 198.51.100.77 reaches the host's own 198.51.100.2.
     let (mut w, guest, _pid, log) = world(&["--map-guest-addr", "198.51.100.77"]);
     let host = w.host.clone();
-    w.serve(
-        &host,
-        &format!("exec python3 {} 7005", script("tcp_echo.py")),
-    );
-    w.wait_listening(&host, 7005, false);
+    w.tcp_echo(&host, 7005);
     guest_ok(
         &w,
         &guest,
@@ -431,11 +419,7 @@ fn map_guest_addr_and_outbound_binding() {
     ] {
         let (mut w, guest, _pid, log) = world(&arg);
         let remote = w.remote.clone();
-        w.serve(
-            &remote,
-            &format!("exec python3 {} 7006", script("tcp_echo.py")),
-        );
-        w.wait_listening(&remote, 7006, false);
+        w.tcp_echo(&remote, 7006);
         let out = w.run_in(
             &guest,
             &format!(
@@ -462,11 +446,7 @@ fn gateway_reaches_host_loopback_unless_no_map_gw() {
         let extra: &[&str] = if map { &[] } else { &["--no-map-gw"] };
         let (mut w, guest, _pid, log) = world(extra);
         let host = w.host.clone();
-        w.serve(
-            &host,
-            &format!("exec python3 {} 7004", script("tcp_echo.py")),
-        );
-        w.wait_listening(&host, 7004, false);
+        w.tcp_echo(&host, 7004);
         for gw in ["198.51.100.1", "2001:db8:1::1"] {
             let out = w.run_in(
                 &guest,

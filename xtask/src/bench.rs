@@ -49,17 +49,26 @@ pub const PACKAGES: &[(&str, &str)] = &[
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Contender {
     Forwarder,
+    /// forwarder with `--ebpf` (part 1: ARP/NDP in the kernel; the fast path is issue 6).
+    ForwarderEbpf,
     Pasta,
     Slirp,
     Kernel,
 }
 
 impl Contender {
-    const ALL: [Self; 4] = [Self::Forwarder, Self::Pasta, Self::Slirp, Self::Kernel];
+    const ALL: [Self; 5] = [
+        Self::Forwarder,
+        Self::ForwarderEbpf,
+        Self::Pasta,
+        Self::Slirp,
+        Self::Kernel,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Self::Forwarder => "forwarder",
+            Self::ForwarderEbpf => "forwarder --ebpf",
             Self::Pasta => "pasta",
             Self::Slirp => "slirp4netns",
             Self::Kernel => "kernel veth",
@@ -202,7 +211,10 @@ fn measure(c: Contender, mtu: u16, secs: u32, forwarder: &Path, root: &Path) -> 
     };
     s.inbound_gbps = w.iperf_from_remote(secs, target, 5202)?;
     lap("inbound");
-    if matches!(c, Contender::Forwarder | Contender::Pasta) {
+    if matches!(
+        c,
+        Contender::Forwarder | Contender::ForwarderEbpf | Contender::Pasta
+    ) {
         let host = w.host.clone();
         w.serve(&host, "exec iperf3 -s -p 5203 -B 127.0.0.1")?;
         w.wait_listening(&host, 5203)?;
@@ -278,8 +290,8 @@ impl World {
     fn start(&mut self, c: Contender, mtu: u16, forwarder: &Path) -> Result<Option<u32>> {
         let (h, g) = (self.host.clone(), self.guest.clone());
         let mtu_s = mtu.to_string();
-        let args: Vec<String> = match c {
-            Contender::Forwarder => vec![
+        let mut args: Vec<String> = match c {
+            Contender::Forwarder | Contender::ForwarderEbpf => vec![
                 forwarder.display().to_string(),
                 "--netns".into(),
                 g.clone(),
@@ -340,6 +352,9 @@ impl World {
                 return Ok(None);
             }
         };
+        if c == Contender::ForwarderEbpf {
+            args.push("--ebpf".into());
+        }
         let child = Command::new("ip")
             .args(["netns", "exec", &h])
             .args(&args)
@@ -672,9 +687,9 @@ impl Report {
             let _ = writeln!(md, "### MTU {mtu}\n");
             let _ = writeln!(
                 md,
-                "| metric | forwarder | pasta | slirp4netns | kernel veth | forwarder / pasta | forwarder / kernel |"
+                "| metric | forwarder | forwarder --ebpf | pasta | slirp4netns | kernel veth | forwarder / pasta | forwarder / kernel | --ebpf / userspace |"
             );
-            let _ = writeln!(md, "|---|---|---|---|---|---|---|");
+            let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
             for m in &METRICS {
                 let cell =
                     |c: Contender| match (self.value(mtu, c, m), self.failures.get(&(mtu, c))) {
@@ -682,24 +697,26 @@ impl Report {
                         (None, Some(_)) => "cannot run".into(),
                         (None, None) => "–".into(),
                     };
-                let ratio = |other: Contender| match (
-                    self.value(mtu, Contender::Forwarder, m),
-                    self.value(mtu, other, m),
+                let ratio = |a: Contender, b: Contender| match (
+                    self.value(mtu, a, m),
+                    self.value(mtu, b, m),
                 ) {
                     (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
                     _ => "–".into(),
                 };
                 let _ = writeln!(
                     md,
-                    "| {} ({}) | {} | {} | {} | {} | {} | {} |",
+                    "| {} ({}) | {} | {} | {} | {} | {} | {} | {} | {} |",
                     m.0,
                     m.1,
                     cell(Contender::Forwarder),
+                    cell(Contender::ForwarderEbpf),
                     cell(Contender::Pasta),
                     cell(Contender::Slirp),
                     cell(Contender::Kernel),
-                    ratio(Contender::Pasta),
-                    ratio(Contender::Kernel),
+                    ratio(Contender::Forwarder, Contender::Pasta),
+                    ratio(Contender::Forwarder, Contender::Kernel),
+                    ratio(Contender::ForwarderEbpf, Contender::Forwarder),
                 );
             }
             md.push('\n');
@@ -756,14 +773,14 @@ impl Report {
                     .collect::<Vec<_>>()
             })
             .fold(1.0_f64, f64::max);
-        let colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#7f7f7f"];
-        let (w, h, bar) = (140 * groups.len() + 60, 320, 28);
+        let colors = ["#1f77b4", "#17becf", "#ff7f0e", "#2ca02c", "#7f7f7f"];
+        let (w, h, bar) = (160 * groups.len() + 60, 320, 28);
         let mut s = format!(
             "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n\
              <text x=\"10\" y=\"16\">TCP throughput, Gbit/s (median)</text>\n"
         );
         for (gi, (label, mtu, i)) in groups.iter().enumerate() {
-            let x0 = 50 + gi * 140;
+            let x0 = 50 + gi * 160;
             for (ci, c) in Contender::ALL.iter().enumerate() {
                 let v = METRICS
                     .get(*i)

@@ -202,6 +202,12 @@ fn api_listener(path: &std::path::Path) -> Result<std::os::unix::net::UnixListen
     }
     let listener = std::os::unix::net::UnixListener::bind(path)
         .with_context(|| format!("--api-socket {}", path.display()))?;
+    // Whoever can connect can open ports: the socket is the owner's alone.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("--api-socket {}: restrict to the owner", path.display()))?;
+    }
     listener
         .set_nonblocking(true)
         .context("--api-socket: non-blocking")?;

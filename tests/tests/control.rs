@@ -90,6 +90,10 @@ fn api_adds_lists_and_removes_forwards_atomically_under_load() {
     );
     let list = text(&ctl(&api, &["list"]).stdout);
     assert!(list.contains("1\ttcp\tcli\t8080:80"), "{list}");
+    // Only the owner may connect: the socket can open ports.
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&api).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "API socket mode {mode:o}");
 
     // Add: a range, reachable at once, from the remote.
     let out = ctl(&api, &["add", "tcp", "8081-8082:81-82"]);

@@ -11,6 +11,21 @@ fn script(name: &str) -> String {
     scripts().join(name).display().to_string()
 }
 
+/// Runs forwarder with `option spec`, which must be refused as a usage error (exit 2);
+/// returns its standard error. In the test's host namespace, and bounded: a spec that wrongly
+/// parses must not leave a forwarder running.
+#[allow(clippy::expect_used)] // only called from tests: a failure is a failed test
+fn refused(w: &World, guest: &str, option: &str, spec: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &w.host, "timeout", "10"])
+        .arg(forwarder_bin())
+        .args(["--netns", guest, option, spec])
+        .output()
+        .expect("run ip netns exec");
+    assert_eq!(out.status.code(), Some(2), "{option} {spec}");
+    text(&out.stderr)
+}
+
 #[test]
 fn forwarded_tcp_and_udp_ports_show_the_real_client_address() {
     if !privileged() {
@@ -156,16 +171,8 @@ fn a_port_in_use_stops_start_up_with_nothing_bound() {
         ("auto,80:81", "same port"),
         ("all,auto", "exclude each other"),
     ] {
-        // In the test's host namespace, and bounded: a spec that wrongly parses must not
-        // leave a forwarder running.
-        let out = Command::new("ip")
-            .args(["netns", "exec", &w.host, "timeout", "10"])
-            .arg(forwarder_bin())
-            .args(["--netns", &guest, "-t", spec])
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(2));
-        assert!(text(&out.stderr).contains(names), "{}", text(&out.stderr));
+        let err = refused(&w, &guest, "-t", spec);
+        assert!(err.contains(names), "{err}");
     }
 }
 
@@ -287,16 +294,8 @@ fn remote_forward_carries_any_guest_side_address_to_a_host_service() {
     assert!(!out.status.success(), "a denied destination was reached");
     // Bad specs name the bad part.
     for (spec, names) in [("sctp://80", "sctp"), ("x:80", "\"x\""), ("0", "\"0\"")] {
-        // In the test's host namespace, and bounded: a spec that wrongly parses must not
-        // leave a forwarder running.
-        let out = Command::new("ip")
-            .args(["netns", "exec", &w.host, "timeout", "10"])
-            .arg(forwarder_bin())
-            .args(["--netns", &guest, "--remote-forward", spec])
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(2));
-        assert!(text(&out.stderr).contains(names), "{}", text(&out.stderr));
+        let err = refused(&w, &guest, "--remote-forward", spec);
+        assert!(err.contains(names), "{err}");
     }
 }
 

@@ -183,6 +183,9 @@ fn run(args: Args) -> Result<ExitCode> {
     outcome
 }
 
+/// API connections served at once; more are closed at once.
+const API_CONNECTIONS: usize = 64;
+
 /// Binds the API socket before anything is set up: a bad path stops start-up. A stale
 /// socket file (nothing accepts on it) is replaced; a live one or another file is an error.
 fn api_listener(path: &std::path::Path) -> Result<std::os::unix::net::UnixListener> {
@@ -265,6 +268,7 @@ async fn supervise(
         .transpose()
         .context("serve the API socket")?;
     let (req_tx, mut req_rx) = tokio::sync::mpsc::channel(16);
+    let api_slots = std::sync::Arc::new(tokio::sync::Semaphore::new(API_CONNECTIONS));
     let mut auto = tokio::time::interval(forwarder::forward::AUTO_SCAN_INTERVAL);
     let has_auto = control.has_auto();
     let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
@@ -302,7 +306,17 @@ async fn supervise(
             _ = usr1.recv() => plane.send(io::Command::LogStats),
             accepted = async { match &api { Some(l) => l.accept().await, None => std::future::pending().await } } => {
                 match accepted {
-                    Ok((stream, _)) => { tokio::spawn(api_connection(stream, req_tx.clone())); }
+                    Ok((stream, _)) => match api_slots.clone().try_acquire_owned() {
+                        Ok(slot) => {
+                            let tx = req_tx.clone();
+                            tokio::spawn(async move {
+                                api_connection(stream, tx).await;
+                                drop(slot);
+                            });
+                        }
+                        // Bounded: a flood of idle clients cannot grow memory; they are closed.
+                        Err(_) => debug!("api: too many connections, closing one"),
+                    },
                     Err(err) => debug!(%err, "api: accept failed"),
                 }
             }

@@ -54,7 +54,7 @@ fn api_adds_lists_and_removes_forwards_atomically_under_load() {
     let host = w.host.clone();
     let api = w.dir.join("api.sock");
     let api_s = api.display().to_string();
-    let (_pid, log) = w.start_attached(&["--config-net", "--api-socket", &api_s, "-t", "8080:80"]);
+    let (pid, log) = w.start_attached(&["--config-net", "--api-socket", &api_s, "-t", "8080:80"]);
     let www = w.dir.join("www");
     std::fs::create_dir_all(&www).unwrap();
     let file = www.join("big.bin");
@@ -185,6 +185,32 @@ fn api_adds_lists_and_removes_forwards_atomically_under_load() {
     assert!(
         stats.lines().any(|l| l.starts_with("inbound_tcp ")),
         "{stats}"
+    );
+    // A flood of idle clients is bounded (64 served at once, the rest closed) and timed out
+    // after 5 s; then the API answers again.
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    let before = fds();
+    let idle: Vec<_> = (0..200)
+        .filter_map(|_| std::os::unix::net::UnixStream::connect(&api).ok())
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let during = fds();
+    assert!(
+        during <= before + 64,
+        "{before} fds before the flood, {during} during it"
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    drop(idle);
+    let out = ctl(&api, &["list"]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stderr),
+        read(&log)
     );
 }
 

@@ -219,12 +219,7 @@ impl Control {
 
     fn bind(&self, kind: Kind, maps: &[PortMap]) -> Result<Vec<io::Listener>> {
         if !kind.in_namespace() {
-            let (tcp, udp) = if kind.is_udp() {
-                (&[][..], maps)
-            } else {
-                (maps, &[][..])
-            };
-            return io::bind_forwards(tcp, udp);
+            return io::bind_forwards(maps, kind.is_udp());
         }
         let agent = self.agent.as_ref().ok_or_else(|| {
             anyhow!(
@@ -238,11 +233,7 @@ impl Control {
                 let fd = agent
                     .bind(addr, kind.is_udp())
                     .with_context(|| format!("forward namespace {} port {addr}", kind.name()))?;
-                out.push(if kind.is_udp() {
-                    io::Listener::namespace_udp(fd, m.to)
-                } else {
-                    io::Listener::namespace_tcp(fd, m.to)
-                });
+                out.push(io::Listener::namespace(fd, m.to, kind.is_udp()));
             }
         }
         Ok(out)

@@ -160,25 +160,21 @@ pub fn start(netns: &Path, tap: &str, net: &Network, services: &Services) -> Res
     if cfg.flags == 0 {
         bail!("nothing to do in the kernel: ARP and NDP are both off");
     }
-    let mut bpf = load(&cfg)?;
     let tcx = aya::util::KernelVersion::current()
         .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
     let netns_fd = std::fs::File::open(netns)
         .with_context(|| format!("open the namespace {}", netns.display()))?;
     // A thread of our own enters the namespace: the interface name and index resolve there,
-    // and the rest of the process stays where it is.
-    let attached: Result<u32> = std::thread::scope(|s| {
-        s.spawn(|| -> Result<u32> {
+    // and the rest of the process stays where it is. The configuration needs the index, so
+    // the programs are loaded there too.
+    let attached: Result<(aya::Ebpf, u32)> = std::thread::scope(|s| {
+        s.spawn(|| -> Result<(aya::Ebpf, u32)> {
             nix::sched::setns(&netns_fd, nix::sched::CloneFlags::CLONE_NEWNET)
                 .context("enter the namespace to attach")?;
             let ifindex = nix::net::if_::if_nametoindex(tap)
                 .with_context(|| format!("find {tap} in the namespace"))?;
             cfg.tap_ifindex = ifindex;
-            let mut map: Array<_, Config> = Array::try_from(
-                bpf.map_mut(CONFIG_MAP)
-                    .ok_or_else(|| anyhow!("no {CONFIG_MAP} map"))?,
-            )?;
-            map.set(0, cfg, 0).context("write the configuration map")?;
+            let mut bpf = load(&cfg)?;
             let program: &mut SchedClassifier = bpf
                 .program_mut(TAP_EGRESS)
                 .ok_or_else(|| anyhow!("no {TAP_EGRESS} program"))?
@@ -197,12 +193,12 @@ pub fn start(netns: &Path, tap: &str, net: &Network, services: &Services) -> Res
                     .attach(tap, TcAttachType::Egress)
                     .context("attach to the tap's egress (netlink TC)")?;
             }
-            Ok(ifindex)
+            Ok((bpf, ifindex))
         })
         .join()
         .map_err(|_| anyhow!("the attaching thread panicked"))?
     });
-    let ifindex = attached?;
+    let (mut bpf, ifindex) = attached?;
     let logger = match aya_log::EbpfLogger::init(&mut bpf) {
         Ok(l) => Some(l),
         Err(err) => {
@@ -523,17 +519,12 @@ mod tests {
 
     /// Recomputes the ICMPv6 checksum of an 86-byte NS frame.
     fn fix_icmpv6_checksum(f: &mut [u8]) {
+        use crate::wire::checksum;
         if let Some(c) = f.get_mut(56..58) {
             c.copy_from_slice(&[0, 0]);
         }
-        let mut sum: u32 = 32 + 58;
-        for pair in f.get(22..86).unwrap().chunks(2) {
-            sum += (u32::from(pair[0]) << 8) | u32::from(pair[1]);
-        }
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        let c = !u16::try_from(sum).unwrap_or(0xffff);
+        // Pseudo-header: the addresses are in the summed range; length 32, next header 58.
+        let c = !checksum::add(checksum::sum(f.get(22..86).unwrap()), 32 + 58);
         if let Some(b) = f.get_mut(56..58) {
             b.copy_from_slice(&c.to_be_bytes());
         }

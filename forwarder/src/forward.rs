@@ -1,13 +1,15 @@
 //! # Theory of operation
 //!
-//! Inbound port forwarding (host → namespace), pasta's `-t/--tcp-ports` and
-//! `-u/--udp-ports`. This module is the pure part: the spec grammar and the table of
-//! forwards. The I/O shell binds one listening socket per forward at start-up (all or
-//! nothing: a port that cannot be bound stops start-up before anything runs, and the sockets
-//! already bound are closed with the error), accepts connections / receives datagrams, and
-//! hands them to the engine, which opens a flow whose **target is the guest** and whose
-//! initiator is the real client: the guest sees the connection or datagram arrive from the
-//! client's own address and port, not from the gateway.
+//! Port forwarding specs: pasta's `-t/--tcp-ports` and `-u/--udp-ports` (host →
+//! namespace), `-T/--tcp-ns` and `-U/--udp-ns` (namespace loopback → host loopback), and
+//! `--remote-forward`. This module is the pure part: the grammars, the port maps they give,
+//! and the parser of `/proc/net` socket tables that `auto` reads. The table of forwards and
+//! its changes at run time are `control`'s; the I/O shell binds the sockets (all or nothing:
+//! a port that cannot be bound stops start-up, or the API request, before anything runs, and
+//! the sockets already bound are closed with the error), accepts connections / receives
+//! datagrams, and hands `-t`/`-u` clients to the engine, which opens a flow whose **target is
+//! the guest** and whose initiator is the real client: the guest sees the connection or
+//! datagram arrive from the client's own address and port, not from the gateway.
 //!
 //! ## Grammar (pasta's)
 //!

@@ -60,20 +60,18 @@ fn run(args: Args) -> Result<ExitCode> {
             Err(err) => warn!("{err:#}"),
         }
     }
-    let tcp = if cfg.all.contains(&Kind::Tcp) {
-        let (listeners, bound) = io::bind_best_effort(&cfg.tcp_forwards, false)?;
-        cfg.tcp_forwards = bound;
-        listeners
-    } else {
-        io::bind_forwards(&cfg.tcp_forwards, &[])?
+    // `all` binds what it can and keeps the ports it got; a list is all or nothing.
+    let bind = |maps: &mut Vec<forwarder::forward::PortMap>, kind: Kind| {
+        if cfg.all.contains(&kind) {
+            let (listeners, bound) = io::bind_best_effort(maps, kind.is_udp())?;
+            *maps = bound;
+            Ok::<_, anyhow::Error>(listeners)
+        } else {
+            io::bind_forwards(maps, kind.is_udp())
+        }
     };
-    let udp = if cfg.all.contains(&Kind::Udp) {
-        let (listeners, bound) = io::bind_best_effort(&cfg.udp_forwards, true)?;
-        cfg.udp_forwards = bound;
-        listeners
-    } else {
-        io::bind_forwards(&[], &cfg.udp_forwards)?
-    };
+    let tcp = bind(&mut cfg.tcp_forwards, Kind::Tcp)?;
+    let udp = bind(&mut cfg.udp_forwards, Kind::Udp)?;
     for m in &cfg.tcp_forwards {
         debug!(listen = m.listen, to = m.to, bind = ?m.bind, "forwarding tcp");
     }
@@ -123,11 +121,8 @@ fn run(args: Args) -> Result<ExitCode> {
     };
     let (mut ns_tcp, mut ns_udp) = (Vec::new(), Vec::new());
     for (fd, to, udp) in ns_listeners {
-        if udp {
-            ns_udp.push(io::Listener::namespace_udp(fd, to));
-        } else {
-            ns_tcp.push(io::Listener::namespace_tcp(fd, to));
-        }
+        let list = if udp { &mut ns_udp } else { &mut ns_tcp };
+        list.push(io::Listener::namespace(fd, to, udp));
     }
     let mut guest = Vec::new();
     if let Some(v4) = &cfg.network.ipv4 {

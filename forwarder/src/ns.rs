@@ -95,13 +95,7 @@ impl PendingCommand {
 ///
 /// The failing step, with the child's own error chain when it failed inside the namespace.
 pub fn setup(cfg: &Config) -> Result<Namespace> {
-    let (ours, theirs) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .context("create socketpair")?;
+    let (ours, theirs) = seqpacket_pair()?;
     match sys::fork_single_threaded().context("fork the namespace helper")? {
         ForkResult::Child => {
             drop(ours);
@@ -325,6 +319,18 @@ fn receive(sock: &OwnedFd) -> Result<(OwnedFd, Vec<OwnedFd>)> {
     }
 }
 
+/// The parent's and the child's ends of a message channel (`SOCK_SEQPACKET`: one `write`
+/// is one message).
+fn seqpacket_pair() -> Result<(OwnedFd, OwnedFd)> {
+    socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .context("create socketpair")
+}
+
 /// One message of at most `size` bytes and the descriptors it carries (at most
 /// [`MAX_PASSED_FDS`]), each adopted as an `OwnedFd`.
 fn recv_with_fds(sock: &OwnedFd, size: usize) -> Result<(Vec<u8>, Vec<OwnedFd>)> {
@@ -429,13 +435,7 @@ impl Agent {
     ///
     /// When the fork fails, or the agent cannot join the namespaces (its error chain).
     pub fn start(userns: Option<&Path>, netns: &Path) -> Result<Self> {
-        let (ours, theirs) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .context("create socketpair")?;
+        let (ours, theirs) = seqpacket_pair()?;
         let _ = nix::sys::socket::setsockopt(
             &theirs,
             nix::sys::socket::sockopt::SndBuf,

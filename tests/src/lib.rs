@@ -288,6 +288,18 @@ fn kill_all_in(ns: &str) {
         .status();
 }
 
+/// Runs `forwarder ctl --api-socket API ARGS…` against a running forwarder.
+#[must_use]
+pub fn ctl(api: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(forwarder_bin())
+        .arg("ctl")
+        .arg("--api-socket")
+        .arg(api)
+        .args(args)
+        .output()
+        .expect("run forwarder ctl")
+}
+
 /// Extra forwarder arguments for a whole test run, from `FORWARDER_TEST_ARGS` (split on
 /// spaces): `cargo xtask run-integration` runs the foundation tests a second time with
 /// `--ebpf`, so everything they check must hold in that mode too.

@@ -6,23 +6,13 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use forwarder_tests::{World, forwarder_bin, privileged, read, scripts, text};
+use forwarder_tests::{World, ctl, privileged, read, scripts, text};
 
 fn script(name: &str) -> String {
     scripts().join(name).display().to_string()
-}
-
-fn ctl(api: &Path, args: &[&str]) -> Output {
-    Command::new(forwarder_bin())
-        .arg("ctl")
-        .arg("--api-socket")
-        .arg(api)
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 /// One raw request on the API socket, as slirp4netns' clients send it.

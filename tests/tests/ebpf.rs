@@ -13,13 +13,7 @@ use std::time::{Duration, Instant};
 use forwarder_tests::{World, forwarder_bin, privileged, read, text};
 
 fn stats(api: &Path) -> String {
-    let out = Command::new(forwarder_bin())
-        .args(["ctl", "--api-socket"])
-        .arg(api)
-        .arg("stats")
-        .output()
-        .unwrap();
-    text(&out.stdout)
+    text(&forwarder_tests::ctl(api, &["stats"]).stdout)
 }
 
 fn value(stats: &str, name: &str) -> u64 {

@@ -82,6 +82,14 @@ pub fn ensure_toolchain() -> Result<()> {
     Ok(())
 }
 
+/// [`ensure_toolchain`], not fatal: without the toolchain the agent builds without eBPF
+/// support, so a failure is said and the task goes on.
+pub fn ensure_toolchain_or_say() {
+    if let Err(err) = ensure_toolchain() {
+        println!("xtask: eBPF toolchain unavailable, building without eBPF support: {err:#}");
+    }
+}
+
 fn linker_works() -> bool {
     Command::new("bpf-linker")
         .arg("--version")

@@ -59,9 +59,7 @@ fn main() -> ExitCode {
 /// The main job: the eBPF toolchain if it can be had (not fatal), then forwarder itself,
 /// release build, with `args` (a leading `--` is dropped).
 fn run_forwarder(args: &[String]) -> Result<()> {
-    if let Err(err) = ebpf::ensure_toolchain() {
-        println!("xtask: eBPF toolchain unavailable, building without eBPF support: {err:#}");
-    }
+    ebpf::ensure_toolchain_or_say();
     let args = match args.first().map(String::as_str) {
         Some("--") => args.get(1..).unwrap_or_default(),
         _ => args,
@@ -74,10 +72,7 @@ fn run_forwarder(args: &[String]) -> Result<()> {
 /// Installs missing test tools with apt (root only; otherwise lists what is missing).
 fn setup() -> Result<()> {
     ensure_packages(PACKAGES)?;
-    // Not fatal: without it the agent builds without eBPF support and says so.
-    if let Err(err) = ebpf::ensure_toolchain() {
-        println!("xtask: eBPF toolchain unavailable, building without eBPF support: {err:#}");
-    }
+    ebpf::ensure_toolchain_or_say();
     Ok(())
 }
 

@@ -10,8 +10,8 @@
 //! write everything the engine produced. mio's `Poll` (the epoll wrapper tokio itself is
 //! built on) gives exactly that loop with one registry for the tap and thousands of flow
 //! sockets, no task or channel per packet, and no `Send` bounds on engine state. tokio runs
-//! the control plane (signals, the child process, later the API) and talks to this thread
-//! through a [`Handle`]: a channel plus a mio `Waker`.
+//! the control plane (signals, the child process, the API, `auto`) and talks to this thread
+//! through a [`Handle`]: a channel of [`Command`]s plus a mio `Waker`.
 //!
 //! ## One iteration
 //!
@@ -38,6 +38,16 @@
 //! sockets (`SOCK_DGRAM`, `IPPROTO_ICMP[V6]`); [`ping_sockets_allowed`] probes once at
 //! start-up whether `net.ipv4.ping_group_range` admits this process. `--outbound` /
 //! `--outbound-if` bind TCP and UDP sockets to an address or device.
+//!
+//! ## Forwarded ports
+//!
+//! The control plane binds them and hands them over as one forward with an id
+//! ([`Command::AddForward`]); each socket gets a key (its token minus
+//! [`FIRST_LISTENER_TOKEN`], never reused) and remembers its forward, so
+//! [`Command::RemoveForward`] closes exactly that forward's sockets while accepted
+//! connections, relays and flows go on. `-t` connections and `-u` datagrams go to the engine;
+//! `-T` connections are spliced (`splice`), `-U` datagrams relayed in batches
+//! (`udp_splice`), both to the host's loopback without the engine.
 //!
 //! ## Test hook
 //!
@@ -121,21 +131,31 @@ enum ListenSocket {
 }
 
 impl Listener {
-    /// A `-T` listening socket received from the namespace helper, relaying to host port
-    /// `to`.
+    /// A `-T` listening socket (`udp`: a `-U` socket) bound in the namespace, relaying to
+    /// host port `to`.
     #[must_use]
-    pub fn namespace_tcp(fd: OwnedFd, to: u16) -> Self {
+    pub fn namespace(fd: OwnedFd, to: u16, udp: bool) -> Self {
+        let socket = if udp {
+            ListenSocket::NsUdp(std::net::UdpSocket::from(fd))
+        } else {
+            ListenSocket::NsTcp(std::net::TcpListener::from(fd))
+        };
         Self {
-            socket: ListenSocket::NsTcp(std::net::TcpListener::from(fd)),
+            socket,
             ns_port: to,
         }
     }
 
-    /// A `-U` socket bound in the namespace, relaying to host port `to`.
-    #[must_use]
-    pub fn namespace_udp(fd: OwnedFd, to: u16) -> Self {
+    /// A `-t` listening socket (`udp`: a `-u` socket) bound on the host, forwarding to
+    /// namespace port `to`.
+    fn host(fd: OwnedFd, to: u16, udp: bool) -> Self {
+        let socket = if udp {
+            ListenSocket::Udp(std::net::UdpSocket::from(fd))
+        } else {
+            ListenSocket::Tcp(std::net::TcpListener::from(fd))
+        };
         Self {
-            socket: ListenSocket::NsUdp(std::net::UdpSocket::from(fd)),
+            socket,
             ns_port: to,
         }
     }
@@ -166,36 +186,24 @@ pub fn listen_tcp(addr: SocketAddr) -> std::io::Result<OwnedFd> {
     bound_socket(addr, SockType::Stream, true)
 }
 
-/// Binds every forwarded port, all or nothing: the first port that cannot be bound is the
-/// error, and the sockets bound before it are closed when the partial list is dropped.
+/// Binds the forwarded ports `maps` (UDP with `udp`, else TCP), all or nothing: the first
+/// port that cannot be bound is the error, and the sockets bound before it are closed when
+/// the partial list is dropped.
 ///
 /// # Errors
 ///
 /// Naming the protocol, address and port that failed (e.g. already in use).
-pub fn bind_forwards(
-    tcp: &[crate::forward::PortMap],
-    udp: &[crate::forward::PortMap],
-) -> Result<Vec<Listener>> {
-    let mut out = Vec::new();
-    for (maps, is_udp) in [(tcp, false), (udp, true)] {
-        for m in maps {
-            let name = if is_udp { "udp" } else { "tcp" };
-            let fd = bind_one(m, is_udp).with_context(|| match m.bind {
+pub fn bind_forwards(maps: &[crate::forward::PortMap], udp: bool) -> Result<Vec<Listener>> {
+    let name = if udp { "udp" } else { "tcp" };
+    maps.iter()
+        .map(|m| {
+            let fd = bind_one(m, udp).with_context(|| match m.bind {
                 Some(a) => format!("forward {name} port {} on {a}", m.listen),
                 None => format!("forward {name} port {}", m.listen),
             })?;
-            let socket = if is_udp {
-                ListenSocket::Udp(std::net::UdpSocket::from(fd))
-            } else {
-                ListenSocket::Tcp(std::net::TcpListener::from(fd))
-            };
-            out.push(Listener {
-                socket,
-                ns_port: m.to,
-            });
-        }
-    }
-    Ok(out)
+            Ok(Listener::host(fd, m.to, udp))
+        })
+        .collect()
 }
 
 /// Binds what it can of `maps` (`all`): ports that fail are skipped and counted. Returns
@@ -214,14 +222,7 @@ pub fn bind_best_effort(
     for m in maps {
         match bind_one(m, udp) {
             Ok(fd) => {
-                out.push(Listener {
-                    socket: if udp {
-                        ListenSocket::Udp(std::net::UdpSocket::from(fd))
-                    } else {
-                        ListenSocket::Tcp(std::net::TcpListener::from(fd))
-                    },
-                    ns_port: m.to,
-                });
+                out.push(Listener::host(fd, m.to, udp));
                 bound.push(*m);
             }
             Err(err) if err.raw_os_error() == Some(libc::EMFILE) => {

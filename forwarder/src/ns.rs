@@ -17,7 +17,8 @@
 //! The child `unshare`s a new user and network namespace and asks the parent (`b"U"`) to
 //! write its id maps: only a process in the parent user namespace may map more than its
 //! own id, and root wants the identity map of all ids (so e.g. dhcpcd can still switch to
-//! its own user); unprivileged, the map is `0 → euid`, one id, after `setgroups deny`. The
+//! its own user); unprivileged — or root of a user namespace that cannot map them all
+//! (`unshare -Ur`) — the map is `0 → euid`, one id, after `setgroups deny`. The
 //! parent answers `b"M"`. The child then brings `lo` up, opens the tap,
 //! applies `--config-net`, sends the tap fd over a `SOCK_SEQPACKET` socketpair, waits for
 //! the parent's go byte (sent once the data plane is serving) and `exec`s CMD. It dies
@@ -32,9 +33,17 @@
 //!
 //! ## Messages on the socketpair
 //!
-//! `b"T"` + `SCM_RIGHTS(tap, -T listening sockets…)` on success, `b"E"` + a UTF-8 error chain on failure (shown to
-//! the user as the cause); the parent reaps a failed child and exits non-zero, so nothing
-//! is half-applied from its side. Limit: error text is cut at [`MAX_MESSAGE`] bytes.
+//! `b"T"` + `SCM_RIGHTS(tap, -T/-U sockets…)` on success, `b"E"` + a UTF-8 error chain on
+//! failure (shown to the user as the cause); on a failure the parent kills and reaps the
+//! child (which may be waiting for it) and exits non-zero, so nothing is half-applied from
+//! its side. Limit: error text is cut at [`MAX_MESSAGE`] bytes.
+//!
+//! ## The agent (run time)
+//!
+//! Work needed inside the namespace after start-up — binding `-T`/`-U` ports added through
+//! the API, listing its sockets for `auto` — is done by [`Agent`], a second child forked
+//! while the process still has one thread, which joins the namespace and serves requests on
+//! its own socketpair for the whole run (see its documentation for the messages).
 
 use std::ffi::CString;
 use std::io::IoSlice;

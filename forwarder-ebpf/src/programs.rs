@@ -28,16 +28,38 @@
 //! never per packet.
 #![allow(unsafe_code)]
 
-use aya_ebpf::bindings::{BPF_F_INGRESS, TC_ACT_OK};
+use aya_ebpf::bindings::{
+    BPF_F_INGRESS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH,
+    BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup as FibParams,
+};
 use aya_ebpf::helpers::bpf_redirect;
+use aya_ebpf::helpers::generated::{
+    bpf_csum_diff, bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect_neigh, bpf_redirect_peer,
+};
 use aya_ebpf::macros::{classifier, map};
-use aya_ebpf::maps::{Array, PerCpuArray};
+use aya_ebpf::maps::{Array, HashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::TcContext;
 use aya_log_ebpf::error;
-use forwarder_ebpf::{COUNTERS, Config, Counter, FEAT_ARP, FEAT_NDP};
+use forwarder_ebpf::{
+    COUNTERS, Config, Counter, Event, FEAT_ARP, FEAT_FASTPATH, FEAT_NDP, FlowKey, FlowValue,
+    MAX_FAST_FLOWS, ReverseValue, SEEN_FIN_IN, SEEN_FIN_OUT, SEEN_RST,
+};
 
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// Forward entries: the namespace's 5-tuple → the host address and reserved port.
+/// Written only by userspace (reverse entry first), updated in place here.
+#[map]
+static FLOWS: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(MAX_FAST_FLOWS, 0);
+
+/// Reverse entries: the host's view of the replies → the guest's address and port.
+#[map]
+static REVERSE: HashMap<FlowKey, ReverseValue> = HashMap::with_max_entries(MAX_FAST_FLOWS, 0);
+
+/// FIN and RST seen on fast-path flows, for userspace's lifecycle.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS, 0);
@@ -82,6 +104,12 @@ fn answer(ctx: &TcContext) -> Result<i32, ()> {
     };
     let ethertype: [u8; 2] = read(ctx, 12)?;
     let len = ctx.len() as usize;
+    if cfg.flags & FEAT_FASTPATH != 0
+        && let Some(p) = parse(ctx, ethertype)?
+        && let Some(action) = fast_out(ctx, cfg, &p)?
+    {
+        return Ok(action);
+    }
     if ethertype == [0x08, 0x06] && cfg.flags & FEAT_ARP != 0 && len == ARP_LEN {
         return arp(ctx, cfg);
     }
@@ -222,6 +250,356 @@ fn ndp(ctx: &TcContext, cfg: &Config) -> Result<i32, ()> {
     )?;
     write(ctx, 78, &na_option)?;
     Ok(redirect(cfg, Counter::NdpAnswered))
+}
+
+// ---- The fast path (eBPF part 2) ----
+
+const ETH_IP4: [u8; 2] = [0x08, 0x00];
+const ETH_IP6: [u8; 2] = [0x86, 0xdd];
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
+const IP4_CSUM: usize = 14 + 10;
+
+/// A TCP or UDP packet's 5-tuple and where its fields are.
+struct Parsed {
+    key: FlowKey,
+    /// Offset of the transport header.
+    l4: usize,
+    /// Offset of the transport checksum.
+    csum: usize,
+    /// TCP flags (0 for UDP).
+    flags: u8,
+    /// IP length, for the byte counters.
+    len: u64,
+}
+
+/// Parses an IPv4 (no options, not a fragment) or IPv6 (no extension header) TCP or UDP
+/// packet after a 14-byte Ethernet header; `None` for anything else.
+#[inline(always)]
+fn parse(ctx: &TcContext, ethertype: [u8; 2]) -> Result<Option<Parsed>, ()> {
+    let mut key = FlowKey::default();
+    let (l4, len) = if ethertype == ETH_IP4 {
+        let h: [u8; 20] = read(ctx, 14)?;
+        if h[0] != 0x45 || h[6] & 0x3f != 0 || h[7] != 0 {
+            return Ok(None);
+        }
+        key.proto = h[9];
+        key.family = 4;
+        key.saddr[..4].copy_from_slice(&h[12..16]);
+        key.daddr[..4].copy_from_slice(&h[16..20]);
+        (34, u64::from(u16::from_be_bytes([h[2], h[3]])))
+    } else if ethertype == ETH_IP6 {
+        let h: [u8; 40] = read(ctx, 14)?;
+        if h[0] >> 4 != 6 {
+            return Ok(None);
+        }
+        key.proto = h[6];
+        key.family = 6;
+        key.saddr.copy_from_slice(&h[8..24]);
+        key.daddr.copy_from_slice(&h[24..40]);
+        (54, 40 + u64::from(u16::from_be_bytes([h[4], h[5]])))
+    } else {
+        return Ok(None);
+    };
+    let csum = match key.proto {
+        TCP => l4 + 16,
+        UDP => l4 + 6,
+        _ => return Ok(None),
+    };
+    let ports: [u8; 4] = read(ctx, l4)?;
+    key.sport = [ports[0], ports[1]];
+    key.dport = [ports[2], ports[3]];
+    let flags = if key.proto == TCP {
+        let f: [u8; 1] = read(ctx, l4 + 13)?;
+        f[0]
+    } else {
+        0
+    };
+    Ok(Some(Parsed {
+        key,
+        l4,
+        csum,
+        flags,
+        len,
+    }))
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: a plain helper call.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// The `SEEN_*` bits this packet carries: FIN as `fin`, RST.
+#[inline(always)]
+fn seen(p: &Parsed, fin: u32) -> u32 {
+    let mut bits = 0;
+    if p.flags & TCP_FIN != 0 {
+        bits |= fin;
+    }
+    if p.flags & TCP_RST != 0 {
+        bits |= SEEN_RST;
+    }
+    bits
+}
+
+/// Tells userspace about bits newly set on the flow with forward key `key`.
+#[inline(always)]
+fn report(key: &FlowKey, state: u32) {
+    if EVENTS
+        .output::<Event>(Event { key: *key, state }, 0)
+        .is_err()
+    {
+        count(Counter::EventsLost);
+    }
+}
+
+/// Replaces the address at `off` (4 or 16 bytes) and the port at `port_off`, fixing the
+/// IPv4 header checksum and the transport checksum incrementally (pseudo-header for the
+/// address). Works for GSO and checksum-offloaded packets: the kernel's helpers update only
+/// the pseudo-header part of a partial checksum.
+#[inline(always)]
+fn rewrite(
+    ctx: &TcContext,
+    p: &Parsed,
+    (off, old, new): (usize, &[u8; 16], &[u8; 16]),
+    (port_off, old_port, new_port): (usize, [u8; 2], [u8; 2]),
+) -> Result<(), ()> {
+    let mangled = if p.key.proto == UDP {
+        u64::from(BPF_F_MARK_MANGLED_0)
+    } else {
+        0
+    };
+    if p.key.family == 4 {
+        let (o, n) = (
+            u32::from_ne_bytes([old[0], old[1], old[2], old[3]]),
+            u32::from_ne_bytes([new[0], new[1], new[2], new[3]]),
+        );
+        if o != n {
+            ctx.l4_csum_replace(
+                p.csum,
+                u64::from(o),
+                u64::from(n),
+                u64::from(BPF_F_PSEUDO_HDR) | 4 | mangled,
+            )
+            .map_err(|_| ())?;
+            ctx.l3_csum_replace(IP4_CSUM, u64::from(o), u64::from(n), 4)
+                .map_err(|_| ())?;
+            write(ctx, off, &[new[0], new[1], new[2], new[3]])?;
+        }
+    } else if !same(old, new) {
+        let mut from = words(old);
+        let mut to = words(new);
+        // SAFETY: both buffers are 16 bytes on this program's stack.
+        let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) };
+        if diff < 0 {
+            return Err(());
+        }
+        ctx.l4_csum_replace(
+            p.csum,
+            0,
+            diff as u64,
+            u64::from(BPF_F_PSEUDO_HDR) | mangled,
+        )
+        .map_err(|_| ())?;
+        write(ctx, off, new)?;
+    }
+    if old_port != new_port {
+        ctx.l4_csum_replace(
+            p.csum,
+            u64::from(u16::from_ne_bytes(old_port)),
+            u64::from(u16::from_ne_bytes(new_port)),
+            2 | mangled,
+        )
+        .map_err(|_| ())?;
+        write(ctx, port_off, &new_port)?;
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn words(b: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+        u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+        u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+    ]
+}
+
+/// Offsets of the source address and of the destination address.
+#[inline(always)]
+fn addr_offsets(p: &Parsed) -> (usize, usize) {
+    if p.key.family == 4 {
+        (26, 30)
+    } else {
+        (22, 38)
+    }
+}
+
+/// `tap_egress`, a forward hit: source NAT to the host address and reserved port, then to
+/// the hidden veth (`fwdfp0`), whose host end routes it out.
+fn fast_out(ctx: &TcContext, cfg: &Config, p: &Parsed) -> Result<Option<i32>, ()> {
+    let Some(v) = FLOWS.get_ptr_mut(&p.key) else {
+        return Ok(None);
+    };
+    // SAFETY: a pointer into the map's value for this key, valid for this program run;
+    // concurrent updates of the counters may race (they are statistics).
+    let (nat_addr, nat_port) = unsafe {
+        (*v).last_seen = now();
+        (*v).packets += 1;
+        (*v).bytes += p.len;
+        let bits = seen(p, SEEN_FIN_OUT);
+        if bits & !(*v).state != 0 {
+            (*v).state |= bits;
+            report(&p.key, bits);
+        }
+        ((*v).nat_addr, (*v).nat_port)
+    };
+    let (src, _) = addr_offsets(p);
+    rewrite(
+        ctx,
+        p,
+        (src, &p.key.saddr, &nat_addr),
+        (p.l4, p.key.sport, nat_port),
+    )?;
+    count(Counter::FastOut);
+    // SAFETY: a plain helper call; the kernel checks the interface index.
+    Ok(Some(unsafe { bpf_redirect(cfg.fp_ns_ifindex, 0) as i32 }))
+}
+
+/// TC ingress on the hidden veth's host end: what `tap_egress` sent, routed out of the
+/// host by its FIB (ingress semantics: `forwarding` is on for this device only).
+#[classifier]
+pub fn fp_host_ingress(ctx: TcContext) -> i32 {
+    route_out(&ctx).unwrap_or(TC_ACT_SHOT)
+}
+
+fn route_out(ctx: &TcContext) -> Result<i32, ()> {
+    let Some(cfg) = CONFIG.get(0) else {
+        return Ok(TC_ACT_SHOT);
+    };
+    let ethertype: [u8; 2] = read(ctx, 12)?;
+    let Some(p) = parse(ctx, ethertype)? else {
+        return Ok(TC_ACT_SHOT);
+    };
+    // SAFETY: all-zero is a valid value of this plain C struct.
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    fib.l4_protocol = p.key.proto;
+    fib.sport = u16::from_ne_bytes(p.key.sport);
+    fib.dport = u16::from_ne_bytes(p.key.dport);
+    fib.ifindex = cfg.fp_host_ifindex;
+    if p.key.family == 4 {
+        fib.family = 2;
+        fib.__bindgen_anon_3.ipv4_src = words(&p.key.saddr)[0];
+        fib.__bindgen_anon_4.ipv4_dst = words(&p.key.daddr)[0];
+    } else {
+        fib.family = 10;
+        fib.__bindgen_anon_3.ipv6_src = words(&p.key.saddr);
+        fib.__bindgen_anon_4.ipv6_dst = words(&p.key.daddr);
+    }
+    // SAFETY: the context's skb and a struct of the size passed.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb.cast(),
+            &mut fib,
+            size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    if rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+        let mut eth = [0u8; 12];
+        eth[..6].copy_from_slice(&fib.dmac);
+        eth[6..].copy_from_slice(&fib.smac);
+        write(ctx, 0, &eth)?;
+        // SAFETY: a plain helper call.
+        return Ok(unsafe { bpf_redirect(fib.ifindex, 0) as i32 });
+    }
+    if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+        // SAFETY: a plain helper call; no neighbour parameters.
+        return Ok(unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) as i32 });
+    }
+    count(Counter::FastNoRoute);
+    Ok(TC_ACT_SHOT)
+}
+
+/// TC ingress on every uplink: a reply of a fast-path flow (reverse hit) is translated
+/// back and sent into the namespace through the hidden veth's peer; everything else goes
+/// on to the host's stack untouched.
+#[classifier]
+pub fn uplink_ingress(ctx: TcContext) -> i32 {
+    fast_in(&ctx).unwrap_or(TC_ACT_OK as i32)
+}
+
+fn fast_in(ctx: &TcContext) -> Result<i32, ()> {
+    let Some(cfg) = CONFIG.get(0) else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    if cfg.flags & FEAT_FASTPATH == 0 {
+        return Ok(TC_ACT_OK as i32);
+    }
+    let ethertype: [u8; 2] = read(ctx, 12)?;
+    let Some(p) = parse(ctx, ethertype)? else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    let Some(v) = REVERSE.get_ptr_mut(&p.key) else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    // SAFETY: as in `fast_out`.
+    let (guest_addr, guest_port, guest_mac) = unsafe {
+        (*v).last_seen = now();
+        (*v).packets += 1;
+        (*v).bytes += p.len;
+        let bits = seen(&p, SEEN_FIN_IN);
+        if bits & !(*v).state != 0 {
+            (*v).state |= bits;
+            let fwd = FlowKey {
+                saddr: (*v).guest_addr,
+                daddr: p.key.saddr,
+                sport: (*v).guest_port,
+                dport: p.key.sport,
+                proto: p.key.proto,
+                family: p.key.family,
+                _pad: [0; 2],
+            };
+            report(&fwd, bits);
+        }
+        ((*v).guest_addr, (*v).guest_port, (*v).guest_mac)
+    };
+    let (_, dst) = addr_offsets(&p);
+    rewrite(
+        ctx,
+        &p,
+        (dst, &p.key.daddr, &guest_addr),
+        (p.l4 + 2, p.key.dport, guest_port),
+    )?;
+    let mut eth = [0u8; 12];
+    eth[..6].copy_from_slice(&guest_mac);
+    eth[6..].copy_from_slice(&cfg.gw_mac);
+    write(ctx, 0, &eth)?;
+    count(Counter::FastIn);
+    // SAFETY: a plain helper call; the kernel checks the index and that it is a veth.
+    Ok(unsafe { bpf_redirect_peer(cfg.fp_host_ifindex, 0) as i32 })
+}
+
+/// TC ingress on the hidden veth's namespace end: the replies `uplink_ingress` sent (from
+/// the gateway's MAC) go to the tap's ingress, so the namespace receives them as if
+/// forwarder had written them; nothing else enters here.
+#[classifier]
+pub fn fp_ns_ingress(ctx: TcContext) -> i32 {
+    let Some(cfg) = CONFIG.get(0) else {
+        return TC_ACT_SHOT;
+    };
+    let Ok(src) = read::<6>(&ctx, 6) else {
+        return TC_ACT_SHOT;
+    };
+    if src != cfg.gw_mac {
+        return TC_ACT_SHOT;
+    }
+    // SAFETY: a plain helper call.
+    unsafe { bpf_redirect(cfg.tap_ifindex, BPF_F_INGRESS as u64) as i32 }
 }
 
 #[cfg(not(test))]

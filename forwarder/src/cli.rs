@@ -136,6 +136,11 @@ pub struct Args {
     #[arg(long)]
     pub ebpf: bool,
 
+    /// With --ebpf: seconds a closed fast-path TCP flow keeps its kernel entries and its
+    /// reserved host port (the TIME_WAIT of its two ends) before they are released.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub ebpf_grace: u64,
+
     /// Carry the namespace's flows to GUESTIP:PORT to HOSTIP:HOSTPORT on the host
     /// (repeatable): [tcp|udp://][GUESTIP:]PORT[:HOSTIP:HOSTPORT], IPv6 in brackets. GUESTIP
     /// defaults to the gateway (IPv6 gateway if the spec holds an IPv6 address), HOSTIP to the
@@ -383,6 +388,7 @@ impl Args {
             all,
             api_socket: self.api_socket,
             ebpf: self.ebpf,
+            ebpf_grace: Duration::from_secs(self.ebpf_grace),
         })
     }
 

@@ -50,6 +50,8 @@ pub struct Config {
     pub api_socket: Option<PathBuf>,
     /// `--ebpf`: try the kernel programs.
     pub ebpf: bool,
+    /// `--ebpf-grace`: how long a closed fast-path flow keeps its entries and port.
+    pub ebpf_grace: Duration,
 }
 
 /// The namespace forwarder serves.

@@ -113,6 +113,10 @@ pub trait Plane {
     fn send(&self, cmd: io::Command);
     /// The engine's counters.
     fn stats(&self) -> Option<crate::engine::Stats>;
+    /// Every flow, userspace's and the kernel's.
+    fn flows(&self) -> Option<Vec<io::FlowRow>> {
+        None
+    }
 }
 
 impl Plane for io::Handle {
@@ -123,6 +127,12 @@ impl Plane for io::Handle {
     fn stats(&self) -> Option<crate::engine::Stats> {
         let (tx, rx) = std::sync::mpsc::channel();
         io::Handle::send(self, io::Command::Stats(tx));
+        rx.recv_timeout(Duration::from_secs(2)).ok()
+    }
+
+    fn flows(&self) -> Option<Vec<io::FlowRow>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        io::Handle::send(self, io::Command::Flows(tx));
         rx.recv_timeout(Duration::from_secs(2)).ok()
     }
 }
@@ -153,6 +163,19 @@ impl Control {
     /// The eBPF programs, whose counters join the engine's in `stats`.
     pub fn set_kernel(&mut self, kernel: crate::ebpf::Kernel) {
         self.kernel = Some(kernel);
+    }
+
+    /// Whether the kernel's fast path runs (its uplinks are rescanned).
+    #[must_use]
+    pub fn fast_path(&self) -> bool {
+        self.kernel.as_ref().is_some_and(crate::ebpf::Kernel::fast)
+    }
+
+    /// Keeps the fast path's `uplink_ingress` on exactly these host interfaces.
+    pub fn set_uplinks(&mut self, links: &[(u32, String)]) {
+        if let Some(k) = &mut self.kernel {
+            k.set_uplinks(links);
+        }
     }
 
     /// Records forwards bound at start-up; returns the id for their sockets.
@@ -422,6 +445,12 @@ impl Control {
                     .collect();
                 Ok(json!({ "counters": counters, "forwards": self.entries.len() }))
             }
+            "list_flows" => {
+                let rows = plane
+                    .flows()
+                    .ok_or("list_flows: the data plane did not answer")?;
+                Ok(json!({ "flows": rows.iter().map(flow_json).collect::<Vec<_>>() }))
+            }
             "add_hostfwd" => self.hostfwd_add(plane, &args),
             "list_hostfwd" => Ok(json!({ "entries": self.hostfwd_list() })),
             "remove_hostfwd" => {
@@ -563,6 +592,31 @@ impl Control {
             })
             .collect()
     }
+}
+
+fn flow_json(f: &io::FlowRow) -> Value {
+    let mut v = json!({
+        "id": f.id,
+        "protocol": f.protocol,
+        "guest": f.guest.to_string(),
+        "remote": f.remote.to_string(),
+        "path": f.path,
+        "state": f.state,
+    });
+    if let Some(map) = v.as_object_mut() {
+        if let Some(h) = f.host {
+            map.insert("host".into(), Value::from(h.to_string()));
+        }
+        if let Some(counters) = f.counters {
+            for (name, n) in ["packets_out", "bytes_out", "packets_in", "bytes_in"]
+                .iter()
+                .zip(counters)
+            {
+                map.insert((*name).into(), Value::from(n));
+            }
+        }
+    }
+    v
 }
 
 fn entry_json(e: &Entry) -> Value {

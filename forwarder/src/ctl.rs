@@ -46,6 +46,10 @@ enum Op {
     },
     /// The data plane's counters.
     Stats,
+    /// Every flow: ID, PROTO, PATH (userspace, or kernel for `--ebpf`'s fast path), STATE,
+    /// GUEST, REMOTE, HOST (a kernel flow's host address and reserved port), and a kernel
+    /// flow's packets and bytes out/in.
+    Flows,
     /// Send a raw JSON request and print the reply.
     Raw {
         /// The request, e.g. '{"execute":"list_forwards"}'.
@@ -64,6 +68,7 @@ pub fn main(args: impl Iterator<Item = OsString>) -> ExitCode {
         }
         Op::Remove { id } => json!({"execute": "remove_forward", "arguments": {"id": id}}),
         Op::Stats => json!({"execute": "stats"}),
+        Op::Flows => json!({"execute": "list_flows"}),
         Op::Raw { request } => match serde_json::from_str(request) {
             Ok(v) => v,
             Err(err) => {
@@ -100,6 +105,7 @@ pub fn main(args: impl Iterator<Item = OsString>) -> ExitCode {
                     }
                 }
             }
+            Op::Flows => print_flows(&ret),
             Op::Remove { .. } | Op::Raw { .. } => {}
         }
     }
@@ -148,6 +154,33 @@ fn print_list(ret: &Value) {
             e.get("kind").and_then(Value::as_str).unwrap_or("?"),
             e.get("origin").and_then(Value::as_str).unwrap_or("?"),
             ports.join(",")
+        );
+    }
+}
+
+fn print_flows(ret: &Value) {
+    println!("ID\tPROTO\tPATH\tSTATE\tGUEST\tREMOTE\tHOST\tOUT\tIN");
+    let text = |f: &Value, k: &str| f.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
+    let n = |f: &Value, k: &str| f.get(k).map_or_else(|| "-".to_string(), Value::to_string);
+    for f in ret
+        .get("flows")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        println!(
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}p/{}B\t{}p/{}B",
+            text(f, "id"),
+            text(f, "protocol"),
+            text(f, "path"),
+            text(f, "state"),
+            text(f, "guest"),
+            text(f, "remote"),
+            text(f, "host"),
+            n(f, "packets_out"),
+            n(f, "bytes_out"),
+            n(f, "packets_in"),
+            n(f, "bytes_in"),
         );
     }
 }

@@ -28,14 +28,19 @@
 //! The programs' per-CPU counters are summed into `bpf_*` counters next to the engine's in
 //! the API's `stats` (`forwarder ctl stats`).
 
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::{Array, PerCpuArray};
-use aya::programs::tc::{SchedClassifier, TcAttachOptions, TcAttachType};
+use aya::programs::tc::{SchedClassifier, SchedClassifierLinkId, TcAttachOptions, TcAttachType};
 use aya::programs::{LinkOrder, TestRun, TestRunOptions};
-use forwarder_ebpf::{CONFIG_MAP, Config, Counter, FEAT_ARP, FEAT_NDP, STATS_MAP, TAP_EGRESS};
-use tracing::{debug, info};
+use forwarder_ebpf::{
+    CONFIG_MAP, Config, Counter, EVENTS_MAP, FEAT_ARP, FEAT_FASTPATH, FEAT_NDP, FLOWS_MAP,
+    FP_HOST_INGRESS, FP_NS_INGRESS, REVERSE_MAP, STATS_MAP, TAP_EGRESS, UPLINK_INGRESS,
+};
+use tracing::{debug, info, warn};
 
 use crate::config::{Network, Services};
 
@@ -58,12 +63,16 @@ pub fn object() -> Option<&'static [u8]> {
 /// The message when the object is missing.
 pub const NO_OBJECT: &str = "built without eBPF support (the eBPF toolchain was missing at build time; `cargo xtask ebpf-setup`, then rebuild)";
 
-/// The loaded programs; dropping it detaches them.
+/// The loaded programs; dropping it detaches them (and removes the fast path's veth).
 pub struct Kernel {
     bpf: aya::Ebpf,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// What is active, for the log.
     pub features: Vec<&'static str>,
+    /// The fast path's hidden veth (its host end), when the fast path is on.
+    veth: Option<Veth>,
+    /// Uplinks carrying `uplink_ingress`: index → (name, link).
+    uplinks: HashMap<u32, (String, SchedClassifierLinkId)>,
 }
 
 impl std::fmt::Debug for Kernel {
@@ -71,6 +80,76 @@ impl std::fmt::Debug for Kernel {
         f.debug_struct("Kernel")
             .field("features", &self.features)
             .finish_non_exhaustive()
+    }
+}
+
+/// What the data plane needs to run the fast path (see `fastpath`).
+#[derive(Debug)]
+pub struct FastMaps {
+    /// `FLOWS`.
+    pub flows: aya::maps::Map,
+    /// `REVERSE`.
+    pub reverse: aya::maps::Map,
+    /// `EVENTS`.
+    pub events: aya::maps::Map,
+    /// `AF_PACKET` socket on the tap, in the namespace: re-injects a flow's first frame.
+    pub inject: OwnedFd,
+}
+
+/// The hidden veth's host end. Deleted on drop; if forwarder dies without dropping it
+/// (`kill -9`), its reaper — a child waiting for the end of a pipe only forwarder holds —
+/// deletes it.
+struct Veth {
+    host: String,
+    index: u32,
+    reaper: Option<(std::process::Child, OwnedFd)>,
+}
+
+impl Drop for Veth {
+    fn drop(&mut self) {
+        if let Err(err) = crate::netconf::delete_link(&self.host) {
+            warn!("removing the fast path's veth {}: {err:#}", self.host);
+        }
+        if let Some((mut child, pipe)) = self.reaper.take() {
+            drop(pipe);
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Starts `forwarder reap-link NAME`: it deletes NAME when its standard input ends, i.e.
+/// when forwarder is gone, however it went.
+fn reaper(name: &str) -> Result<(std::process::Child, OwnedFd)> {
+    use std::os::unix::process::CommandExt;
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
+    let child = std::process::Command::new("/proc/self/exe")
+        .args(["reap-link", name])
+        .stdin(std::process::Stdio::from(read))
+        .stdout(std::process::Stdio::null())
+        // Its own process group: a terminal's ^C is forwarder's to handle, not the reaper's.
+        .process_group(0)
+        .spawn()
+        .context("start the veth reaper")?;
+    Ok((child, write))
+}
+
+/// `forwarder reap-link NAME` (internal): waits for standard input to end, then deletes
+/// the interface NAME of this namespace.
+#[must_use]
+pub fn reap_main(args: impl Iterator<Item = std::ffi::OsString>) -> std::process::ExitCode {
+    use std::io::Read;
+    let args: Vec<_> = args.collect();
+    let Some(name) = args.get(1).and_then(|a| a.to_str()) else {
+        return std::process::ExitCode::from(2);
+    };
+    let mut sink = [0u8; 64];
+    while std::io::stdin().read(&mut sink).is_ok_and(|n| n > 0) {}
+    match crate::netconf::delete_link(name) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("forwarder reap-link: {err:#}");
+            std::process::ExitCode::from(1)
+        }
     }
 }
 
@@ -97,6 +176,16 @@ pub fn config(net: &Network, services: &Services) -> Config {
     cfg
 }
 
+/// Why `--ebpf` cannot work here, judged before trying (no object, no privileges); `None`
+/// when it may (the load decides).
+#[must_use]
+pub fn precheck() -> Option<String> {
+    if object().is_none() {
+        return Some(NO_OBJECT.into());
+    }
+    privilege_problem()
+}
+
 /// Why this process cannot use eBPF, judged before trying (a pre-filter: the load decides).
 fn privilege_problem() -> Option<String> {
     use caps::{CapSet, Capability, has_cap};
@@ -119,7 +208,7 @@ fn privilege_problem() -> Option<String> {
     None
 }
 
-/// Loads the object and fills its configuration map.
+/// Loads the object, fills its configuration map and verifies `tap_egress`.
 fn load(cfg: &Config) -> Result<aya::Ebpf> {
     let object = object().ok_or_else(|| anyhow!(NO_OBJECT))?;
     let mut bpf = aya::EbpfLoader::new().load(object).map_err(|e| {
@@ -130,26 +219,80 @@ fn load(cfg: &Config) -> Result<aya::Ebpf> {
             anyhow!("loading the programs failed: {text}")
         }
     })?;
+    write_config(&mut bpf, cfg)?;
+    classifier(&mut bpf, TAP_EGRESS)?
+        .load()
+        .context("verify the tap egress program")?;
+    Ok(bpf)
+}
+
+fn write_config(bpf: &mut aya::Ebpf, cfg: &Config) -> Result<()> {
     let mut map: Array<_, Config> = Array::try_from(
         bpf.map_mut(CONFIG_MAP)
             .ok_or_else(|| anyhow!("no {CONFIG_MAP} map in the object"))?,
     )?;
-    map.set(0, *cfg, 0).context("write the configuration map")?;
-    let program: &mut SchedClassifier = bpf
-        .program_mut(TAP_EGRESS)
-        .ok_or_else(|| anyhow!("no {TAP_EGRESS} program in the object"))?
-        .try_into()?;
-    program.load().context("verify the tap egress program")?;
-    Ok(bpf)
+    map.set(0, *cfg, 0).context("write the configuration map")
+}
+
+fn classifier<'a>(bpf: &'a mut aya::Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {
+    Ok(bpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("no {name} program in the object"))?
+        .try_into()?)
+}
+
+/// Attaches program `name` to `iface` (in the calling thread's namespace), first in line.
+fn attach(
+    bpf: &mut aya::Ebpf,
+    name: &str,
+    iface: &str,
+    kind: TcAttachType,
+    tcx: bool,
+) -> Result<SchedClassifierLinkId> {
+    let program = classifier(bpf, name)?;
+    if tcx {
+        program
+            .attach_with_options(iface, kind, TcAttachOptions::TcxOrder(LinkOrder::first()))
+            .with_context(|| format!("attach {name} to {iface} (TCX)"))
+    } else {
+        let _ = aya::programs::tc::qdisc_add_clsact(iface);
+        program
+            .attach(iface, kind)
+            .with_context(|| format!("attach {name} to {iface} (netlink TC)"))
+    }
+}
+
+/// The fast path's part inside the namespace: the veth end hidden and its program, the
+/// re-injection socket.
+fn fast_in_namespace(bpf: &mut aya::Ebpf, peer: &str, tap_index: u32) -> Result<(u32, OwnedFd)> {
+    for name in [FP_NS_INGRESS, FP_HOST_INGRESS, UPLINK_INGRESS] {
+        classifier(bpf, name)?
+            .load()
+            .with_context(|| format!("verify {name}"))?;
+    }
+    attach(bpf, FP_NS_INGRESS, peer, TcAttachType::Ingress, true)?;
+    let inject = crate::sys::packet_socket(tap_index).context("open the re-injection socket")?;
+    let index = nix::net::if_::if_nametoindex(peer)
+        .with_context(|| format!("find {peer} in the namespace"))?;
+    Ok((index, inject))
 }
 
 /// Loads the programs and attaches them to `tap` inside the namespace at `netns`, or says
-/// why not (the caller stays in userspace and logs the reason).
+/// why not (the caller stays in userspace and logs the reason). With `fast`, also the
+/// flow fast path: the hidden veth pair, its programs, and `uplink_ingress` on the host's
+/// Ethernet interfaces; when that part fails, ARP and NDP stay in the kernel and the log
+/// says why the fast path is off.
 ///
 /// # Errors
 ///
 /// The first link of the fallback chain that fails, as one sentence.
-pub fn start(netns: &Path, tap: &str, net: &Network, services: &Services) -> Result<Kernel> {
+pub fn start(
+    netns: &Path,
+    tap: &str,
+    net: &Network,
+    services: &Services,
+    fast: bool,
+) -> Result<(Kernel, Option<FastMaps>)> {
     if object().is_none() {
         bail!(NO_OBJECT);
     }
@@ -157,76 +300,210 @@ pub fn start(netns: &Path, tap: &str, net: &Network, services: &Services) -> Res
         bail!(why);
     }
     let mut cfg = config(net, services);
-    if cfg.flags == 0 {
+    if cfg.flags == 0 && !fast {
         bail!("nothing to do in the kernel: ARP and NDP are both off");
     }
     let tcx = aya::util::KernelVersion::current()
         .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
     let netns_fd = std::fs::File::open(netns)
         .with_context(|| format!("open the namespace {}", netns.display()))?;
-    // A thread of our own enters the namespace: the interface name and index resolve there,
-    // and the rest of the process stays where it is. The configuration needs the index, so
-    // the programs are loaded there too.
-    let attached: Result<(aya::Ebpf, u32)> = std::thread::scope(|s| {
-        s.spawn(|| -> Result<(aya::Ebpf, u32)> {
+    // The veth first, from here (forwarder's namespace); its peer moves into the namespace.
+    let mut fast_off: Option<String> = None;
+    let mut veth = None;
+    let pid = std::process::id();
+    let (host_end, peer) = (format!("fwdfp{pid}"), format!("fwdns{pid}"));
+    if fast && !tcx {
+        fast_off = Some("needs TCX links (Linux 6.6): netlink filters on the uplinks would outlive a killed forwarder".into());
+    } else if fast {
+        let made =
+            crate::netconf::create_veth(&host_end, &peer, u32::from(net.mtu), netns_fd.as_raw_fd())
+                .and_then(|index| {
+                    let reaper = reaper(&host_end);
+                    Ok(Veth {
+                        host: host_end.clone(),
+                        index,
+                        reaper: Some(reaper?),
+                    })
+                });
+        match made {
+            Ok(v) => veth = Some(v),
+            Err(err) => {
+                let _ = crate::netconf::delete_link(&host_end);
+                fast_off = Some(format!("{err:#}"));
+            }
+        }
+    }
+    // A thread of our own enters the namespace: interface names and indexes resolve there,
+    // and the rest of the process stays where it is. The configuration needs the indexes,
+    // so the programs are loaded there too.
+    type Attached = (aya::Ebpf, u32, Option<Result<OwnedFd>>);
+    let attached: Result<Attached> = std::thread::scope(|s| {
+        s.spawn(|| -> Result<Attached> {
             nix::sched::setns(&netns_fd, nix::sched::CloneFlags::CLONE_NEWNET)
                 .context("enter the namespace to attach")?;
             let ifindex = nix::net::if_::if_nametoindex(tap)
                 .with_context(|| format!("find {tap} in the namespace"))?;
             cfg.tap_ifindex = ifindex;
+            let peer_index = match &veth {
+                Some(v) => match crate::netconf::hide_veth_end(&peer) {
+                    Ok(i) => {
+                        cfg.fp_ns_ifindex = i;
+                        cfg.fp_host_ifindex = v.index;
+                        cfg.flags |= FEAT_FASTPATH;
+                        Some(Ok(i))
+                    }
+                    Err(err) => Some(Err(err)),
+                },
+                None => None,
+            };
             let mut bpf = load(&cfg)?;
-            let program: &mut SchedClassifier = bpf
-                .program_mut(TAP_EGRESS)
-                .ok_or_else(|| anyhow!("no {TAP_EGRESS} program"))?
-                .try_into()?;
-            if tcx {
-                program
-                    .attach_with_options(
-                        tap,
-                        TcAttachType::Egress,
-                        TcAttachOptions::TcxOrder(LinkOrder::first()),
-                    )
-                    .context("attach to the tap's egress (TCX)")?;
-            } else {
-                let _ = aya::programs::tc::qdisc_add_clsact(tap);
-                program
-                    .attach(tap, TcAttachType::Egress)
-                    .context("attach to the tap's egress (netlink TC)")?;
-            }
-            Ok((bpf, ifindex))
+            attach(&mut bpf, TAP_EGRESS, tap, TcAttachType::Egress, tcx)
+                .context("attach to the tap's egress")?;
+            let inject = peer_index.map(|r| {
+                r.and_then(|_| fast_in_namespace(&mut bpf, &peer, ifindex).map(|(_, fd)| fd))
+            });
+            Ok((bpf, ifindex, inject))
         })
         .join()
         .map_err(|_| anyhow!("the attaching thread panicked"))?
     });
-    let (mut bpf, ifindex) = attached?;
-    let logger = match aya_log::EbpfLogger::init(&mut bpf) {
+    let (bpf, ifindex, inject) = attached?;
+    let mut kernel = Kernel {
+        bpf,
+        logger: None,
+        features: Vec::new(),
+        veth: None,
+        uplinks: HashMap::new(),
+    };
+    let mut maps = None;
+    match inject {
+        Some(Ok(inject)) => match kernel.start_host_side(veth.take(), inject) {
+            Ok(m) => maps = Some(m),
+            Err(err) => fast_off = Some(format!("{err:#}")),
+        },
+        Some(Err(err)) => fast_off = Some(format!("{err:#}")),
+        None => {}
+    }
+    if maps.is_none() && cfg.flags & FEAT_FASTPATH != 0 {
+        // Whatever was attached for it stays inert.
+        cfg.flags &= !FEAT_FASTPATH;
+        write_config(&mut kernel.bpf, &cfg)?;
+        kernel.veth = None;
+    }
+    drop(veth);
+    kernel.logger = match aya_log::EbpfLogger::init(&mut kernel.bpf) {
         Ok(l) => Some(l),
         Err(err) => {
             debug!(%err, "eBPF log unavailable");
             None
         }
     };
-    let mut features = Vec::new();
     if cfg.flags & FEAT_ARP != 0 {
-        features.push("ARP");
+        kernel.features.push("ARP");
     }
     if cfg.flags & FEAT_NDP != 0 {
-        features.push("NDP");
+        kernel.features.push("NDP");
+    }
+    if maps.is_some() {
+        kernel.features.push("fast path");
+    }
+    if let Some(why) = fast_off {
+        warn!("--ebpf: fast path off, flows stay in userspace: {why}");
     }
     info!(
         tap, ifindex,
         link = if tcx { "TCX" } else { "netlink TC (stays attached if forwarder is killed)" },
-        active = ?features,
-        "eBPF: answering in TC egress on the tap"
+        active = ?kernel.features,
+        uplinks = ?kernel.uplinks.values().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        "eBPF: programs attached"
     );
-    Ok(Kernel {
-        bpf,
-        logger,
-        features,
-    })
+    Ok((kernel, maps))
 }
 
 impl Kernel {
+    /// The fast path's host side: the veth's host end and the uplinks get their programs;
+    /// the maps the data plane needs are taken out.
+    fn start_host_side(&mut self, veth: Option<Veth>, inject: OwnedFd) -> Result<FastMaps> {
+        let veth = veth.ok_or_else(|| anyhow!("no veth"))?;
+        attach(
+            &mut self.bpf,
+            FP_HOST_INGRESS,
+            &veth.host,
+            TcAttachType::Ingress,
+            true,
+        )?;
+        self.veth = Some(veth);
+        let links = crate::netconf::ether_links().context("list the host's interfaces")?;
+        self.set_uplinks(&links);
+        if self.uplinks.is_empty() {
+            bail!("no Ethernet interface to attach {UPLINK_INGRESS} to");
+        }
+        let mut take = |name: &str| {
+            self.bpf
+                .take_map(name)
+                .ok_or_else(|| anyhow!("no {name} map in the object"))
+        };
+        Ok(FastMaps {
+            flows: take(FLOWS_MAP)?,
+            reverse: take(REVERSE_MAP)?,
+            events: take(EVENTS_MAP)?,
+            inject,
+        })
+    }
+
+    /// Keeps `uplink_ingress` on exactly the host's Ethernet interfaces `links` (as
+    /// `(index, name)`), except forwarder's own veths: attaches to new ones, forgets gone
+    /// ones. Called at start and at every rescan of the host's routes.
+    pub fn set_uplinks(&mut self, links: &[(u32, String)]) {
+        let Some(own) = self.veth.as_ref().map(|v| v.index) else {
+            return;
+        };
+        let wanted: Vec<&(u32, String)> = links
+            .iter()
+            .filter(|(i, n)| *i != own && !n.starts_with("fwdfp"))
+            .collect();
+        let gone: Vec<u32> = self
+            .uplinks
+            .keys()
+            .filter(|i| !wanted.iter().any(|(w, _)| w == *i))
+            .copied()
+            .collect();
+        for index in gone {
+            if let Some((name, link)) = self.uplinks.remove(&index)
+                && let Ok(p) = classifier(&mut self.bpf, UPLINK_INGRESS)
+            {
+                let _ = p.detach(link);
+                info!(uplink = %name, "eBPF: uplink gone");
+            }
+        }
+        for (index, name) in wanted {
+            if self.uplinks.contains_key(index) {
+                continue;
+            }
+            match attach(
+                &mut self.bpf,
+                UPLINK_INGRESS,
+                name,
+                TcAttachType::Ingress,
+                true,
+            ) {
+                Ok(link) => {
+                    debug!(uplink = %name, "eBPF: uplink_ingress attached");
+                    self.uplinks.insert(*index, (name.clone(), link));
+                }
+                Err(err) => {
+                    warn!("--ebpf: fast path replies on {name} stay with the host: {err:#}")
+                }
+            }
+        }
+    }
+
+    /// Whether the fast path runs.
+    #[must_use]
+    pub fn fast(&self) -> bool {
+        self.veth.is_some()
+    }
+
     /// The programs' counters, summed over CPUs, as `(name, value)`.
     #[must_use]
     pub fn counters(&mut self) -> Vec<(String, u64)> {

@@ -28,6 +28,9 @@ fn main() -> ExitCode {
     {
         return forwarder::ebpf::status_main(std::env::args_os().skip(1));
     }
+    if std::env::args_os().nth(1).is_some_and(|a| a == "reap-link") {
+        return forwarder::ebpf::reap_main(std::env::args_os().skip(1));
+    }
     let args = Args::parse();
     if let Err(err) = init_logging(&args) {
         eprintln!("forwarder: {err:#}");
@@ -86,6 +89,21 @@ fn run(args: Args) -> Result<ExitCode> {
         );
     }
     let api = cfg.api_socket.as_deref().map(api_listener).transpose()?;
+    if cfg.ebpf && forwarder::ebpf::precheck().is_none() {
+        // The fast path hands the namespace's packets to the uplink as they are.
+        match netconf::uplink_mtu() {
+            Ok(Some(uplink)) if u32::from(cfg.network.mtu) > uplink => {
+                info!(
+                    from = cfg.network.mtu,
+                    to = uplink,
+                    "--ebpf: the tap's MTU is capped to the uplink's"
+                );
+                cfg.network.mtu = u16::try_from(uplink).unwrap_or(cfg.network.mtu);
+            }
+            Ok(_) => {}
+            Err(err) => debug!("reading the uplink's MTU: {err:#}"),
+        }
+    }
     let ns::Namespace {
         tap,
         ns_listeners,
@@ -108,17 +126,32 @@ fn run(args: Args) -> Result<ExitCode> {
     } else {
         None
     };
-    let kernel = if cfg.ebpf {
-        match forwarder::ebpf::start(&netns, &cfg.ifname, &cfg.network, &cfg.services) {
-            Ok(k) => Some(k),
+    let (kernel, fast_maps) = if cfg.ebpf {
+        match forwarder::ebpf::start(&netns, &cfg.ifname, &cfg.network, &cfg.services, true) {
+            Ok((k, maps)) => (Some(k), maps),
             Err(err) => {
                 warn!("--ebpf: staying in userspace: {err:#}");
-                None
+                (None, None)
             }
         }
     } else {
-        None
+        (None, None)
     };
+    let fast = fast_maps
+        .map(|maps| {
+            forwarder::fastpath::FastPath::new(
+                maps,
+                forwarder::fastpath::Settings {
+                    grace: cfg.ebpf_grace,
+                    udp_idle: cfg.io.udp_idle,
+                    source4: cfg.io.outbound.v4,
+                    source6: cfg.io.outbound.v6,
+                    bound_to_device: cfg.io.outbound.iface.is_some(),
+                },
+                Instant::now(),
+            )
+        })
+        .transpose()?;
     let (mut ns_tcp, mut ns_udp) = (Vec::new(), Vec::new());
     for (fd, to, udp) in ns_listeners {
         let list = if udp { &mut ns_udp } else { &mut ns_tcp };
@@ -161,7 +194,7 @@ fn run(args: Args) -> Result<ExitCode> {
         translation,
         Instant::now(),
     );
-    let plane = io::spawn(tap, engine, cfg.io.clone(), forwards)?;
+    let plane = io::spawn(tap, engine, cfg.io.clone(), forwards, fast)?;
     let child = command.map(ns::PendingCommand::release).transpose()?;
     info!(tap = %cfg.ifname, "forwarding");
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -325,6 +358,13 @@ async fn supervise(
                     Ok(Ok(local)) => plane.send(io::Command::SetLocalPrefixes(local)),
                     Ok(Err(err)) => debug!("rescanning local routes failed: {err:#}"),
                     Err(_) => {}
+                }
+                if control.fast_path() {
+                    match tokio::task::spawn_blocking(netconf::ether_links).await {
+                        Ok(Ok(links)) => control.set_uplinks(&links),
+                        Ok(Err(err)) => debug!("rescanning links failed: {err:#}"),
+                        Err(_) => {}
+                    }
                 }
             }
             _ = tick.tick() => {

@@ -23,8 +23,9 @@ use anyhow::{Context, Result, anyhow};
 use futures::TryStreamExt;
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressScope};
+use rtnetlink::packet_route::link::{LinkAttribute, LinkLayerType};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
-use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 use crate::config::Network;
 use crate::plan::HostInfo;
@@ -279,6 +280,159 @@ async fn addresses(handle: &Handle, index: u32) -> Result<Vec<(IpAddr, u8)>> {
         }
     }
     Ok(out)
+}
+
+/// The MTU of the interface the default route leaves through (IPv4's, else IPv6's), if
+/// there is a default route: in `--ebpf` mode the tap's MTU is capped to it, because the
+/// fast path hands the namespace's packets to that interface as they are.
+///
+/// # Errors
+///
+/// When netlink cannot be opened or queried.
+pub fn uplink_mtu() -> Result<Option<u32>> {
+    block_on(async {
+        let handle = connect()?;
+        let mut oif = default_route(&handle, AddressFamily::Inet).await?;
+        if oif.is_none() {
+            oif = default_route(&handle, AddressFamily::Inet6).await?;
+        }
+        let Some((index, _)) = oif else {
+            return Ok(None);
+        };
+        let link = handle
+            .link()
+            .get()
+            .match_index(index)
+            .execute()
+            .try_next()
+            .await
+            .context("look up the default route's interface")?;
+        Ok(link.and_then(|l| {
+            l.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Mtu(m) => Some(*m),
+                _ => None,
+            })
+        }))
+    })
+}
+
+/// The Ethernet interfaces of this namespace, `(index, name)`: where the fast path's
+/// replies can arrive (`lo` and other link types excluded).
+///
+/// # Errors
+///
+/// When netlink cannot be opened or queried.
+pub fn ether_links() -> Result<Vec<(u32, String)>> {
+    block_on(async {
+        let handle = connect()?;
+        let mut links = handle.link().get().execute();
+        let mut out = Vec::new();
+        while let Some(l) = links.try_next().await.context("dump links")? {
+            if l.header.link_layer_type != LinkLayerType::Ether {
+                continue;
+            }
+            let name = l.attributes.iter().find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some(n.clone()),
+                _ => None,
+            });
+            if let Some(name) = name {
+                out.push((l.header.index, name));
+            }
+        }
+        Ok(out)
+    })
+}
+
+/// Creates the fast path's hidden veth pair in this namespace: `host` (up, `forwarding` on
+/// for this device only, no IPv6 link-local address) stays, `peer` moves into the
+/// namespace `netns`. Both get `mtu`. Returns `host`'s index.
+///
+/// # Errors
+///
+/// The failing step, naming the interface.
+pub fn create_veth(host: &str, peer: &str, mtu: u32, netns: std::os::fd::RawFd) -> Result<u32> {
+    block_on(async {
+        let handle = connect()?;
+        handle
+            .link()
+            .add(LinkVeth::new(host, peer).mtu(mtu).build())
+            .execute()
+            .await
+            .with_context(|| format!("create the veth pair {host}/{peer}"))?;
+        let index = link_index(&handle, host).await?;
+        let peer_index = link_index(&handle, peer).await?;
+        for (path, value) in [
+            (format!("/proc/sys/net/ipv6/conf/{host}/addr_gen_mode"), "1"),
+            (format!("/proc/sys/net/ipv4/conf/{host}/forwarding"), "1"),
+            (format!("/proc/sys/net/ipv6/conf/{host}/forwarding"), "1"),
+        ] {
+            // IPv6 may be off on this host; the IPv4 switch is required.
+            if let Err(err) = std::fs::write(&path, value)
+                && path.contains("ipv4")
+            {
+                return Err(err).with_context(|| format!("write {path}"));
+            }
+        }
+        handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(peer_index)
+                    .setns_by_fd(netns)
+                    .build(),
+            )
+            .execute()
+            .await
+            .with_context(|| format!("move {peer} into the namespace"))?;
+        handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .with_context(|| format!("bring {host} up"))?;
+        Ok(index)
+    })
+}
+
+/// In the namespace: brings the veth end `name` up without ARP and without IPv6 (it only
+/// carries the fast path's packets, which its programs redirect). Returns its index.
+///
+/// # Errors
+///
+/// The failing step, naming the interface.
+pub fn hide_veth_end(name: &str) -> Result<u32> {
+    // Before the link is up: no link-local address, no DAD, no router solicitations.
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+    block_on(async {
+        let handle = connect()?;
+        let index = link_index(&handle, name).await?;
+        handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).arp(false).up().build())
+            .execute()
+            .await
+            .with_context(|| format!("bring {name} up"))?;
+        Ok(index)
+    })
+}
+
+/// Deletes the interface `name` of this namespace; a missing one is not an error.
+///
+/// # Errors
+///
+/// When netlink cannot be opened or the deletion fails otherwise.
+pub fn delete_link(name: &str) -> Result<()> {
+    block_on(async {
+        let handle = connect()?;
+        let Ok(index) = link_index(&handle, name).await else {
+            return Ok(());
+        };
+        handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .with_context(|| format!("delete {name}"))
+    })
 }
 
 /// The kernel's main routing table (RT_TABLE_MAIN).

@@ -146,6 +146,13 @@ pub trait Host {
     /// Makes `flow`'s datagrams go out through forwarded-port socket `listener` to `peer`
     /// (the client whose datagram opened the flow).
     fn udp_reply_via(&mut self, flow: FlowId, listener: usize, peer: SocketAddr);
+    /// Offers the first packet of flow `key` (a TCP SYN or a first UDP datagram, to a
+    /// destination the policy passes unmapped) to the kernel's fast path (`--ebpf`):
+    /// `true` when the kernel carries the flow from this packet on, and the engine keeps
+    /// nothing of it. Without a fast path, `false`.
+    fn fast_path(&mut self, _key: &Key, _guest_mac: EthernetAddress) -> bool {
+        false
+    }
 }
 
 /// Per-protocol state kept in the flow table.

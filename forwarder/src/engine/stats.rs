@@ -98,6 +98,24 @@ counters! {
     stale_host_events,
     /// Host-side failures on a flow (socket could not be opened, send failed).
     host_errors,
+    /// TCP flows handed to the kernel's fast path at their SYN (`--ebpf`).
+    fast_tcp_flows,
+    /// UDP flows handed to the kernel's fast path at their first datagram.
+    fast_udp_flows,
+    /// Fast-path flows carried by the kernel now (a gauge, filled by the data plane).
+    fast_flows,
+    /// First packets the fast path left in userspace: host-local destination.
+    fast_declined_local,
+    /// First packets the fast path left in userspace: its table or maps full.
+    fast_declined_full,
+    /// First packets the fast path left in userspace: reserving a port failed.
+    fast_failed,
+    /// Fast-path flows ended after their close and the grace period.
+    fast_closed,
+    /// Fast-path flows ended idle (or whose entries vanished).
+    fast_expired,
+    /// FIN/RST events read from the programs' ring buffer.
+    fast_events,
     /// Frames dropped because the transmit queue was full.
     tx_queue_full,
 }

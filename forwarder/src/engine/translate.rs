@@ -244,6 +244,10 @@ impl Engine {
             refuse(self);
             return;
         }
+        if target == (dst, seg.dst_port) && host.fast_path(&key, src_mac) {
+            self.stats.fast_tcp_flows += 1;
+            return;
+        }
         self.iss_counter = self.iss_counter.wrapping_add(1);
         let iss = self.iss(&key);
         let conn = Conn::new(now, seg, iss, self.net.mtu, dst.is_ipv6());
@@ -306,6 +310,13 @@ impl Engine {
                         return;
                     }
                 };
+                if target == (dst, dport)
+                    && let Some(mac) = self.guest_mac
+                    && host.fast_path(&key, mac)
+                {
+                    self.stats.fast_udp_flows += 1;
+                    return;
+                }
                 let Ok(flow) =
                     self.flows
                         .insert(now, key, target, Detail::Udp(udp::Conn::default()))

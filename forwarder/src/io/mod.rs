@@ -98,8 +98,31 @@ pub enum Command {
     Stats(mpsc::Sender<Stats>),
     /// Replace the host-local prefixes the policy uses.
     SetLocalPrefixes(Vec<Prefix>),
+    /// Answer with every flow, userspace's and the kernel's.
+    Flows(mpsc::Sender<Vec<FlowRow>>),
     /// Stop the loop and return the final counters.
     Stop,
+}
+
+/// One flow as listed by the API (`list_flows`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowRow {
+    /// `u<N>` for the engine's flows, `k<N>` for the kernel's.
+    pub id: String,
+    /// "tcp", "udp", "icmp".
+    pub protocol: &'static str,
+    /// The guest's side.
+    pub guest: SocketAddr,
+    /// The other side, as the guest named it.
+    pub remote: SocketAddr,
+    /// "userspace" or "kernel".
+    pub path: &'static str,
+    /// The host address and port a kernel flow leaves from.
+    pub host: Option<SocketAddr>,
+    /// Lifecycle state.
+    pub state: &'static str,
+    /// Packets and bytes out of and into the namespace (kernel flows).
+    pub counters: Option<[u64; 4]>,
 }
 
 /// Where outbound sockets are bound.
@@ -366,12 +389,22 @@ pub fn spawn(
     engine: Engine,
     options: Options,
     forwards: Vec<(u32, Vec<Listener>)>,
+    fast: Option<crate::fastpath::FastPath>,
 ) -> Result<Handle> {
     let poll = Poll::new().context("create poller")?;
     let waker = std::sync::Arc::new(Waker::new(poll.registry(), WAKER).context("create waker")?);
     poll.registry()
         .register(&mut SourceFd(&tap.as_raw_fd()), TAP, Interest::READABLE)
         .context("register the tap")?;
+    if let Some(f) = &fast {
+        poll.registry()
+            .register(
+                &mut SourceFd(&f.events_fd()),
+                FAST_EVENTS,
+                Interest::READABLE,
+            )
+            .context("register the fast path's ring buffer")?;
+    }
     let registry = poll.registry().try_clone().context("clone the registry")?;
     let (tx, rx) = mpsc::channel();
     let plane = Dataplane {
@@ -390,6 +423,8 @@ pub fn spawn(
             next_relay: 0,
             udp_relays: udp_splice::Relays::default(),
             udp_idle: options.udp_idle,
+            fast,
+            reinject: false,
         },
         buf: vec![0; MAX_FRAME],
         tap_pending: false,
@@ -459,6 +494,10 @@ pub struct Sockets {
     next_relay: usize,
     udp_relays: udp_splice::Relays,
     udp_idle: Duration,
+    /// The kernel's fast path (`--ebpf`), when it runs.
+    fast: Option<crate::fastpath::FastPath>,
+    /// The frame being handled was claimed by the fast path: send it again.
+    reinject: bool,
 }
 
 impl Sockets {
@@ -531,9 +570,18 @@ impl Dataplane {
             let timeout = if self.tap_pending {
                 Some(Duration::ZERO)
             } else {
-                self.engine
+                let engine = self
+                    .engine
                     .poll_timeout()
-                    .map(|t| t.saturating_duration_since(now))
+                    .map(|t| t.saturating_duration_since(now));
+                match (&self.sockets.fast, engine) {
+                    (Some(f), e) if !f.is_empty() => {
+                        Some(e.map_or(crate::fastpath::SCAN_INTERVAL, |e| {
+                            e.min(crate::fastpath::SCAN_INTERVAL)
+                        }))
+                    }
+                    (_, e) => e,
+                }
             };
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
@@ -545,6 +593,7 @@ impl Dataplane {
             for event in &events {
                 match event.token() {
                     TAP => tap_ready = true,
+                    FAST_EVENTS => {}
                     WAKER => {
                         while let Ok(cmd) = self.rx.try_recv() {
                             match cmd {
@@ -558,7 +607,10 @@ impl Dataplane {
                                 }
                                 Command::RemoveForward(id) => self.sockets.remove_forward(id),
                                 Command::Stats(reply) => {
-                                    let _ = reply.send(self.engine.stats());
+                                    let _ = reply.send(self.stats());
+                                }
+                                Command::Flows(reply) => {
+                                    let _ = reply.send(self.flow_rows());
                                 }
                                 Command::SetLocalPrefixes(prefixes) => {
                                     self.engine.set_local_prefixes(prefixes);
@@ -571,7 +623,7 @@ impl Dataplane {
                                             "test hook drops"
                                         );
                                     }
-                                    return Ok(self.engine.stats());
+                                    return Ok(self.stats());
                                 }
                             }
                         }
@@ -596,10 +648,61 @@ impl Dataplane {
                 self.read_tap(now);
             }
             self.sockets.expire_udp_relays(now);
+            if let Some(f) = &mut self.sockets.fast {
+                f.poll(now);
+            }
             self.engine.handle_timeout(now, &mut self.sockets);
             self.run_host_ops(now, &mut scratch);
             self.flush();
         }
+    }
+
+    /// The engine's counters with the fast path's.
+    fn stats(&self) -> Stats {
+        let mut s = self.engine.stats();
+        if let Some(f) = &self.sockets.fast {
+            let c = &f.counters;
+            s.fast_flows = f.len() as u64;
+            s.fast_declined_local = c.declined_local;
+            s.fast_declined_full = c.declined_full;
+            s.fast_failed = c.failed;
+            s.fast_closed = c.closed;
+            s.fast_expired = c.expired;
+            s.fast_events = c.events;
+        }
+        s
+    }
+
+    /// Every flow: the engine's, then the kernel's.
+    fn flow_rows(&self) -> Vec<FlowRow> {
+        let mut rows: Vec<FlowRow> = self
+            .engine
+            .flows()
+            .iter()
+            .map(|(id, f)| FlowRow {
+                id: format!("u{}", id.0),
+                protocol: f.key.protocol.name(),
+                guest: SocketAddr::new(f.key.guest_addr, f.key.guest_port),
+                remote: SocketAddr::new(f.key.remote_addr, f.key.remote_port),
+                path: "userspace",
+                host: None,
+                state: f.state.name(),
+                counters: None,
+            })
+            .collect();
+        if let Some(fast) = &self.sockets.fast {
+            rows.extend(fast.flows().into_iter().map(|f| FlowRow {
+                id: format!("k{}", f.id),
+                protocol: f.protocol.name(),
+                guest: f.guest,
+                remote: f.remote,
+                path: "kernel",
+                host: Some(f.host),
+                state: f.state,
+                counters: Some([f.out.0, f.out.1, f.into.0, f.into.1]),
+            }));
+        }
+        rows
     }
 
     fn socket_event(&mut self, now: Instant, flow: FlowId, event: &mio::event::Event) {
@@ -774,11 +877,14 @@ impl Dataplane {
                     if self.test_drop(0) {
                         continue;
                     }
-                    self.engine.handle_frame(
-                        now,
-                        self.buf.get(..n).unwrap_or_default(),
-                        &mut self.sockets,
-                    );
+                    let frame = self.buf.get(..n).unwrap_or_default();
+                    self.engine.handle_frame(now, frame, &mut self.sockets);
+                    if self.sockets.reinject {
+                        self.sockets.reinject = false;
+                        if let Some(f) = &self.sockets.fast {
+                            f.reinject(frame);
+                        }
+                    }
                 }
                 Ok(_) | Err(Errno::EAGAIN | Errno::EINTR) => {
                     self.engine.end_batch(now, &mut self.sockets);
@@ -989,6 +1095,15 @@ impl Sockets {
 }
 
 impl Host for Sockets {
+    fn fast_path(&mut self, key: &crate::flow::Key, guest_mac: wire::EthernetAddress) -> bool {
+        let claimed = self
+            .fast
+            .as_mut()
+            .is_some_and(|f| f.claim(key, guest_mac.0));
+        self.reinject |= claimed;
+        claimed
+    }
+
     fn tcp_connect(&mut self, flow: FlowId, target: SocketAddr) -> std::io::Result<()> {
         let fd = self.new_socket(target, SockType::Stream)?;
         let _ = setsockopt(&fd, sockopt::TcpNoDelay, &true);
@@ -1169,6 +1284,8 @@ fn open_ping(remote: IpAddr) -> nix::Result<OwnedFd> {
 
 const TAP: Token = Token(0);
 const WAKER: Token = Token(1);
+/// The fast path's ring buffer (below [`FIRST_LISTENER_TOKEN`], above every flow token).
+const FAST_EVENTS: Token = Token((1 << 40) - 1);
 /// Token of flow id 0; flow `n` has token `n + 2`.
 pub const FIRST_FLOW_TOKEN: Token = Token(2);
 /// Frames read from the tap per wakeup before other sources get a turn.

@@ -13,6 +13,10 @@
 //! * [`set_peek_off`], [`outq`], [`discard`]: the TCP translation's socket calls that `nix`
 //!   does not wrap (`SO_PEEK_OFF`, `SIOCOUTQ`, `recv(MSG_TRUNC)` without a buffer).
 //!
+//! * [`packet_socket`]: an `AF_PACKET` socket bound to one interface that receives nothing
+//!   (protocol 0): the fast path re-injects a flow's first frame through it, so the frame
+//!   goes through the interface's TC egress again (`--ebpf`).
+//!
 //! Platform: Linux only (tun ioctls, `/proc/self/status`).
 #![allow(
     unsafe_code,
@@ -27,6 +31,40 @@ use nix::sys::stat::Mode;
 use nix::unistd::ForkResult;
 
 nix::ioctl_write_ptr_bad!(tunsetiff, libc::TUNSETIFF, libc::ifreq);
+
+/// An `AF_PACKET`/`SOCK_RAW` socket in the calling thread's namespace, bound to interface
+/// `ifindex` with protocol 0, so it only sends: a frame sent on it leaves through the
+/// device's queueing path, TC egress included.
+///
+/// # Errors
+///
+/// `socket` or `bind` failed (needs `CAP_NET_RAW` over the namespace).
+pub fn packet_socket(ifindex: u32) -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the descriptor is adopted on the next line.
+    let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh descriptor owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: an all-zero sockaddr_ll is valid; the fields that matter are set below.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = u16::try_from(libc::AF_PACKET).unwrap_or(17);
+    sll.sll_protocol = 0;
+    sll.sll_ifindex = i32::try_from(ifindex).map_err(|_| io::ErrorKind::InvalidInput)?;
+    // SAFETY: `sll` is a valid sockaddr_ll of the size passed, on this stack frame.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            std::ptr::from_ref(&sll).cast(),
+            u32::try_from(size_of::<libc::sockaddr_ll>()).unwrap_or(0),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
 
 /// Opens (or creates) the tap `name` in the calling thread's network namespace.
 ///

@@ -1,0 +1,628 @@
+//! # Theory of operation
+//!
+//! The fast path's userspace half (`--ebpf`, eBPF part 2): it decides each new flow's first
+//! packet, owns the reserved host ports, and ends the kernel's entries. It lives in the data
+//! plane's thread, next to the engine's host sockets (`io::Sockets`), because the decision
+//! is taken while the engine handles the first packet. The kernel half is
+//! `forwarder-ebpf/src/programs.rs`; the set-up (veth, programs, uplinks) is `ebpf`.
+//!
+//! ## The decision (at the first packet, never later)
+//!
+//! The engine asks ([`crate::engine::Host::fast_path`]) for a TCP SYN or the first UDP
+//! datagram of a flow whose policy target is the destination itself — not mapped (gateway →
+//! host loopback, `--remote-forward`, DNS forward), not refused, not the guest's or
+//! forwarder's own. Here it is refused too when:
+//!
+//! * the destination is a host-local address: the route to it leaves through loopback,
+//!   which a connected UDP probe shows by choosing the destination itself as source (its
+//!   replies would never cross an uplink's ingress);
+//! * `--outbound-if` binds outbound sockets to a device (the kernel path follows the FIB);
+//! * the table holds [`MAX_FLOWS`] flows, or a map insert fails (map full): the flow stays
+//!   in userspace, counted `fast_declined_full`.
+//!
+//! Otherwise the host port is reserved by binding a real socket of the flow's protocol to
+//! (source address the route picks — or `--outbound`'s —, port 0): the kernel chooses a
+//! port P that nothing else on the host can bind or autobind while the socket lives. The
+//! socket is never listened on or connected for TCP; for UDP the connected probe socket is
+//! the reservation. Then the reverse entry (remote → host address:P) is inserted, then the
+//! forward one (guest 5-tuple → host address:P), both `BPF_NOEXIST`, and the shell
+//! re-injects the frame on an `AF_PACKET` socket bound to the tap: it goes through the
+//! tap's TC egress again, hits, and is carried from the first byte. A TCP flow that began
+//! in userspace never moves (the translation terminates two connections with different
+//! sequence numbers); the engine only asks for SYNs.
+//!
+//! ## Lifecycle
+//!
+//! The programs set `SEEN_FIN_OUT`, `SEEN_FIN_IN` and `SEEN_RST` in the entries and push an
+//! event on the ring buffer when a bit is new. [`FastPath::poll`] drains the events; once
+//! per second [`FastPath::scan`] also reads each entry (events can be lost when the ring is
+//! full) and:
+//!
+//! * a TCP flow with FIN both ways, or a RST, is *closing*: after the grace period
+//!   (`--ebpf-grace`, default 60 s, the TIME_WAIT of the two ends) its forward entry, then
+//!   its reverse entry are deleted, and only then is its port released (socket closed);
+//! * a flow idle longer than its timeout (TCP [`TCP_IDLE`], UDP `--udp-timeout`) is ended
+//!   the same way, at once.
+//!
+//! A SYN for a closing tuple (the guest reusing its port) reopens the same entry.
+//!
+//! ## Counters
+//!
+//! `fast_flows` (active), `fast_tcp_claimed`, `fast_udp_claimed`, `fast_declined_local`,
+//! `fast_declined_full`, `fast_failed` (socket errors), `fast_closed`, `fast_expired`,
+//! `fast_events`; per-flow packets and bytes in [`FastPath::flows`].
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
+use forwarder_ebpf::{
+    Event, FlowKey, FlowValue, MAX_FAST_FLOWS, ReverseValue, SEEN_FIN_IN, SEEN_FIN_OUT, SEEN_RST,
+};
+use nix::sys::socket::{
+    AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, getsockname, socket,
+};
+use tracing::{debug, warn};
+
+use crate::ebpf::FastMaps;
+use crate::flow::{Key, Protocol};
+
+/// Flows carried by the kernel at once (the maps' size).
+pub const MAX_FLOWS: usize = MAX_FAST_FLOWS as usize;
+/// Idle timeout of an established fast-path TCP flow (no packet either way).
+pub const TCP_IDLE: Duration = Duration::from_secs(7200);
+/// Default grace period between a TCP flow's close and the release of its port.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(60);
+/// How often entries are read for state and idleness.
+pub const SCAN_INTERVAL: Duration = Duration::from_secs(1);
+
+const BPF_NOEXIST: u64 = 1;
+
+/// The fast path's settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// Grace period after a TCP close before the entries and port go.
+    pub grace: Duration,
+    /// Idle timeout of UDP flows.
+    pub udp_idle: Duration,
+    /// Source address for IPv4 flows (`--outbound`).
+    pub source4: Option<std::net::Ipv4Addr>,
+    /// Source address for IPv6 flows.
+    pub source6: Option<std::net::Ipv6Addr>,
+    /// `--outbound-if` is set: nothing goes to the fast path.
+    pub bound_to_device: bool,
+}
+
+/// The fast path's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// TCP flows handed to the kernel.
+    pub tcp_claimed: u64,
+    /// UDP flows handed to the kernel.
+    pub udp_claimed: u64,
+    /// First packets left in userspace: host-local destination.
+    pub declined_local: u64,
+    /// First packets left in userspace: table or map full.
+    pub declined_full: u64,
+    /// Reservation failed (socket error).
+    pub failed: u64,
+    /// Flows ended after a close and the grace period.
+    pub closed: u64,
+    /// Flows ended idle.
+    pub expired: u64,
+    /// Events read from the ring buffer.
+    pub events: u64,
+}
+
+/// One fast-path flow, as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowInfo {
+    /// Forwarder's id of the flow (`k` + number in listings).
+    pub id: u64,
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// The guest's address and port.
+    pub guest: SocketAddr,
+    /// The destination.
+    pub remote: SocketAddr,
+    /// The host address and reserved port it leaves from.
+    pub host: SocketAddr,
+    /// Packets and bytes out of the namespace.
+    pub out: (u64, u64),
+    /// Packets and bytes into the namespace.
+    pub into: (u64, u64),
+    /// "open", "closing".
+    pub state: &'static str,
+}
+
+struct Entry {
+    id: u64,
+    protocol: Protocol,
+    reverse: FlowKey,
+    host: SocketAddr,
+    /// The reservation: closing it frees the port.
+    _reserve: OwnedFd,
+    state: u32,
+    closing: Option<Instant>,
+}
+
+/// The userspace half of the fast path (see the module's theory of operation).
+pub struct FastPath {
+    flows: BpfHashMap<MapData, FlowKey, FlowValue>,
+    reverse: BpfHashMap<MapData, FlowKey, ReverseValue>,
+    events: RingBuf<MapData>,
+    inject: OwnedFd,
+    table: HashMap<FlowKey, Entry>,
+    next_id: u64,
+    settings: Settings,
+    next_scan: Instant,
+    /// Counters.
+    pub counters: Counters,
+}
+
+impl std::fmt::Debug for FastPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FastPath")
+            .field("flows", &self.table.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The map key of `addr`: IPv4 in the first 4 bytes.
+fn addr_bytes(addr: IpAddr) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    match addr {
+        IpAddr::V4(a) => {
+            if let Some(s) = b.get_mut(..4) {
+                s.copy_from_slice(&a.octets());
+            }
+        }
+        IpAddr::V6(a) => b = a.octets(),
+    }
+    b
+}
+
+fn addr_of(bytes: [u8; 16], v4: bool) -> IpAddr {
+    if v4 {
+        IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])
+    } else {
+        IpAddr::from(bytes)
+    }
+}
+
+fn proto_number(p: Protocol) -> u8 {
+    match p {
+        Protocol::Tcp => 6,
+        Protocol::Udp => 17,
+        Protocol::Icmp => 0,
+    }
+}
+
+/// The forward key of an engine flow key.
+#[must_use]
+pub fn forward_key(key: &Key) -> FlowKey {
+    FlowKey {
+        saddr: addr_bytes(key.guest_addr),
+        daddr: addr_bytes(key.remote_addr),
+        sport: key.guest_port.to_be_bytes(),
+        dport: key.remote_port.to_be_bytes(),
+        proto: proto_number(key.protocol),
+        family: if key.guest_addr.is_ipv4() { 4 } else { 6 },
+        _pad: [0; 2],
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        u64::try_from(t.tv_sec())
+            .unwrap_or(0)
+            .saturating_mul(1_000_000_000)
+            .saturating_add(u64::try_from(t.tv_nsec()).unwrap_or(0))
+    })
+}
+
+impl FastPath {
+    /// Takes the maps and socket `ebpf::start` prepared.
+    ///
+    /// # Errors
+    ///
+    /// A map of the wrong type (a build mismatch).
+    pub fn new(maps: FastMaps, settings: Settings, now: Instant) -> anyhow::Result<Self> {
+        Ok(Self {
+            flows: BpfHashMap::try_from(maps.flows)?,
+            reverse: BpfHashMap::try_from(maps.reverse)?,
+            events: RingBuf::try_from(maps.events)?,
+            inject: maps.inject,
+            table: HashMap::new(),
+            next_id: 1,
+            settings,
+            next_scan: now + SCAN_INTERVAL,
+            counters: Counters::default(),
+        })
+    }
+
+    /// The ring buffer's descriptor, for the poller.
+    #[must_use]
+    pub fn events_fd(&self) -> std::os::fd::RawFd {
+        self.events.as_raw_fd()
+    }
+
+    /// Flows carried by the kernel now.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Whether no flow is carried by the kernel.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
+    /// Decides the first packet of flow `key` (see the theory of operation): `true` when
+    /// the kernel carries it from now on and the frame must be re-injected.
+    pub fn claim(&mut self, key: &Key, guest_mac: [u8; 6]) -> bool {
+        if self.settings.bound_to_device || key.protocol == Protocol::Icmp {
+            return false;
+        }
+        let fwd = forward_key(key);
+        if let Some(e) = self.table.get_mut(&fwd) {
+            // A retransmitted first packet, or the guest reusing a closing tuple.
+            if e.closing.is_some() || e.state != 0 {
+                e.closing = None;
+                e.state = 0;
+                if let Ok(mut v) = self.flows.get(&fwd, 0) {
+                    v.state = 0;
+                    let _ = self.flows.insert(fwd, v, 0);
+                }
+                if let Ok(mut v) = self.reverse.get(&e.reverse, 0) {
+                    v.state = 0;
+                    let _ = self.reverse.insert(e.reverse, v, 0);
+                }
+            }
+            return true;
+        }
+        if self.table.len() >= MAX_FLOWS {
+            self.counters.declined_full += 1;
+            return false;
+        }
+        let remote = SocketAddr::new(key.remote_addr, key.remote_port);
+        let (reserve, host) = match self.reserve(key.protocol, remote) {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                self.counters.declined_local += 1;
+                return false;
+            }
+            Err(err) => {
+                debug!(%err, %remote, "fast path: reserving a port failed");
+                self.counters.failed += 1;
+                return false;
+            }
+        };
+        let reverse = FlowKey {
+            saddr: fwd.daddr,
+            daddr: addr_bytes(host.ip()),
+            sport: fwd.dport,
+            dport: host.port().to_be_bytes(),
+            proto: fwd.proto,
+            family: fwd.family,
+            _pad: [0; 2],
+        };
+        let rev_value = ReverseValue {
+            guest_addr: fwd.saddr,
+            guest_port: fwd.sport,
+            guest_mac,
+            last_seen: monotonic_ns(),
+            ..ReverseValue::default()
+        };
+        let fwd_value = FlowValue {
+            nat_addr: reverse.daddr,
+            nat_port: reverse.dport,
+            last_seen: monotonic_ns(),
+            ..FlowValue::default()
+        };
+        // Reverse first: a reply can never find a forward entry without its way back.
+        if let Err(err) = self.reverse.insert(reverse, rev_value, BPF_NOEXIST) {
+            debug!(%err, "fast path: reverse entry refused");
+            self.counters.declined_full += 1;
+            return false;
+        }
+        if let Err(err) = self.flows.insert(fwd, fwd_value, BPF_NOEXIST) {
+            debug!(%err, "fast path: forward entry refused");
+            let _ = self.reverse.remove(&reverse);
+            self.counters.declined_full += 1;
+            return false;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        match key.protocol {
+            Protocol::Tcp => self.counters.tcp_claimed += 1,
+            _ => self.counters.udp_claimed += 1,
+        }
+        debug!(fast = id, guest = %SocketAddr::new(key.guest_addr, key.guest_port), %remote, %host, "new fast-path flow");
+        self.table.insert(
+            fwd,
+            Entry {
+                id,
+                protocol: key.protocol,
+                reverse,
+                host,
+                _reserve: reserve,
+                state: 0,
+                closing: None,
+            },
+        );
+        true
+    }
+
+    /// Reserves a host port for a flow to `remote`: `None` when `remote` is host-local.
+    fn reserve(
+        &self,
+        protocol: Protocol,
+        remote: SocketAddr,
+    ) -> std::io::Result<Option<(OwnedFd, SocketAddr)>> {
+        let family = if remote.is_ipv6() {
+            AddressFamily::Inet6
+        } else {
+            AddressFamily::Inet
+        };
+        let source: Option<IpAddr> = match remote.ip() {
+            IpAddr::V4(_) => self.settings.source4.map(IpAddr::V4),
+            IpAddr::V6(_) => self.settings.source6.map(IpAddr::V6),
+        };
+        // The route's choice of source, from a connected UDP socket (no packet is sent).
+        let probe = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
+        if let Some(src) = source {
+            bind(
+                probe.as_raw_fd(),
+                &SockaddrStorage::from(SocketAddr::new(src, 0)),
+            )?;
+        }
+        connect(probe.as_raw_fd(), &SockaddrStorage::from(remote))?;
+        let local = sockaddr(&getsockname::<SockaddrStorage>(probe.as_raw_fd())?)?;
+        if local.ip() == remote.ip() || local.ip().is_loopback() {
+            return Ok(None);
+        }
+        if protocol == Protocol::Udp {
+            return Ok(Some((probe, local)));
+        }
+        let reserve = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+        bind(
+            reserve.as_raw_fd(),
+            &SockaddrStorage::from(SocketAddr::new(local.ip(), 0)),
+        )?;
+        let host = sockaddr(&getsockname::<SockaddrStorage>(reserve.as_raw_fd())?)?;
+        Ok(Some((reserve, host)))
+    }
+
+    /// Sends the first frame again through the tap's TC egress, where it now hits.
+    pub fn reinject(&self, frame: &[u8]) {
+        if let Err(err) = nix::sys::socket::send(
+            self.inject.as_raw_fd(),
+            frame,
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        ) {
+            debug!(%err, "fast path: re-injecting a first frame failed");
+        }
+    }
+
+    /// Drains the ring buffer, and at most once per [`SCAN_INTERVAL`] scans the entries.
+    pub fn poll(&mut self, now: Instant) {
+        while let Some(item) = self.events.next() {
+            if item.len() < size_of::<Event>() {
+                continue;
+            }
+            let Some(event) = parse_event(&item) else {
+                continue;
+            };
+            drop(item);
+            self.counters.events += 1;
+            if let Some(e) = self.table.get_mut(&event.key) {
+                e.state |= event.state;
+                if closed(e.state) && e.closing.is_none() {
+                    e.closing = Some(now);
+                }
+            }
+        }
+        if now >= self.next_scan {
+            self.next_scan = now + SCAN_INTERVAL;
+            self.scan(now);
+        }
+    }
+
+    /// Reads every entry's state and last packet; ends closed flows after the grace
+    /// period and idle ones at once.
+    fn scan(&mut self, now: Instant) {
+        let mono = monotonic_ns();
+        let mut end = Vec::new();
+        for (key, e) in &mut self.table {
+            let (f, r) = (
+                self.flows.get(key, 0).ok(),
+                self.reverse.get(&e.reverse, 0).ok(),
+            );
+            let (Some(f), Some(r)) = (f, r) else {
+                // Deleted behind our back: nothing carries it any more.
+                end.push((*key, false));
+                continue;
+            };
+            e.state |= f.state | r.state;
+            if closed(e.state) && e.closing.is_none() {
+                e.closing = Some(now);
+            }
+            if e.closing
+                .is_some_and(|t| now.saturating_duration_since(t) >= self.settings.grace)
+            {
+                end.push((*key, true));
+                continue;
+            }
+            let idle = match e.protocol {
+                Protocol::Tcp => TCP_IDLE,
+                _ => self.settings.udp_idle,
+            };
+            let last = f.last_seen.max(r.last_seen);
+            if Duration::from_nanos(mono.saturating_sub(last)) >= idle {
+                end.push((*key, false));
+            }
+        }
+        for (key, was_closed) in end {
+            self.remove(&key);
+            if was_closed {
+                self.counters.closed += 1;
+            } else {
+                self.counters.expired += 1;
+            }
+        }
+    }
+
+    /// Ends a flow: forward entry, reverse entry, then the port.
+    fn remove(&mut self, key: &FlowKey) {
+        if let Some(e) = self.table.remove(key) {
+            let _ = self.flows.remove(key);
+            let _ = self.reverse.remove(&e.reverse);
+            debug!(fast = e.id, host = %e.host, "fast-path flow ended");
+        }
+    }
+
+    /// The flows, with the kernel's counters.
+    #[must_use]
+    pub fn flows(&self) -> Vec<FlowInfo> {
+        self.table
+            .iter()
+            .map(|(key, e)| {
+                let f = self.flows.get(key, 0).unwrap_or_default();
+                let r = self.reverse.get(&e.reverse, 0).unwrap_or_default();
+                let v4 = key.family == 4;
+                FlowInfo {
+                    id: e.id,
+                    protocol: e.protocol,
+                    guest: SocketAddr::new(addr_of(key.saddr, v4), u16::from_be_bytes(key.sport)),
+                    remote: SocketAddr::new(addr_of(key.daddr, v4), u16::from_be_bytes(key.dport)),
+                    host: e.host,
+                    out: (f.packets, f.bytes),
+                    into: (r.packets, r.bytes),
+                    state: if e.closing.is_some() {
+                        "closing"
+                    } else {
+                        "open"
+                    },
+                }
+            })
+            .collect()
+    }
+
+    /// The counters with their names, for `stats`.
+    #[must_use]
+    pub fn counter_list(&self) -> Vec<(String, u64)> {
+        let c = &self.counters;
+        [
+            ("fast_flows", self.table.len() as u64),
+            ("fast_tcp_claimed", c.tcp_claimed),
+            ("fast_udp_claimed", c.udp_claimed),
+            ("fast_declined_local", c.declined_local),
+            ("fast_declined_full", c.declined_full),
+            ("fast_failed", c.failed),
+            ("fast_closed", c.closed),
+            ("fast_expired", c.expired),
+            ("fast_events", c.events),
+        ]
+        .into_iter()
+        .map(|(n, v)| (n.to_string(), v))
+        .collect()
+    }
+}
+
+impl Drop for FastPath {
+    fn drop(&mut self) {
+        let keys: Vec<FlowKey> = self.table.keys().copied().collect();
+        for key in keys {
+            self.remove(&key);
+        }
+        if !self.table.is_empty() {
+            warn!("fast path: entries left at exit");
+        }
+    }
+}
+
+/// FIN both ways, or a RST.
+fn closed(state: u32) -> bool {
+    state & SEEN_RST != 0 || state & (SEEN_FIN_OUT | SEEN_FIN_IN) == (SEEN_FIN_OUT | SEEN_FIN_IN)
+}
+
+fn sockaddr(s: &SockaddrStorage) -> std::io::Result<SocketAddr> {
+    if let Some(v4) = s.as_sockaddr_in() {
+        return Ok(SocketAddr::from(*v4));
+    }
+    if let Some(v6) = s.as_sockaddr_in6() {
+        return Ok(SocketAddr::from(*v6));
+    }
+    Err(std::io::ErrorKind::InvalidData.into())
+}
+
+/// An [`Event`] from its bytes (`#[repr(C)]`: key 40 bytes, then the state, native order).
+fn parse_event(bytes: &[u8]) -> Option<Event> {
+    let mut key = FlowKey::default();
+    key.saddr.copy_from_slice(bytes.get(0..16)?);
+    key.daddr.copy_from_slice(bytes.get(16..32)?);
+    key.sport.copy_from_slice(bytes.get(32..34)?);
+    key.dport.copy_from_slice(bytes.get(34..36)?);
+    key.proto = *bytes.get(36)?;
+    key.family = *bytes.get(37)?;
+    let state = u32::from_ne_bytes(bytes.get(40..44)?.try_into().ok()?);
+    Some(Event { key, state })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_put_ipv4_in_the_first_four_bytes_and_ports_in_network_order() {
+        let key = Key {
+            protocol: Protocol::Tcp,
+            guest_addr: "198.51.100.2".parse().unwrap(),
+            guest_port: 40000,
+            remote_addr: "203.0.113.1".parse().unwrap(),
+            remote_port: 5201,
+        };
+        let k = forward_key(&key);
+        assert_eq!(&k.saddr[..4], &[198, 51, 100, 2]);
+        assert!(k.saddr[4..].iter().all(|b| *b == 0));
+        assert_eq!(k.dport, [0x14, 0x51]);
+        assert_eq!((k.proto, k.family), (6, 4));
+        let k6 = forward_key(&Key {
+            protocol: Protocol::Udp,
+            guest_addr: "2001:db8:1::2".parse().unwrap(),
+            remote_addr: "2001:db8:2::1".parse().unwrap(),
+            ..key
+        });
+        assert_eq!((k6.proto, k6.family), (17, 6));
+        assert_eq!(
+            addr_of(k6.daddr, false),
+            "2001:db8:2::1".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn events_parse_from_their_repr_c_bytes_and_short_ones_are_refused() {
+        let mut bytes = vec![0u8; 44];
+        bytes[0] = 198;
+        bytes[36] = 6;
+        bytes[37] = 4;
+        bytes[40..44].copy_from_slice(&SEEN_RST.to_ne_bytes());
+        let e = parse_event(&bytes).unwrap();
+        assert_eq!((e.key.saddr[0], e.key.proto, e.state), (198, 6, SEEN_RST));
+        assert!(parse_event(&bytes[..43]).is_none());
+    }
+
+    #[test]
+    fn a_flow_is_closed_by_fin_both_ways_or_rst() {
+        assert!(!closed(0));
+        assert!(!closed(SEEN_FIN_OUT));
+        assert!(!closed(SEEN_FIN_IN));
+        assert!(closed(SEEN_FIN_OUT | SEEN_FIN_IN));
+        assert!(closed(SEEN_RST));
+    }
+}

@@ -492,7 +492,7 @@ impl Kernel {
                     self.uplinks.insert(*index, (name.clone(), link));
                 }
                 Err(err) => {
-                    warn!("--ebpf: fast path replies on {name} stay with the host: {err:#}")
+                    warn!("--ebpf: fast path replies on {name} stay with the host: {err:#}");
                 }
             }
         }
@@ -571,10 +571,45 @@ pub fn status_main(args: impl Iterator<Item = std::ffi::OsString>) -> std::proce
 ///
 /// No object, no privileges, or the kernel's error.
 pub fn test_tap_egress(cfg: &Config, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
-    let bpf = load(cfg)?;
+    test_program(cfg, TAP_EGRESS, &[], &[], frame)
+}
+
+/// Runs program `name` once on `frame` (`BPF_PROG_TEST_RUN`) with `cfg` and these
+/// forward and reverse fast-path entries; returns the verdict and the frame as it left.
+/// For tests; needs the same privileges as `--ebpf`.
+///
+/// # Errors
+///
+/// No object, no privileges, or the kernel's error.
+pub fn test_program(
+    cfg: &Config,
+    name: &str,
+    flows: &[(forwarder_ebpf::FlowKey, forwarder_ebpf::FlowValue)],
+    reverse: &[(forwarder_ebpf::FlowKey, forwarder_ebpf::ReverseValue)],
+    frame: &[u8],
+) -> Result<(u32, Vec<u8>)> {
+    use aya::maps::HashMap as BpfHashMap;
+    let mut bpf = load(cfg)?;
+    if name != TAP_EGRESS {
+        classifier(&mut bpf, name)?.load()?;
+    }
+    {
+        let mut map: BpfHashMap<_, forwarder_ebpf::FlowKey, forwarder_ebpf::FlowValue> =
+            BpfHashMap::try_from(bpf.map_mut(FLOWS_MAP).ok_or_else(|| anyhow!("no map"))?)?;
+        for (k, v) in flows {
+            map.insert(k, v, 0)?;
+        }
+    }
+    {
+        let mut map: BpfHashMap<_, forwarder_ebpf::FlowKey, forwarder_ebpf::ReverseValue> =
+            BpfHashMap::try_from(bpf.map_mut(REVERSE_MAP).ok_or_else(|| anyhow!("no map"))?)?;
+        for (k, v) in reverse {
+            map.insert(k, v, 0)?;
+        }
+    }
     let program: &SchedClassifier = bpf
-        .program(TAP_EGRESS)
-        .ok_or_else(|| anyhow!("no {TAP_EGRESS} program"))?
+        .program(name)
+        .ok_or_else(|| anyhow!("no {name} program"))?
         .try_into()?;
     let mut out = vec![0u8; frame.len().max(128) + 256];
     let mut opts = TestRunOptions::new();
@@ -792,6 +827,220 @@ mod tests {
             assert_eq!(verdict, TC_ACT_OK, "{frame:02x?}");
             assert_eq!(out, frame, "a passed frame was changed");
         }
+    }
+
+    // ---- The fast path's NAT (part 2) ----
+
+    const GUEST_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x0a];
+
+    fn fast_cfg() -> Config {
+        let mut c = cfg();
+        c.flags |= FEAT_FASTPATH;
+        c.fp_ns_ifindex = 1;
+        c.fp_host_ifindex = 1;
+        c
+    }
+
+    /// A TCP (with payload) or UDP frame between two addresses of one family.
+    fn packet(
+        (src, dst): (std::net::IpAddr, std::net::IpAddr),
+        (sport, dport): (u16, u16),
+        tcp: bool,
+        macs: ([u8; 6], [u8; 6]),
+    ) -> Vec<u8> {
+        use crate::wire::build::{self, Payload};
+        use crate::wire::{EthernetAddress, TcpControl, TcpRepr, TcpSeqNumber};
+        let data = b"fast path payload";
+        let payload = if tcp {
+            Payload::Tcp(TcpRepr {
+                src_port: sport,
+                dst_port: dport,
+                control: TcpControl::Psh,
+                seq_number: TcpSeqNumber(1000),
+                ack_number: Some(TcpSeqNumber(2000)),
+                window_len: 500,
+                window_scale: None,
+                max_seg_size: None,
+                sack_permitted: false,
+                sack_ranges: [None; 3],
+                timestamp: None,
+                payload: data,
+            })
+        } else {
+            Payload::Udp {
+                src_port: sport,
+                dst_port: dport,
+                data,
+            }
+        };
+        let macs = (EthernetAddress(macs.0), EthernetAddress(macs.1));
+        let mut out = Vec::new();
+        match (src, dst) {
+            (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => {
+                build::ipv4(&mut out, macs, (s, d), 64, &payload).unwrap();
+            }
+            (std::net::IpAddr::V6(s), std::net::IpAddr::V6(d)) => {
+                build::ipv6(&mut out, macs, (s, d), 64, &payload).unwrap();
+            }
+            _ => unreachable!(),
+        }
+        out
+    }
+
+    /// Addresses and ports of a frame the packet layer accepts (checksums verified).
+    fn endpoints(frame: &[u8]) -> (std::net::SocketAddr, std::net::SocketAddr) {
+        use crate::wire::{L3, L4};
+        let parsed = crate::wire::parse(frame).expect("valid frame, checksums included");
+        let (src, dst, l4): (std::net::IpAddr, std::net::IpAddr, _) = match parsed.l3 {
+            L3::Ipv4 { ip, l4 } => (ip.src_addr.into(), ip.dst_addr.into(), l4),
+            L3::Ipv6 { ip, l4 } => (ip.src_addr.into(), ip.dst_addr.into(), l4),
+            other => panic!("{other:?}"),
+        };
+        let (sp, dp) = match l4 {
+            L4::Tcp(t) => (t.src_port, t.dst_port),
+            L4::Udp { udp, .. } => (udp.src_port, udp.dst_port),
+            other => panic!("{other:?}"),
+        };
+        ((src, sp).into(), (dst, dp).into())
+    }
+
+    fn key(
+        (src, dst): (std::net::IpAddr, std::net::IpAddr),
+        (sport, dport): (u16, u16),
+        tcp: bool,
+    ) -> forwarder_ebpf::FlowKey {
+        crate::fastpath::forward_key(&crate::flow::Key {
+            protocol: if tcp {
+                crate::flow::Protocol::Tcp
+            } else {
+                crate::flow::Protocol::Udp
+            },
+            guest_addr: src,
+            guest_port: sport,
+            remote_addr: dst,
+            remote_port: dport,
+        })
+    }
+
+    fn bytes16(a: std::net::IpAddr) -> [u8; 16] {
+        key((a, a), (0, 0), true).saddr
+    }
+
+    #[test]
+    fn the_fast_path_translates_both_ways_with_valid_checksums() {
+        if !can_run() {
+            return;
+        }
+        let gw = network().our_mac.0;
+        for (guest, remote, host) in [
+            ("198.51.100.2", "203.0.113.1", "203.0.113.77"),
+            ("198.51.100.2", "203.0.113.1", "198.51.100.2"),
+            ("2001:db8:1::2", "2001:db8:2::1", "2001:db8:9::77"),
+            ("2001:db8:1::2", "2001:db8:2::1", "2001:db8:1::2"),
+        ] {
+            let (guest, remote, host): (std::net::IpAddr, std::net::IpAddr, std::net::IpAddr) = (
+                guest.parse().unwrap(),
+                remote.parse().unwrap(),
+                host.parse().unwrap(),
+            );
+            for tcp in [true, false] {
+                let what = format!("{guest} → {remote} via {host}, tcp {tcp}");
+                // Out: the guest's packet leaves from the host address and reserved port.
+                let out = packet((guest, remote), (40000, 5201), tcp, (GUEST_MAC, gw));
+                let fwd = key((guest, remote), (40000, 5201), tcp);
+                let value = forwarder_ebpf::FlowValue {
+                    nat_addr: bytes16(host),
+                    nat_port: 55555u16.to_be_bytes(),
+                    ..Default::default()
+                };
+                let (verdict, sent) =
+                    test_program(&fast_cfg(), TAP_EGRESS, &[(fwd, value)], &[], &out).unwrap();
+                assert_eq!(verdict, TC_ACT_REDIRECT, "{what}");
+                assert_eq!(
+                    endpoints(&sent),
+                    ((host, 55555).into(), (remote, 5201).into()),
+                    "{what}"
+                );
+                assert_eq!(sent.len(), out.len());
+                assert_eq!(
+                    sent[sent.len() - 17..],
+                    out[out.len() - 17..],
+                    "payload kept"
+                );
+                // In: the reply to the host address and port reaches the guest, from the
+                // gateway's MAC to the guest's.
+                let reply = packet((remote, host), (5201, 55555), tcp, ([6; 6], [7; 6]));
+                let rev = key((remote, host), (5201, 55555), tcp);
+                let value = forwarder_ebpf::ReverseValue {
+                    guest_addr: bytes16(guest),
+                    guest_port: 40000u16.to_be_bytes(),
+                    guest_mac: GUEST_MAC,
+                    ..Default::default()
+                };
+                let (verdict, back) =
+                    test_program(&fast_cfg(), UPLINK_INGRESS, &[], &[(rev, value)], &reply)
+                        .unwrap();
+                assert_eq!(verdict, TC_ACT_REDIRECT, "{what}");
+                assert_eq!(
+                    endpoints(&back),
+                    ((remote, 5201).into(), (guest, 40000).into()),
+                    "{what}"
+                );
+                assert_eq!(back[..12], [GUEST_MAC, gw].concat(), "{what}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_fast_path_passes_misses_untouched_and_keeps_a_zero_udp_checksum() {
+        if !can_run() {
+            return;
+        }
+        let gw = network().our_mac.0;
+        let (guest, remote): (std::net::IpAddr, std::net::IpAddr) = (
+            "198.51.100.2".parse().unwrap(),
+            "203.0.113.1".parse().unwrap(),
+        );
+        let out = packet((guest, remote), (40000, 5201), true, (GUEST_MAC, gw));
+        // An entry for another port: a miss, passed to userspace as it was.
+        let other = key((guest, remote), (40001, 5201), true);
+        let (verdict, sent) = test_program(
+            &fast_cfg(),
+            TAP_EGRESS,
+            &[(other, forwarder_ebpf::FlowValue::default())],
+            &[],
+            &out,
+        )
+        .unwrap();
+        assert_eq!((verdict, &sent), (TC_ACT_OK, &out));
+        let (verdict, sent) = test_program(&fast_cfg(), UPLINK_INGRESS, &[], &[], &out).unwrap();
+        assert_eq!((verdict, &sent), (TC_ACT_OK, &out));
+        // Without the feature bit nothing is translated even on a hit.
+        let fwd = key((guest, remote), (40000, 5201), true);
+        let (verdict, _) = test_program(
+            &cfg(),
+            TAP_EGRESS,
+            &[(fwd, forwarder_ebpf::FlowValue::default())],
+            &[],
+            &out,
+        )
+        .unwrap();
+        assert_eq!(verdict, TC_ACT_OK);
+        // A UDP datagram without checksum (IPv4 allows it) keeps none after the rewrite.
+        let mut udp = packet((guest, remote), (40000, 5201), false, (GUEST_MAC, gw));
+        udp[40..42].copy_from_slice(&[0, 0]);
+        let fwd = key((guest, remote), (40000, 5201), false);
+        let value = forwarder_ebpf::FlowValue {
+            nat_addr: bytes16("203.0.113.77".parse().unwrap()),
+            nat_port: 55555u16.to_be_bytes(),
+            ..Default::default()
+        };
+        let (verdict, sent) =
+            test_program(&fast_cfg(), TAP_EGRESS, &[(fwd, value)], &[], &udp).unwrap();
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(sent[40..42], [0, 0], "checksum 0 stays 0");
+        assert_eq!(sent[34..36], 55555u16.to_be_bytes());
+        assert_eq!(sent[26..30], [203, 0, 113, 77]);
     }
 
     /// Recomputes the ICMPv6 checksum of an 86-byte NS frame.

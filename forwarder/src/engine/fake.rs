@@ -99,6 +99,8 @@ pub struct FakeHost {
     pub sndbuf: usize,
     /// UDP flows answering through a forwarded-port socket, and which.
     pub via: Vec<(FlowId, usize)>,
+    /// With `Some`, a fast path that claims every flow offered, recording its key.
+    pub fast: Option<Vec<crate::flow::Key>>,
 }
 
 impl FakeHost {
@@ -173,5 +175,15 @@ impl Host for FakeHost {
     fn udp_reply_via(&mut self, flow: FlowId, listener: usize, peer: SocketAddr) {
         self.udp.insert(flow, (peer, Vec::new()));
         self.via.push((flow, listener));
+    }
+
+    fn fast_path(&mut self, key: &crate::flow::Key, _mac: crate::wire::EthernetAddress) -> bool {
+        match &mut self.fast {
+            Some(keys) => {
+                keys.push(*key);
+                true
+            }
+            None => false,
+        }
     }
 }

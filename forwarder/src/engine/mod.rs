@@ -206,6 +206,9 @@ pub struct Engine {
     acks: Vec<FlowId>,
     pushes: VecDeque<FlowId>,
     reassembly: reassembly::Reassembler,
+    /// A reassembled datagram is being handled: it is no single frame the fast path could
+    /// re-inject, so its flow stays in userspace.
+    reassembled_now: bool,
     ooo_budget: usize,
     epoch: Instant,
     iss_counter: u32,
@@ -234,6 +237,7 @@ impl Engine {
             acks: Vec::new(),
             pushes: VecDeque::new(),
             reassembly: reassembly::Reassembler::default(),
+            reassembled_now: false,
             ooo_budget: tcp::MAX_OOO_TOTAL,
             epoch: now,
             iss_counter: 0,
@@ -537,7 +541,11 @@ impl Engine {
         };
         self.stats.reassembled += 1;
         match wire::parse_l4(frag.protocol, &whole, src.into(), dst.into()) {
-            Ok(l4) => then(self, &l4, whole.len()),
+            Ok(l4) => {
+                self.reassembled_now = true;
+                then(self, &l4, whole.len());
+                self.reassembled_now = false;
+            }
             Err(reason) => self.stats.count_drop(reason),
         }
     }

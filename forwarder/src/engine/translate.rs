@@ -244,7 +244,7 @@ impl Engine {
             refuse(self);
             return;
         }
-        if target == (dst, seg.dst_port) && host.fast_path(&key, src_mac) {
+        if target == (dst, seg.dst_port) && !self.reassembled_now && host.fast_path(&key, src_mac) {
             self.stats.fast_tcp_flows += 1;
             return;
         }
@@ -311,6 +311,7 @@ impl Engine {
                     }
                 };
                 if target == (dst, dport)
+                    && !self.reassembled_now
                     && let Some(mac) = self.guest_mac
                     && host.fast_path(&key, mac)
                 {

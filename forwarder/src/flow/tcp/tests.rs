@@ -276,6 +276,53 @@ fn immediate_connect_failure_and_policy_denial_get_rst() {
 }
 
 #[test]
+fn a_syn_the_fast_path_claims_leaves_nothing_in_userspace() {
+    let mut t = T::new();
+    t.host.fast = Some(Vec::new());
+    t.send(&[t.frame(TcpControl::Syn, GUEST_ISN, None, &[])]);
+    assert!(t.e.flows().is_empty(), "the kernel carries it");
+    assert!(t.host.tcp.is_empty() && t.out().is_empty());
+    assert_eq!(t.e.stats().fast_tcp_flows, 1);
+    let keys = t.host.fast.clone().unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0].remote_addr, REMOTE.parse::<IpAddr>().unwrap());
+    assert_eq!((keys[0].guest_port, keys[0].remote_port), (t.port, 80));
+    // Mid-stream segments are never offered: a flow that began in userspace stays there.
+    t.send(&[t.frame(TcpControl::None, GUEST_ISN + 1, Some(1), b"x")]);
+    assert_eq!(t.host.fast.as_ref().unwrap().len(), 1);
+}
+
+#[test]
+fn mapped_and_denied_destinations_are_never_offered_to_the_fast_path() {
+    let mut t = T::with(Settings {
+        policy: Policy {
+            maps: vec![(REMOTE.parse().unwrap(), "127.0.0.1".parse().unwrap())],
+            ..Policy::default()
+        },
+        ..Settings::default()
+    });
+    t.host.fast = Some(Vec::new());
+    t.send(&[t.frame(TcpControl::Syn, GUEST_ISN, None, &[])]);
+    assert_eq!(t.e.flows().len(), 1, "mapped: translated in userspace");
+    assert_eq!(
+        t.host.tcp[&t.flow()].target,
+        Some("127.0.0.1:80".parse().unwrap())
+    );
+    let mut t = T::with(Settings {
+        policy: Policy {
+            deny: vec![format!("tcp://{REMOTE}:80").parse().unwrap()],
+            ..Policy::default()
+        },
+        ..Settings::default()
+    });
+    t.host.fast = Some(Vec::new());
+    t.send(&[t.frame(TcpControl::Syn, GUEST_ISN, None, &[])]);
+    assert_eq!(t.out()[0].control, TcpControl::Rst);
+    assert!(t.host.fast.as_ref().unwrap().is_empty());
+    assert_eq!(t.e.stats().fast_tcp_flows, 0);
+}
+
+#[test]
 fn segment_without_flow_gets_rst() {
     let mut t = T::new();
     t.send(&[t.frame(TcpControl::None, 5, Some(77), b"x")]);

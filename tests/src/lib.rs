@@ -312,6 +312,17 @@ pub fn mode_args() -> Vec<String> {
         .collect()
 }
 
+/// The tap MTU forwarder gives the guest in this run's mode: 65520, or with `--ebpf` (whose
+/// fast path hands packets to the uplink as they are) the world's uplink MTU, 1500.
+#[must_use]
+pub fn expected_mtu() -> u32 {
+    if mode_args().iter().any(|a| a == "--ebpf") {
+        1500
+    } else {
+        65520
+    }
+}
+
 /// The directory of the helper scripts (`tests/scripts`).
 #[must_use]
 pub fn scripts() -> PathBuf {

@@ -39,7 +39,7 @@ fn arp_and_ndp_are_answered_in_the_kernel() {
     ]);
     wait_serving(&log);
     assert!(
-        read(&log).contains("eBPF: answering in TC egress") && read(&log).contains("TCX"),
+        read(&log).contains("eBPF: programs attached") && read(&log).contains("TCX"),
         "{}",
         read(&log)
     );

@@ -36,7 +36,8 @@ fn config_net_gives_addresses_routes_and_echo_both_ways() {
         addrs.contains("default via 2001:db8:1::1 dev tap0"),
         "{addrs}"
     );
-    assert!(text(&w.run_in(&guest, "ip link show tap0").stdout).contains("mtu 65520"));
+    let mtu = forwarder_tests::expected_mtu();
+    assert!(text(&w.run_in(&guest, "ip link show tap0").stdout).contains(&format!("mtu {mtu} ")));
 
     // The gateway answers locally, v4 and v6.
     assert!(ok(&w.run_in(&guest, "ping -c1 -W2 198.51.100.1")));
@@ -89,7 +90,10 @@ fn udhcpc_dhclient_and_dhcpcd_get_the_planned_ipv4_config() {
     let got = read(&w.dir.join("udhcpc.out"));
     assert_eq!(
         got.trim(),
-        "ip=198.51.100.2 mask=24 router=198.51.100.1 dns=198.51.100.53 mtu=65520",
+        format!(
+            "ip=198.51.100.2 mask=24 router=198.51.100.1 dns=198.51.100.53 mtu={}",
+            forwarder_tests::expected_mtu()
+        ),
         "udhcpc: {}{}",
         text(&out.stdout),
         text(&out.stderr)

@@ -46,6 +46,17 @@
 //!
 //! A SYN for a closing tuple (the guest reusing its port) reopens the same entry.
 //!
+//! ## ICMP errors
+//!
+//! The programs carry TCP and UDP only; an ICMP error about a fast-path flow reaches the
+//! host's stack. For UDP the reservation is a socket connected to the remote, so the kernel
+//! queues the error on it: the socket is registered with the poller
+//! ([`FIRST_TOKEN`] + the flow's number), and [`FastPath::socket_error`] hands it to the
+//! engine, which sends the guest the same ICMP error the userspace path would (port
+//! unreachable → `ECONNREFUSED` in the guest). A TCP reservation is not connected: errors
+//! about a TCP flow are not relayed, the guest's connection times out instead of failing at
+//! once (a RST from the remote does arrive: it is a TCP packet).
+//!
 //! ## Counters
 //!
 //! `fast_flows` (active), `fast_tcp_claimed`, `fast_udp_claimed`, `fast_declined_local`,
@@ -79,6 +90,9 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(60);
 pub const SCAN_INTERVAL: Duration = Duration::from_secs(1);
 
 const BPF_NOEXIST: u64 = 1;
+
+/// Poll token of the first fast-path UDP reservation (above every other range of `io`).
+pub const FIRST_TOKEN: mio::Token = mio::Token(1 << 43);
 
 /// The fast path's settings.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -143,7 +157,7 @@ struct Entry {
     reverse: FlowKey,
     host: SocketAddr,
     /// The reservation: closing it frees the port.
-    _reserve: OwnedFd,
+    reserve: OwnedFd,
     state: u32,
     closing: Option<Instant>,
 }
@@ -158,6 +172,9 @@ pub struct FastPath {
     next_id: u64,
     settings: Settings,
     next_scan: Instant,
+    /// Forward keys of the UDP flows whose reservation is registered, by number.
+    by_id: HashMap<u64, FlowKey>,
+    registry: Option<mio::Registry>,
     /// Counters.
     pub counters: Counters,
 }
@@ -240,8 +257,44 @@ impl FastPath {
             next_id: 1,
             settings,
             next_scan: now + SCAN_INTERVAL,
+            by_id: HashMap::new(),
+            registry: None,
             counters: Counters::default(),
         })
+    }
+
+    /// The poller UDP reservations register with (their ICMP errors are relayed).
+    pub fn set_registry(&mut self, registry: mio::Registry) {
+        self.registry = Some(registry);
+    }
+
+    /// The error queued on UDP flow `id`'s reservation (an ICMP error from the network), as
+    /// the engine's key of the flow and the error; `None` when there is none.
+    pub fn socket_error(&mut self, id: u64) -> Option<(Key, std::io::Error)> {
+        let key = *self.by_id.get(&id)?;
+        let e = self.table.get(&key)?;
+        let fd = e.reserve.as_raw_fd();
+        let code = nix::sys::socket::getsockopt(&e.reserve, nix::sys::socket::sockopt::SocketError)
+            .ok()?;
+        // Nothing should be queued (replies never reach the host's stack); drain anyway.
+        let mut sink = [0u8; 64];
+        while nix::sys::socket::recv(fd, &mut sink, nix::sys::socket::MsgFlags::MSG_DONTWAIT)
+            .is_ok()
+        {}
+        if code == 0 {
+            return None;
+        }
+        let v4 = key.family == 4;
+        Some((
+            Key {
+                protocol: Protocol::Udp,
+                guest_addr: addr_of(key.saddr, v4),
+                guest_port: u16::from_be_bytes(key.sport),
+                remote_addr: addr_of(key.daddr, v4),
+                remote_port: u16::from_be_bytes(key.dport),
+            },
+            std::io::Error::from_raw_os_error(code),
+        ))
     }
 
     /// The ring buffer's descriptor, for the poller.
@@ -340,7 +393,24 @@ impl FastPath {
         self.next_id += 1;
         match key.protocol {
             Protocol::Tcp => self.counters.tcp_claimed += 1,
-            _ => self.counters.udp_claimed += 1,
+            _ => {
+                self.counters.udp_claimed += 1;
+                if let Some(r) = &self.registry {
+                    let token = mio::Token(FIRST_TOKEN.0 + usize::try_from(id).unwrap_or(0));
+                    match r.register(
+                        &mut mio::unix::SourceFd(&reserve.as_raw_fd()),
+                        token,
+                        mio::Interest::READABLE,
+                    ) {
+                        Ok(()) => {
+                            self.by_id.insert(id, fwd);
+                        }
+                        Err(err) => {
+                            debug!(%err, "fast path: ICMP errors of this flow are not relayed");
+                        }
+                    }
+                }
+            }
         }
         debug!(fast = id, guest = %SocketAddr::new(key.guest_addr, key.guest_port), %remote, %host, "new fast-path flow");
         self.table.insert(
@@ -350,7 +420,7 @@ impl FastPath {
                 protocol: key.protocol,
                 reverse,
                 host,
-                _reserve: reserve,
+                reserve,
                 state: 0,
                 closing: None,
             },
@@ -482,6 +552,11 @@ impl FastPath {
         if let Some(e) = self.table.remove(key) {
             let _ = self.flows.remove(key);
             let _ = self.reverse.remove(&e.reverse);
+            if self.by_id.remove(&e.id).is_some()
+                && let Some(r) = &self.registry
+            {
+                let _ = r.deregister(&mut mio::unix::SourceFd(&e.reserve.as_raw_fd()));
+            }
             debug!(fast = e.id, host = %e.host, "fast-path flow ended");
         }
     }

@@ -207,6 +207,31 @@ fn tcp_and_udp_to_the_remote_ride_the_kernel_v4_and_v6() {
             "{proto} {remote}: {now:?}"
         );
     }
+    // A closed UDP port: the remote's ICMP port unreachable reaches the guest as it does
+    // without --ebpf (ECONNREFUSED), relayed from the reservation socket.
+    for addr in ["203.0.113.1", "2001:db8:2::1"] {
+        let family = if addr.contains(':') {
+            "AF_INET6"
+        } else {
+            "AF_INET"
+        };
+        let out = w.run_in(
+            &guest,
+            &format!(
+                "python3 -c 'import socket\n\
+                 s=socket.socket(socket.{family},socket.SOCK_DGRAM); s.settimeout(3)\n\
+                 s.connect((\"{addr}\",7778)); s.send(b\"x\")\n\
+                 try:\n  s.recv(10)\nexcept ConnectionRefusedError: print(\"refused\")'"
+            ),
+        );
+        assert_eq!(
+            text(&out.stdout).trim(),
+            "refused",
+            "{addr}: {}",
+            text(&out.stderr)
+        );
+    }
+    assert!(stat(&api, "fast_udp_flows") >= 4);
     assert!(stat(&api, "fast_tcp_flows") >= 5, "iperf3's 2 + 3 echo");
     assert_eq!(stat(&api, "tcp_flows"), 0, "no TCP flow went to userspace");
     assert_eq!(stat(&api, "udp_flows"), 0, "no UDP flow went to userspace");

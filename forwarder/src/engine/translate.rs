@@ -494,6 +494,15 @@ impl Engine {
     }
 
     /// Sends an ICMP destination-unreachable to the guest about a datagram of `key`.
+    /// An error the network sent about a UDP flow the kernel's fast path carries (queued
+    /// on its reservation socket): the guest gets the ICMP error the userspace path would
+    /// send it.
+    pub fn handle_fast_path_error(&mut self, key: &Key, err: &io::Error) {
+        if let Some(kind) = udp::icmp_for(err) {
+            self.send_unreachable(key, 0, kind);
+        }
+    }
+
     pub(super) fn send_unreachable(&mut self, key: &Key, payload_len: u16, kind: Unreachable) {
         let udp_len = payload_len.saturating_add(8);
         let mut quote = [0u8; 8];

@@ -396,7 +396,8 @@ pub fn spawn(
     poll.registry()
         .register(&mut SourceFd(&tap.as_raw_fd()), TAP, Interest::READABLE)
         .context("register the tap")?;
-    if let Some(f) = &fast {
+    let mut fast = fast;
+    if let Some(f) = &mut fast {
         poll.registry()
             .register(
                 &mut SourceFd(&f.events_fd()),
@@ -404,6 +405,7 @@ pub fn spawn(
                 Interest::READABLE,
             )
             .context("register the fast path's ring buffer")?;
+        f.set_registry(poll.registry().try_clone().context("clone the registry")?);
     }
     let registry = poll.registry().try_clone().context("clone the registry")?;
     let (tx, rx) = mpsc::channel();
@@ -626,6 +628,14 @@ impl Dataplane {
                                     return Ok(self.stats());
                                 }
                             }
+                        }
+                    }
+                    Token(t) if t >= crate::fastpath::FIRST_TOKEN.0 => {
+                        let id = u64::try_from(t - crate::fastpath::FIRST_TOKEN.0).unwrap_or(0);
+                        if let Some((key, err)) =
+                            self.sockets.fast.as_mut().and_then(|f| f.socket_error(id))
+                        {
+                            self.engine.handle_fast_path_error(&key, &err);
                         }
                     }
                     Token(t) if t >= FIRST_UDP_RELAY_TOKEN.0 => {

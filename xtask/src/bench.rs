@@ -687,9 +687,9 @@ impl Report {
             let _ = writeln!(md, "### MTU {mtu}\n");
             let _ = writeln!(
                 md,
-                "| metric | forwarder | forwarder --ebpf | pasta | slirp4netns | kernel veth | forwarder / pasta | forwarder / kernel | --ebpf / userspace |"
+                "| metric | forwarder | forwarder --ebpf | pasta | slirp4netns | kernel veth | forwarder / pasta | forwarder / kernel | --ebpf / userspace | --ebpf / kernel |"
             );
-            let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
+            let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
             for m in &METRICS {
                 let cell =
                     |c: Contender| match (self.value(mtu, c, m), self.failures.get(&(mtu, c))) {
@@ -706,7 +706,7 @@ impl Report {
                 };
                 let _ = writeln!(
                     md,
-                    "| {} ({}) | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {} ({}) | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     m.0,
                     m.1,
                     cell(Contender::Forwarder),
@@ -717,6 +717,7 @@ impl Report {
                     ratio(Contender::Forwarder, Contender::Pasta),
                     ratio(Contender::Forwarder, Contender::Kernel),
                     ratio(Contender::ForwarderEbpf, Contender::Forwarder),
+                    ratio(Contender::ForwarderEbpf, Contender::Kernel),
                 );
             }
             md.push('\n');

@@ -19,6 +19,35 @@
 //!   specified source, for a target that is not the guest's own, multicast or unspecified.
 //!   DAD probes (source `::`) stay with userspace, which defends only its own addresses.
 //!
+//! ## The flow fast path (`FEAT_FASTPATH`)
+//!
+//! Four programs carry the flows userspace decided at their first packet (the agent's
+//! `fastpath` module inserts a `REVERSE` entry, then a `FLOWS` entry):
+//!
+//! * `tap_egress`, before ARP/NDP: an IPv4 (no options, not a fragment) or IPv6 (no
+//!   extension header) TCP or UDP packet whose 5-tuple is in `FLOWS` gets its source
+//!   rewritten to the host address and reserved port and is redirected to the hidden
+//!   veth's namespace end. GSO super-packets pass whole.
+//! * `fp_host_ingress` (the veth's host end): `bpf_fib_lookup` in forwarder's namespace
+//!   (ingress semantics: forwarding is on for that device only), then `bpf_redirect` with
+//!   the MACs it found, or `bpf_redirect_neigh` when the neighbour is not resolved yet;
+//!   no route → dropped, counted `FastNoRoute`.
+//! * `uplink_ingress` (every uplink): a packet whose 5-tuple is in `REVERSE` gets its
+//!   destination rewritten to the guest's address and port, Ethernet from the gateway's MAC
+//!   to the guest's, and goes with `bpf_redirect_peer` to the veth's namespace end; every
+//!   other packet continues to the host's stack untouched.
+//! * `fp_ns_ingress`: what came from the gateway's MAC goes to the tap's ingress; nothing
+//!   else enters.
+//!
+//! Checksums are updated incrementally with the kernel's helpers (`bpf_l3_csum_replace`,
+//! `bpf_l4_csum_replace` with `BPF_F_PSEUDO_HDR` for addresses, `bpf_csum_diff` for
+//! IPv6's 16 bytes), which also handle offloaded (`CHECKSUM_PARTIAL`) and GSO packets; a
+//! UDP checksum of 0 stays 0 (`BPF_F_MARK_MANGLED_0`). Each hit updates the entry's
+//! `last_seen` and counters, and TCP FIN/RST set `SEEN_*` bits; a newly set bit is pushed
+//! on the `EVENTS` ring buffer for userspace's lifecycle (lost events are counted, and
+//! userspace also reads the entries every second). The counters are plain adds on shared
+//! entries: statistics, racy across CPUs by design.
+//!
 //! ## Rules
 //!
 //! All packet bytes are read and written through [`read`] and [`write`]: the kernel's

@@ -130,9 +130,11 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
 
-    /// Load forwarder's eBPF programs onto the tap (root in the initial user namespace):
-    /// ARP and NDP answered in the kernel. Where that is not possible forwarder says why in
-    /// one line and works in userspace as without it.
+    /// Load forwarder's eBPF programs (root in the initial user namespace): ARP and NDP
+    /// answered in the kernel, and TCP/UDP flows to the world carried by the kernel from
+    /// their first packet (a hidden veth, programs on the host's uplinks; the tap's MTU is
+    /// capped to the uplink's). Where that is not possible forwarder says why in one line
+    /// and works in userspace as without it.
     #[arg(long)]
     pub ebpf: bool,
 

@@ -23,6 +23,22 @@
 //! answering IPv6 and the NDP service; the log names what is active. What the program does
 //! not answer, userspace still does.
 //!
+//! ## The fast path's set-up (part 2; `fastpath` runs it)
+//!
+//! It needs TCX (6.6): netlink filters on the host's uplinks would outlive a killed
+//! forwarder and send replies of dead flows nowhere. In order: the veth pair is created
+//! from here (`netconf::create_veth`: host end `fwdfp<pid>` stays, `fwdns<pid>` moves into
+//! the namespace) with its reaper (`forwarder reap-link`, which deletes the host end when
+//! a pipe only this process holds ends — however forwarder ends); inside the namespace the
+//! veth end is hidden (no ARP, no IPv6), the programs are loaded with every index in the
+//! configuration, `tap_egress` and `fp_ns_ingress` attached, and the `AF_PACKET`
+//! re-injection socket bound to the tap; back here `fp_host_ingress` goes on the host end
+//! and `uplink_ingress` on every Ethernet interface but forwarder's own veths
+//! ([`Kernel::set_uplinks`], again at every rescan of the host's routes). The maps the data
+//! plane needs are taken out of the object ([`FastMaps`]). Any failure switches the fast
+//! path off (the configuration's bit cleared, the veth removed) with one `warn` line,
+//! ARP/NDP staying.
+//!
 //! ## Metrics
 //!
 //! The programs' per-CPU counters are summed into `bpf_*` counters next to the engine's in

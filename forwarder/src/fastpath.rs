@@ -42,7 +42,9 @@
 //!   (`--ebpf-grace`, default 60 s, the TIME_WAIT of the two ends) its forward entry, then
 //!   its reverse entry are deleted, and only then is its port released (socket closed);
 //! * a flow idle longer than its timeout (TCP [`TCP_IDLE`], UDP `--udp-timeout`) is ended
-//!   the same way, at once.
+//!   the same way, at once;
+//! * a flow whose host address is no longer the host's (a socket cannot be bound to it) is
+//!   ended at once: the guest's next packet reaches userspace, and a TCP one gets a RST.
 //!
 //! A SYN for a closing tuple (the guest reusing its port) reopens the same entry.
 //!
@@ -508,7 +510,24 @@ impl FastPath {
     fn scan(&mut self, now: Instant) {
         let mono = monotonic_ns();
         let mut end = Vec::new();
+        // A host address that is gone (the interface lost it): its flows cannot work any
+        // more; ending them now lets the guest's next packet get a RST from userspace.
+        let mut gone: Vec<IpAddr> = Vec::new();
+        let mut checked: Vec<IpAddr> = Vec::new();
+        for e in self.table.values() {
+            let ip = e.host.ip();
+            if !checked.contains(&ip) {
+                checked.push(ip);
+                if !is_local(ip) {
+                    gone.push(ip);
+                }
+            }
+        }
         for (key, e) in &mut self.table {
+            if gone.contains(&e.host.ip()) {
+                end.push((*key, false));
+                continue;
+            }
             let (f, r) = (
                 self.flows.get(key, 0).ok(),
                 self.reverse.get(&e.reverse, 0).ok(),
@@ -619,6 +638,25 @@ impl Drop for FastPath {
             warn!("fast path: entries left at exit");
         }
     }
+}
+
+/// Whether `ip` is still an address of this host: a socket can be bound to it.
+fn is_local(ip: IpAddr) -> bool {
+    let family = if ip.is_ipv6() {
+        AddressFamily::Inet6
+    } else {
+        AddressFamily::Inet
+    };
+    let Ok(probe) = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None) else {
+        return true;
+    };
+    !matches!(
+        bind(
+            probe.as_raw_fd(),
+            &SockaddrStorage::from(SocketAddr::new(ip, 0))
+        ),
+        Err(nix::errno::Errno::EADDRNOTAVAIL)
+    )
 }
 
 /// FIN both ways, or a RST.

@@ -312,15 +312,18 @@ pub fn mode_args() -> Vec<String> {
         .collect()
 }
 
+/// Whether this run passes `--ebpf` to every forwarder (`FORWARDER_TEST_ARGS`): flows to
+/// the remote are then carried by the kernel's fast path, not the engine.
+#[must_use]
+pub fn ebpf_mode() -> bool {
+    mode_args().iter().any(|a| a == "--ebpf")
+}
+
 /// The tap MTU forwarder gives the guest in this run's mode: 65520, or with `--ebpf` (whose
 /// fast path hands packets to the uplink as they are) the world's uplink MTU, 1500.
 #[must_use]
 pub fn expected_mtu() -> u32 {
-    if mode_args().iter().any(|a| a == "--ebpf") {
-        1500
-    } else {
-        65520
-    }
+    if ebpf_mode() { 1500 } else { 65520 }
 }
 
 /// The directory of the helper scripts (`tests/scripts`).

@@ -42,6 +42,11 @@ fn guest_ok(w: &World, guest: &str, cmd: &str, log: &std::path::Path) -> String 
     text(&out.stdout)
 }
 
+/// TCP flows handled, by the engine or (with `--ebpf`) handed to the kernel at their SYN.
+fn tcp_flows(stats: &str) -> u64 {
+    counter(stats, "tcp_flows") + counter(stats, "fast_tcp_flows")
+}
+
 /// Waits until forwarder's table is empty (flows are removed once both sides closed).
 fn wait_table_empty(pid: u32, log: &std::path::Path) -> String {
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -104,7 +109,7 @@ fn bulk_transfers(extra: &[&str], megabytes: usize) {
         assert_eq!(up.trim(), want, "upload via {host} corrupted");
     }
     let stats = wait_table_empty(pid, &log);
-    assert!(counter(&stats, "tcp_flows") >= 4, "{stats}");
+    assert!(tcp_flows(&stats) >= 4, "{stats}");
 }
 
 #[test]
@@ -118,6 +123,12 @@ fn curl_moves_100_mb_each_way_v4_and_v6_intact() {
 #[test]
 fn tcp_survives_5_percent_loss_on_the_tap() {
     if !privileged() {
+        return;
+    }
+    if forwarder_tests::ebpf_mode() {
+        eprintln!(
+            "SKIP with --ebpf: the loss hook drops tap frames, and fast-path flows never cross the tap"
+        );
         return;
     }
     // Every 20th frame each way is dropped: retransmission on both sides is exercised.
@@ -176,7 +187,7 @@ fn sequential_and_concurrent_connections_complete_and_table_empties() {
         assert_eq!(out.trim(), "ok 100");
     }
     let stats = wait_table_empty(pid, &log);
-    assert!(counter(&stats, "tcp_flows") >= 600, "{stats}");
+    assert!(tcp_flows(&stats) >= 600, "{stats}");
 }
 
 #[test]
@@ -245,7 +256,10 @@ fn refused_blackholed_denied_and_blocklisted_destinations() {
     let stats = World::stats(pid, &log);
     assert!(counter(&stats, "tcp_denied") >= 2, "{stats}");
     assert!(counter(&stats, "udp_denied") >= 1, "{stats}");
-    assert!(counter(&stats, "tcp_connect_failed") >= 2, "{stats}");
+    if !forwarder_tests::ebpf_mode() {
+        // With --ebpf the refused connections are the kernel's: the remote's RST crosses.
+        assert!(counter(&stats, "tcp_connect_failed") >= 2, "{stats}");
+    }
 }
 
 #[test]

@@ -140,8 +140,9 @@ fn run_integration() -> Result<()> {
     }
     let mut result = run(&mut e2e);
     if result.is_ok() && is_root() {
-        // Everything the foundation tests check must hold with the eBPF programs loaded.
-        println!("xtask: the foundation tests again, with --ebpf");
+        // Everything the foundation and translation tests check must hold with the eBPF
+        // programs loaded and the fast path carrying the flows to the remote.
+        println!("xtask: the foundation and translation tests again, with --ebpf");
         result = run(Command::new("cargo")
             .args([
                 "test",
@@ -149,6 +150,8 @@ fn run_integration() -> Result<()> {
                 "forwarder-tests",
                 "--test",
                 "foundation",
+                "--test",
+                "translation",
                 "--",
                 "--test-threads=2",
             ])

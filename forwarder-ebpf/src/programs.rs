@@ -7,7 +7,7 @@
 //! the bytes equal): it rewrites the request into the reply in place and redirects it to the
 //! tap's ingress (`bpf_redirect(tap, BPF_F_INGRESS)`), so the namespace receives it as if
 //! forwarder had written it. Everything else, and every case the program does not handle
-//! byte-for-byte like userspace, returns `TC_ACT_OK` untouched: userspace reads it from the
+//! byte-for-byte like userspace, is passed on untouched ([`PASS`]): userspace reads it from the
 //! tap as before.
 //!
 //! ## What is answered
@@ -59,7 +59,7 @@
 
 use aya_ebpf::bindings::{
     BPF_F_INGRESS, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH,
-    BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup as FibParams,
+    BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_SHOT, bpf_fib_lookup as FibParams,
 };
 use aya_ebpf::helpers::bpf_redirect;
 use aya_ebpf::helpers::generated::{
@@ -73,6 +73,12 @@ use forwarder_ebpf::{
     COUNTERS, Config, Counter, Event, FEAT_ARP, FEAT_FASTPATH, FEAT_NDP, FlowKey, FlowValue,
     MAX_FAST_FLOWS, ReverseValue, SEEN_FIN_IN, SEEN_FIN_OUT, SEEN_RST,
 };
+
+/// What every program returns for a packet it leaves alone: `TCX_NEXT` (`TC_ACT_UNSPEC`
+/// for netlink TC), so the next program on the hook runs, or the packet goes on as if no
+/// program were there. `TC_ACT_OK` would end a TCX chain: another forwarder's (or
+/// anyone's) program after ours on a shared uplink would never see the packet.
+const PASS: i32 = -1;
 
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -99,8 +105,8 @@ const NS_LEN: usize = 86;
 #[classifier]
 pub fn tap_egress(ctx: TcContext) -> i32 {
     count(Counter::TapEgressFrames);
-    let action = answer(&ctx).unwrap_or(TC_ACT_OK as i32);
-    if action == TC_ACT_OK as i32 {
+    let action = answer(&ctx).unwrap_or(PASS);
+    if action == PASS {
         count(Counter::Passed);
     }
     action
@@ -129,7 +135,7 @@ fn write<const N: usize>(ctx: &TcContext, off: usize, bytes: &[u8; N]) -> Result
 fn answer(ctx: &TcContext) -> Result<i32, ()> {
     let Some(cfg) = CONFIG.get(0) else {
         error!(ctx, "forwarder: CONFIG map is empty");
-        return Ok(TC_ACT_OK as i32);
+        return Ok(PASS);
     };
     let ethertype: [u8; 2] = read(ctx, 12)?;
     let len = ctx.len() as usize;
@@ -145,7 +151,7 @@ fn answer(ctx: &TcContext) -> Result<i32, ()> {
     if ethertype == [0x86, 0xdd] && cfg.flags & FEAT_NDP != 0 && len == NS_LEN {
         return ndp(ctx, cfg);
     }
-    Ok(TC_ACT_OK as i32)
+    Ok(PASS)
 }
 
 fn redirect(cfg: &Config, what: Counter) -> i32 {
@@ -158,7 +164,7 @@ fn arp(ctx: &TcContext, cfg: &Config) -> Result<i32, ()> {
     // Ethernet / IPv4, hardware length 6, protocol length 4, request.
     let head: [u8; 8] = read(ctx, 14)?;
     if head != [0, 1, 8, 0, 6, 4, 0, 1] {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(PASS);
     }
     let eth_src: [u8; 6] = read(ctx, 6)?;
     let sha: [u8; 6] = read(ctx, 22)?;
@@ -170,7 +176,7 @@ fn arp(ctx: &TcContext, cfg: &Config) -> Result<i32, ()> {
         || tpa == [255, 255, 255, 255]
         || tpa[0] & 0xf0 == 0xe0
     {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(PASS);
     }
     let m = cfg.gw_mac;
     // Ethernet: to the requester, from us; ARP reply from the target address, with our MAC.
@@ -231,13 +237,13 @@ fn ndp(ctx: &TcContext, cfg: &Config) -> Result<i32, ()> {
     // IPv6, payload 32 bytes of ICMPv6, hop limit 255.
     let ip: [u8; 8] = read(ctx, 14)?;
     if ip[0] >> 4 != 6 || ip[4] != 0 || ip[5] != 32 || ip[6] != 58 || ip[7] != 255 {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(PASS);
     }
     // Neighbour solicitation, code 0, with one source link-layer address option.
     let icmp: [u8; 8] = read(ctx, 54)?;
     let option: [u8; 8] = read(ctx, 78)?;
     if icmp[0] != 135 || icmp[1] != 0 || option[0] != 1 || option[1] != 1 {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(PASS);
     }
     let src: [u8; 16] = read(ctx, 22)?;
     let dst: [u8; 16] = read(ctx, 38)?;
@@ -250,10 +256,10 @@ fn ndp(ctx: &TcContext, cfg: &Config) -> Result<i32, ()> {
     sum = add_words(sum, &target);
     sum = add_words(sum, &option);
     if fold(sum) != 0xffff {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(PASS);
     }
     if is_zero(&src) || is_zero(&target) || target[0] == 0xff || same(&target, &cfg.guest6) {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(PASS);
     }
     let m = cfg.gw_mac;
     let eth_src: [u8; 6] = read(ctx, 6)?;
@@ -559,22 +565,22 @@ fn route_out(ctx: &TcContext) -> Result<i32, ()> {
 /// on to the host's stack untouched.
 #[classifier]
 pub fn uplink_ingress(ctx: TcContext) -> i32 {
-    fast_in(&ctx).unwrap_or(TC_ACT_OK as i32)
+    fast_in(&ctx).unwrap_or(PASS)
 }
 
 fn fast_in(ctx: &TcContext) -> Result<i32, ()> {
     let Some(cfg) = CONFIG.get(0) else {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(PASS);
     };
     if cfg.flags & FEAT_FASTPATH == 0 {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(PASS);
     }
     let ethertype: [u8; 2] = read(ctx, 12)?;
     let Some(p) = parse(ctx, ethertype)? else {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(PASS);
     };
     let Some(v) = REVERSE.get_ptr_mut(&p.key) else {
-        return Ok(TC_ACT_OK as i32);
+        return Ok(PASS);
     };
     // SAFETY: as in `fast_out`.
     let (guest_addr, guest_port, guest_mac) = unsafe {

@@ -653,7 +653,8 @@ mod tests {
 
     const ARP_REQUEST: &[u8] = include_bytes!("../src/wire/testdata/arp_request.bin");
     const NS: &[u8] = include_bytes!("../src/wire/testdata/ndp_ns.bin");
-    const TC_ACT_OK: u32 = 0;
+    /// `TCX_NEXT`: the programs pass what they leave alone to the next program.
+    const PASS: u32 = u32::MAX;
     const TC_ACT_REDIRECT: u32 = 7;
 
     fn can_run() -> bool {
@@ -840,7 +841,7 @@ mod tests {
         for frame in others {
             let (verdict, out) = test_tap_egress(&cfg(), &frame)
                 .unwrap_or_else(|e| panic!("{} bytes: {e:#}", frame.len()));
-            assert_eq!(verdict, TC_ACT_OK, "{frame:02x?}");
+            assert_eq!(verdict, PASS, "{frame:02x?}");
             assert_eq!(out, frame, "a passed frame was changed");
         }
     }
@@ -1028,9 +1029,9 @@ mod tests {
             &out,
         )
         .unwrap();
-        assert_eq!((verdict, &sent), (TC_ACT_OK, &out));
+        assert_eq!((verdict, &sent), (PASS, &out));
         let (verdict, sent) = test_program(&fast_cfg(), UPLINK_INGRESS, &[], &[], &out).unwrap();
-        assert_eq!((verdict, &sent), (TC_ACT_OK, &out));
+        assert_eq!((verdict, &sent), (PASS, &out));
         // Without the feature bit nothing is translated even on a hit.
         let fwd = key((guest, remote), (40000, 5201), true);
         let (verdict, _) = test_program(
@@ -1041,7 +1042,7 @@ mod tests {
             &out,
         )
         .unwrap();
-        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(verdict, PASS);
         // A UDP datagram without checksum (IPv4 allows it) keeps none after the rewrite.
         let mut udp = packet((guest, remote), (40000, 5201), false, (GUEST_MAC, gw));
         udp[40..42].copy_from_slice(&[0, 0]);

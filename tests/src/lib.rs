@@ -81,6 +81,8 @@ pub struct World {
     pub remote: String,
     /// A guest namespace created by [`World::add_guest`].
     pub guest: Option<String>,
+    /// More guest namespaces ([`World::add_another_guest`]), deleted with the world.
+    pub others: Vec<String>,
     children: Vec<Child>,
     /// Scratch directory for logs and scripts.
     pub dir: PathBuf,
@@ -98,6 +100,7 @@ impl World {
             host: format!("fwt-h-{tag}"),
             remote: format!("fwt-r-{tag}"),
             guest: None,
+            others: Vec::new(),
             children: vec![],
             dir,
         };
@@ -132,6 +135,20 @@ impl World {
         name
     }
 
+    /// Creates one more empty guest namespace, for a second forwarder on the same host.
+    pub fn add_another_guest(&mut self) -> String {
+        let name = format!(
+            "{}-{}",
+            self.host.replace("fwt-h-", "fwt-g-"),
+            self.others.len() + 2
+        );
+        sh_ok(&format!(
+            "ip netns add {name} && ip -n {name} link set lo up"
+        ));
+        self.others.push(name.clone());
+        name
+    }
+
     /// Runs `script` with `sh -c` inside namespace `ns`.
     #[must_use]
     pub fn run_in(&self, ns: &str, script: &str) -> Output {
@@ -145,7 +162,19 @@ impl World {
     /// Waits until the tap exists in the guest.
     pub fn start_attached(&mut self, extra: &[&str]) -> (u32, PathBuf) {
         let guest = self.guest.clone().expect("add_guest first");
-        let log = self.dir.join("forwarder.log");
+        self.start_attached_to(&guest, "forwarder.log", extra)
+    }
+
+    /// Like [`World::start_attached`], for guest namespace `guest`, logging to `log_name`
+    /// in the scratch directory.
+    pub fn start_attached_to(
+        &mut self,
+        guest: &str,
+        log_name: &str,
+        extra: &[&str],
+    ) -> (u32, PathBuf) {
+        let guest = guest.to_string();
+        let log = self.dir.join(log_name);
         let child = Command::new("ip")
             .args(["netns", "exec", &self.host])
             .arg(forwarder_bin())
@@ -271,9 +300,13 @@ impl Drop for World {
             let _ = child.kill();
             let _ = child.wait();
         }
+        for other in &self.others {
+            kill_all_in(other);
+        }
         for ns in [Some(&self.host), Some(&self.remote), self.guest.as_ref()]
             .into_iter()
             .flatten()
+            .chain(self.others.iter())
         {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }

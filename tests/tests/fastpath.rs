@@ -59,16 +59,20 @@ fn stat(api: &Path, name: &str) -> u64 {
 /// Starts forwarder with `--ebpf` and an API socket; waits until it serves and says the
 /// fast path is active.
 fn start(w: &mut World, extra: &[&str]) -> (u32, PathBuf, PathBuf) {
-    let api = w
-        .dir
-        .join(format!("api-{}.sock", w.dir.read_dir().unwrap().count()));
+    let guest = w.guest.clone().unwrap();
+    start_for(w, &guest, extra)
+}
+
+/// [`start`] for guest namespace `guest`, with a log file of its own.
+fn start_for(w: &mut World, guest: &str, extra: &[&str]) -> (u32, PathBuf, PathBuf) {
+    let n = w.dir.read_dir().unwrap().count();
+    let api = w.dir.join(format!("api-{n}.sock"));
     let mut args = vec!["--config-net", "--ebpf", "--api-socket"];
     let api_s = api.display().to_string();
     args.push(&api_s);
     args.extend_from_slice(extra);
-    // A fresh log: a previous run's lines must not answer the waits below.
-    let _ = std::fs::remove_file(w.dir.join("forwarder.log"));
-    let (pid, log) = w.start_attached(&args);
+    // A log of its own: a previous run's lines must not answer the waits below.
+    let (pid, log) = w.start_attached_to(guest, &format!("forwarder-{n}.log"), &args);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !read(&log).contains("forwarding tap=") {
         assert!(Instant::now() < deadline, "not serving:\n{}", read(&log));
@@ -413,4 +417,40 @@ fn kill_9_mid_transfer_leaves_nothing_and_the_next_start_is_clean() {
         read(&log)
     );
     assert_eq!(stat(&api, "fast_tcp_flows"), 2);
+}
+
+#[test]
+fn two_forwarders_share_the_uplink_and_each_carries_its_own_flows() {
+    if !privileged() {
+        return;
+    }
+    let mut w = World::new();
+    let first = w.add_guest();
+    let second = w.add_another_guest();
+    let remote = w.remote.clone();
+    w.tcp_echo(&remote, 7003);
+    w.udp_echo(&remote, "203.0.113.1", 7002);
+    let (_p1, log1, api1) = start_for(&mut w, &first, &[]);
+    let (_p2, log2, api2) = start_for(&mut w, &second, &[]);
+    // Each program passes what is not its own to the next one on the uplink (TCX_NEXT):
+    // the first forwarder's replies cross the second's program, attached in front of it.
+    for (guest, api, log) in [(&first, &api1, &log1), (&second, &api2, &log2)] {
+        let out = w.run_in(
+            guest,
+            &format!(
+                "python3 {} 203.0.113.1 7003 sequential 3 && python3 {} 203.0.113.1 7002 1 1400",
+                script("conn_client.py"),
+                script("udp_client.py")
+            ),
+        );
+        assert!(
+            out.status.success(),
+            "{guest}: {}\n{}",
+            text(&out.stderr),
+            read(log)
+        );
+        assert_eq!(stat(api, "fast_tcp_flows"), 3, "{guest}");
+        assert_eq!(stat(api, "fast_udp_flows"), 1, "{guest}");
+        assert_eq!(stat(api, "tcp_flows"), 0, "{guest}");
+    }
 }

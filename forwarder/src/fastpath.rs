@@ -17,8 +17,9 @@
 //!   which a connected UDP probe shows by choosing the destination itself as source (its
 //!   replies would never cross an uplink's ingress);
 //! * `--outbound-if` binds outbound sockets to a device (the kernel path follows the FIB);
-//! * the table holds [`MAX_FLOWS`] flows, or a map insert fails (map full): the flow stays
-//!   in userspace, counted `fast_declined_full`.
+//! * the table holds `--max-flows` flows (at most [`MAX_FLOWS`], the maps' size; each
+//!   holds one reservation socket), or a map insert fails (map full): the flow stays in
+//!   userspace, counted `fast_declined_full`.
 //!
 //! Otherwise the host port is reserved by binding a real socket of the flow's protocol to
 //! (source address the route picks — or `--outbound`'s —, port 0): the kernel chooses a
@@ -109,6 +110,8 @@ pub struct Settings {
     pub source6: Option<std::net::Ipv6Addr>,
     /// `--outbound-if` is set: nothing goes to the fast path.
     pub bound_to_device: bool,
+    /// `--max-flows`: the table's bound (at most [`MAX_FLOWS`], the maps' size).
+    pub max_flows: usize,
 }
 
 /// The fast path's counters.
@@ -340,7 +343,7 @@ impl FastPath {
             }
             return true;
         }
-        if self.table.len() >= MAX_FLOWS {
+        if self.table.len() >= self.settings.max_flows.min(MAX_FLOWS) {
             self.counters.declined_full += 1;
             return false;
         }

@@ -454,3 +454,37 @@ fn two_forwarders_share_the_uplink_and_each_carries_its_own_flows() {
         assert_eq!(stat(api, "tcp_flows"), 0, "{guest}");
     }
 }
+
+#[test]
+fn a_full_fast_path_table_sends_new_flows_to_userspace_which_serves_them() {
+    if !privileged() {
+        return;
+    }
+    let mut w = World::new();
+    w.add_guest();
+    let remote = w.remote.clone();
+    w.tcp_echo(&remote, 7003);
+    // Two kernel flows fill the table; closed, they keep it full for the grace period.
+    let (_pid, log, api) = start(&mut w, &["--max-flows", "2"]);
+    let guest = w.guest.clone().unwrap();
+    let out = w.run_in(
+        &guest,
+        &format!(
+            "python3 {} 203.0.113.1 7003 sequential 5",
+            script("conn_client.py")
+        ),
+    );
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stderr),
+        read(&log)
+    );
+    assert_eq!(stat(&api, "fast_tcp_flows"), 2);
+    assert_eq!(stat(&api, "fast_declined_full"), 3);
+    assert_eq!(
+        stat(&api, "tcp_flows"),
+        3,
+        "the rest went through userspace"
+    );
+}

@@ -8,7 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use forwarder_tests::{World, ctl, forwarder_bin, privileged, read, scripts, text};
@@ -47,6 +47,17 @@ fn flows(api: &Path) -> Vec<Row> {
             }
         })
         .collect()
+}
+
+/// An iperf3 upload of `secs` seconds from `guest` to the remote, running in the background.
+fn upload(guest: &str, secs: u32) -> Child {
+    Command::new("ip")
+        .args(["netns", "exec", guest, "iperf3", "-c", "203.0.113.1", "-t"])
+        .arg(secs.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 fn stat(api: &Path, name: &str) -> u64 {
@@ -130,21 +141,7 @@ fn tcp_and_udp_to_the_remote_ride_the_kernel_v4_and_v6() {
     let (_pid, log, api) = start(&mut w, &["--ebpf-grace", "2"]);
 
     // A 4-second upload; looked at while it runs.
-    let iperf = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &guest,
-            "iperf3",
-            "-c",
-            "203.0.113.1",
-            "-t",
-            "4",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let iperf = upload(&guest, 4);
     std::thread::sleep(Duration::from_millis(1500));
     let during = flows(&api);
     let data = during
@@ -364,21 +361,7 @@ fn kill_9_mid_transfer_leaves_nothing_and_the_next_start_is_clean() {
             .status
             .success()
     );
-    let mut iperf = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &guest,
-            "iperf3",
-            "-c",
-            "203.0.113.1",
-            "-t",
-            "20",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut iperf = upload(&guest, 20);
     std::thread::sleep(Duration::from_millis(1500));
     assert!(stat(&api, "fast_flows") >= 1);
     Command::new("kill")

@@ -143,11 +143,13 @@ pub enum Counter {
     FastNoRoute = 6,
     /// Events lost because the ring buffer was full (the 1 s scan still sees the state).
     EventsLost = 7,
+    /// ICMP errors about fast-path flows translated into the namespace.
+    FastIcmpIn = 8,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::TapEgressFrames,
         Self::ArpAnswered,
         Self::NdpAnswered,
@@ -156,6 +158,7 @@ impl Counter {
         Self::FastIn,
         Self::FastNoRoute,
         Self::EventsLost,
+        Self::FastIcmpIn,
     ];
 
     /// Name in forwarder's statistics.
@@ -170,12 +173,13 @@ impl Counter {
             Self::FastIn => "bpf_fast_in",
             Self::FastNoRoute => "bpf_fast_no_route",
             Self::EventsLost => "bpf_events_lost",
+            Self::FastIcmpIn => "bpf_fast_icmp_in",
         }
     }
 }
 
 /// Number of entries in the `STATS` map.
-pub const COUNTERS: u32 = 8;
+pub const COUNTERS: u32 = 9;
 
 /// Name of the tap egress program in the object.
 pub const TAP_EGRESS: &str = "tap_egress";

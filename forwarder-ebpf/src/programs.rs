@@ -577,7 +577,7 @@ fn fast_in(ctx: &TcContext) -> Result<i32, ()> {
     }
     let ethertype: [u8; 2] = read(ctx, 12)?;
     let Some(p) = parse(ctx, ethertype)? else {
-        return Ok(PASS);
+        return icmp_error_in(ctx, cfg, ethertype);
     };
     let Some(v) = REVERSE.get_ptr_mut(&p.key) else {
         return Ok(PASS);
@@ -615,6 +615,133 @@ fn fast_in(ctx: &TcContext) -> Result<i32, ()> {
     eth[6..].copy_from_slice(&cfg.gw_mac);
     write(ctx, 0, &eth)?;
     count(Counter::FastIn);
+    // SAFETY: a plain helper call; the kernel checks the index and that it is a veth.
+    Ok(unsafe { bpf_redirect_peer(cfg.fp_host_ifindex, 0) as i32 })
+}
+
+/// `uplink_ingress`, an ICMP error (IPv4 destination unreachable, time exceeded, parameter
+/// problem; ICMPv6 1–4, packet too big included) quoting a packet of a fast-path flow: the
+/// quoted packet left from the host address and reserved port, so the error is translated
+/// back — outer destination, quoted source address and port — and sent into the namespace
+/// like the flow's replies. The guest's stack then fails a connect at once, or learns the
+/// path MTU, as on a routed path. Everything else passes.
+fn icmp_error_in(ctx: &TcContext, cfg: &Config, ethertype: [u8; 2]) -> Result<i32, ()> {
+    // Offsets: outer IP at 14; ICMP header; quoted IP header; quoted ports.
+    let (icmp, quoted, ports, family) = if ethertype == ETH_IP4 {
+        let h: [u8; 20] = read(ctx, 14)?;
+        if h[0] != 0x45 || h[9] != 1 || h[6] & 0x3f != 0 || h[7] != 0 {
+            return Ok(PASS);
+        }
+        (34, 42, 62, 4)
+    } else if ethertype == ETH_IP6 {
+        let h: [u8; 8] = read(ctx, 14)?;
+        if h[0] >> 4 != 6 || h[6] != 58 {
+            return Ok(PASS);
+        }
+        (54, 62, 102, 6)
+    } else {
+        return Ok(PASS);
+    };
+    let t: [u8; 1] = read(ctx, icmp)?;
+    let error = if family == 4 {
+        matches!(t[0], 3 | 11 | 12)
+    } else {
+        matches!(t[0], 1..=4)
+    };
+    if !error {
+        return Ok(PASS);
+    }
+    let mut key = FlowKey {
+        family,
+        ..FlowKey::default()
+    };
+    // The quoted packet went host → remote; the reverse key is remote → host.
+    let (qsrc, qcsum) = if family == 4 {
+        let q: [u8; 20] = read(ctx, quoted)?;
+        if q[0] != 0x45 {
+            return Ok(PASS);
+        }
+        key.proto = q[9];
+        key.daddr[..4].copy_from_slice(&q[12..16]);
+        key.saddr[..4].copy_from_slice(&q[16..20]);
+        (quoted + 12, Some(quoted + 10))
+    } else {
+        let q: [u8; 40] = read(ctx, quoted)?;
+        key.proto = q[6];
+        key.daddr.copy_from_slice(&q[8..24]);
+        key.saddr.copy_from_slice(&q[24..40]);
+        (quoted + 8, None)
+    };
+    if key.proto != TCP && key.proto != UDP {
+        return Ok(PASS);
+    }
+    let p: [u8; 4] = read(ctx, ports)?;
+    key.dport = [p[0], p[1]];
+    key.sport = [p[2], p[3]];
+    let Some(v) = REVERSE.get_ptr(&key) else {
+        return Ok(PASS);
+    };
+    // SAFETY: a pointer into the map's value for this key, valid for this program run.
+    let (guest_addr, guest_port, guest_mac) =
+        unsafe { ((*v).guest_addr, (*v).guest_port, (*v).guest_mac) };
+    let icmp_csum = icmp + 2;
+    if family == 4 {
+        let (host, guest) = (words(&key.daddr)[0], words(&guest_addr)[0]);
+        if host != guest {
+            // Outer destination: the IPv4 header's checksum compensates (ICMP has no
+            // pseudo-header). Quoted source: the quoted header's checksum compensates, so
+            // the ICMP checksum over it is unchanged.
+            ctx.l3_csum_replace(IP4_CSUM, u64::from(host), u64::from(guest), 4)
+                .map_err(|_| ())?;
+            write(
+                ctx,
+                30,
+                &[guest_addr[0], guest_addr[1], guest_addr[2], guest_addr[3]],
+            )?;
+            if let Some(off) = qcsum {
+                ctx.l3_csum_replace(off, u64::from(host), u64::from(guest), 4)
+                    .map_err(|_| ())?;
+            }
+            write(
+                ctx,
+                qsrc,
+                &[guest_addr[0], guest_addr[1], guest_addr[2], guest_addr[3]],
+            )?;
+        }
+    } else if !same(&key.daddr, &guest_addr) {
+        // ICMPv6's checksum covers the pseudo-header (outer destination) and the quoted
+        // source alike.
+        let mut from = words(&key.daddr);
+        let mut to = words(&guest_addr);
+        // SAFETY: both buffers are 16 bytes on this program's stack.
+        let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) };
+        if diff < 0 {
+            return Err(());
+        }
+        ctx.l4_csum_replace(icmp_csum, 0, diff as u64, u64::from(BPF_F_PSEUDO_HDR))
+            .map_err(|_| ())?;
+        write(ctx, 38, &guest_addr)?;
+        ctx.l4_csum_replace(icmp_csum, 0, diff as u64, 0)
+            .map_err(|_| ())?;
+        write(ctx, qsrc, &guest_addr)?;
+    }
+    // The quoted source port: only the ICMP checksum covers it here (the quoted transport
+    // checksum is not checked by receivers of ICMP errors).
+    if key.dport != guest_port {
+        ctx.l4_csum_replace(
+            icmp_csum,
+            u64::from(u16::from_ne_bytes(key.dport)),
+            u64::from(u16::from_ne_bytes(guest_port)),
+            2,
+        )
+        .map_err(|_| ())?;
+        write(ctx, ports, &guest_port)?;
+    }
+    let mut eth = [0u8; 12];
+    eth[..6].copy_from_slice(&guest_mac);
+    eth[6..].copy_from_slice(&cfg.gw_mac);
+    write(ctx, 0, &eth)?;
+    count(Counter::FastIcmpIn);
     // SAFETY: a plain helper call; the kernel checks the index and that it is a veth.
     Ok(unsafe { bpf_redirect_peer(cfg.fp_host_ifindex, 0) as i32 })
 }

@@ -1008,6 +1008,140 @@ mod tests {
         }
     }
 
+    /// An ICMP destination-unreachable from `remote` to `host`, quoting a packet `host`:`port`
+    /// → `remote`:5201 (UDP, or TCP's first 8 bytes).
+    fn icmp_error(
+        host: std::net::IpAddr,
+        remote: std::net::IpAddr,
+        port: u16,
+        tcp: bool,
+    ) -> Vec<u8> {
+        use crate::wire::build::{self, Payload};
+        use crate::wire::{EthernetAddress, IpProtocol};
+        let mut quote = [0u8; 8];
+        quote[..2].copy_from_slice(&port.to_be_bytes());
+        quote[2..4].copy_from_slice(&5201u16.to_be_bytes());
+        let next_header = if tcp {
+            IpProtocol::Tcp
+        } else {
+            IpProtocol::Udp
+        };
+        let macs = (EthernetAddress([6; 6]), EthernetAddress([7; 6]));
+        let mut out = Vec::new();
+        match (host, remote) {
+            (std::net::IpAddr::V4(h), std::net::IpAddr::V4(r)) => {
+                let repr = crate::wire::Icmpv4Repr::DstUnreachable {
+                    reason: smoltcp::wire::Icmpv4DstUnreachable::PortUnreachable,
+                    header: crate::wire::Ipv4Repr {
+                        src_addr: h,
+                        dst_addr: r,
+                        next_header,
+                        payload_len: 8,
+                        hop_limit: 64,
+                    },
+                    data: &quote,
+                };
+                build::ipv4(&mut out, macs, (r, h), 64, &Payload::Icmpv4(repr)).unwrap();
+            }
+            (std::net::IpAddr::V6(h), std::net::IpAddr::V6(r)) => {
+                let repr = crate::wire::Icmpv6Repr::PktTooBig {
+                    mtu: 1280,
+                    header: smoltcp::wire::Ipv6Repr {
+                        src_addr: h,
+                        dst_addr: r,
+                        next_header,
+                        payload_len: 8,
+                        hop_limit: 64,
+                    },
+                    data: &quote,
+                };
+                build::ipv6(
+                    &mut out,
+                    macs,
+                    (r, h),
+                    64,
+                    &Payload::Icmpv6 { repr, options: &[] },
+                )
+                .unwrap();
+            }
+            _ => unreachable!(),
+        }
+        out
+    }
+
+    #[test]
+    fn icmp_errors_about_fast_path_flows_reach_the_guest_translated() {
+        if !can_run() {
+            return;
+        }
+        let gw = network().our_mac.0;
+        for (guest, remote, host) in [
+            ("198.51.100.2", "203.0.113.1", "203.0.113.77"),
+            ("198.51.100.2", "203.0.113.1", "198.51.100.2"),
+            ("2001:db8:1::2", "2001:db8:2::1", "2001:db8:9::77"),
+        ] {
+            let (guest, remote, host): (std::net::IpAddr, std::net::IpAddr, std::net::IpAddr) = (
+                guest.parse().unwrap(),
+                remote.parse().unwrap(),
+                host.parse().unwrap(),
+            );
+            for tcp in [true, false] {
+                let what = format!("{guest} via {host}, tcp {tcp}");
+                let frame = icmp_error(host, remote, 55555, tcp);
+                let rev = key((remote, host), (5201, 55555), tcp);
+                let value = forwarder_ebpf::ReverseValue {
+                    guest_addr: bytes16(guest),
+                    guest_port: 40000u16.to_be_bytes(),
+                    guest_mac: GUEST_MAC,
+                    ..Default::default()
+                };
+                let (verdict, back) =
+                    test_program(&fast_cfg(), UPLINK_INGRESS, &[], &[(rev, value)], &frame)
+                        .unwrap();
+                assert_eq!(verdict, TC_ACT_REDIRECT, "{what}");
+                assert_eq!(back[..12], [GUEST_MAC, gw].concat(), "{what}");
+                // The packet layer verifies the outer, ICMP and quoted IPv4 checksums.
+                let parsed = crate::wire::parse(&back).unwrap_or_else(|e| panic!("{what}: {e:?}"));
+                let text = format!("{parsed:?}");
+                let g = guest.to_string();
+                assert!(
+                    text.matches(&g).count() >= 2,
+                    "{what}: outer and quoted: {text}"
+                );
+                assert!(
+                    !text.contains(&host.to_string()) || host == guest,
+                    "{what}: {text}"
+                );
+                let quoted_port = if guest.is_ipv4() {
+                    14 + 20 + 8 + 20
+                } else {
+                    14 + 40 + 8 + 40
+                };
+                assert_eq!(
+                    back[quoted_port..quoted_port + 2],
+                    40000u16.to_be_bytes(),
+                    "{what}"
+                );
+                if guest.is_ipv4() {
+                    // The quoted IPv4 header's own checksum still holds.
+                    let q = back.get(42..62).unwrap();
+                    assert_eq!(
+                        crate::wire::checksum::sum(q),
+                        0xffff,
+                        "{what}: quoted header"
+                    );
+                    assert_eq!(q[12..16], bytes16(guest)[..4], "{what}");
+                }
+                // Another flow's error passes on.
+                let other = key((remote, host), (5201, 55556), tcp);
+                let (verdict, same) =
+                    test_program(&fast_cfg(), UPLINK_INGRESS, &[], &[(other, value)], &frame)
+                        .unwrap();
+                assert_eq!((verdict, &same), (PASS, &frame), "{what}");
+            }
+        }
+    }
+
     #[test]
     fn the_fast_path_passes_misses_untouched_and_keeps_a_zero_udp_checksum() {
         if !can_run() {

@@ -471,3 +471,50 @@ fn a_full_fast_path_table_sends_new_flows_to_userspace_which_serves_them() {
         "the rest went through userspace"
     );
 }
+
+#[test]
+fn icmp_errors_about_kernel_flows_reach_the_guest_at_once() {
+    if !privileged() {
+        return;
+    }
+    let mut w = World::new();
+    w.add_guest();
+    let remote = w.remote.clone();
+    // The remote routes, and has no route to these: it answers with ICMP unreachable.
+    forwarder_tests::sh_ok(&format!(
+        "ip netns exec {remote} sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 && \
+         ip -n {remote} route add unreachable 203.0.113.96/28 && \
+         ip -n {remote} -6 route add unreachable 2001:db8:3::/64"
+    ));
+    let (_pid, log, api) = start(&mut w, &[]);
+    let guest = w.guest.clone().unwrap();
+    for addr in ["203.0.113.100", "2001:db8:3::1"] {
+        let family = if addr.contains(':') {
+            "AF_INET6"
+        } else {
+            "AF_INET"
+        };
+        let started = Instant::now();
+        let out = w.run_in(
+            &guest,
+            &format!(
+                "python3 -c 'import socket\n\
+                 s=socket.socket(socket.{family}); s.settimeout(10)\n\
+                 try:\n  s.connect((\"{addr}\", 80))\nexcept OSError as e: print(type(e).__name__, e.errno)'"
+            ),
+        );
+        let said = text(&out.stdout);
+        assert!(
+            said.contains("113") || said.contains("HostUnreachable") || said.contains("101"),
+            "{addr}: {said}{}\n{}",
+            text(&out.stderr),
+            read(&log)
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{addr}: the error came late"
+        );
+    }
+    assert_eq!(stat(&api, "fast_tcp_flows"), 2, "both were the kernel's");
+    assert!(stat(&api, "bpf_fast_icmp_in") >= 2);
+}

@@ -34,8 +34,10 @@
 //!   no route → dropped, counted `FastNoRoute`.
 //! * `uplink_ingress` (every uplink): a packet whose 5-tuple is in `REVERSE` gets its
 //!   destination rewritten to the guest's address and port, Ethernet from the gateway's MAC
-//!   to the guest's, and goes with `bpf_redirect_peer` to the veth's namespace end; every
-//!   other packet continues to the host's stack untouched.
+//!   to the guest's, and goes with `bpf_redirect_peer` to the veth's namespace end. An ICMP
+//!   error quoting a fast-path flow's packet is translated back the same way (outer
+//!   destination, quoted source address and port; `icmp_error_in`). Every other packet
+//!   continues to the host's stack untouched.
 //! * `fp_ns_ingress`: what came from the gateway's MAC goes to the tap's ingress; nothing
 //!   else enters.
 //!

@@ -51,14 +51,13 @@
 //!
 //! ## ICMP errors
 //!
-//! The programs carry TCP and UDP only; an ICMP error about a fast-path flow reaches the
-//! host's stack. For UDP the reservation is a socket connected to the remote, so the kernel
-//! queues the error on it: the socket is registered with the poller
-//! ([`FIRST_TOKEN`] + the flow's number), and [`FastPath::socket_error`] hands it to the
-//! engine, which sends the guest the same ICMP error the userspace path would (port
-//! unreachable → `ECONNREFUSED` in the guest). A TCP reservation is not connected: errors
-//! about a TCP flow are not relayed, the guest's connection times out instead of failing at
-//! once (a RST from the remote does arrive: it is a TCP packet).
+//! `uplink_ingress` translates ICMP errors that quote a fast-path flow and sends them to the
+//! guest. One it cannot parse (a quoted IPv4 header with options) reaches the host's stack:
+//! for UDP the reservation is a socket connected to the remote, so the kernel queues the
+//! error on it; the socket is registered with the poller ([`FIRST_TOKEN`] + the flow's
+//! number), and [`FastPath::socket_error`] hands it to the engine, which sends the guest the
+//! same ICMP error the userspace path would. A TCP reservation is not connected: such an
+//! error about a TCP flow is lost.
 //!
 //! ## Counters
 //!

@@ -43,7 +43,8 @@
 //!   (`--ebpf-grace`, default 60 s, the TIME_WAIT of the two ends) its forward entry, then
 //!   its reverse entry are deleted, and only then is its port released (socket closed);
 //! * a flow idle longer than its timeout (TCP [`TCP_IDLE`], UDP `--udp-timeout`) is ended
-//!   the same way, at once;
+//!   the same way, at once, and so is a TCP flow the remote has not answered at all
+//!   [`NO_REPLY_TIMEOUT`] after its SYN;
 //! * a flow whose host address is no longer the host's (a socket cannot be bound to it) is
 //!   ended at once: the guest's next packet reaches userspace, and a TCP one gets a RST.
 //!
@@ -86,6 +87,9 @@ use crate::flow::{Key, Protocol};
 pub const MAX_FLOWS: usize = MAX_FAST_FLOWS as usize;
 /// Idle timeout of an established fast-path TCP flow (no packet either way).
 pub const TCP_IDLE: Duration = Duration::from_secs(7200);
+/// A TCP flow with no packet from the remote this long after its SYN is ended (Linux gives
+/// up a connect after about 127 s of SYN retries).
+pub const NO_REPLY_TIMEOUT: Duration = Duration::from_secs(135);
 /// Default grace period between a TCP flow's close and the release of its port.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(60);
 /// How often entries are read for state and idleness.
@@ -164,6 +168,7 @@ struct Entry {
     reserve: OwnedFd,
     state: u32,
     closing: Option<Instant>,
+    created: Instant,
 }
 
 /// The userspace half of the fast path (see the module's theory of operation).
@@ -427,6 +432,7 @@ impl FastPath {
                 reserve,
                 state: 0,
                 closing: None,
+                created: Instant::now(),
             },
         );
         true
@@ -543,19 +549,16 @@ impl FastPath {
             if closed(e.state) && e.closing.is_none() {
                 e.closing = Some(now);
             }
-            if e.closing
-                .is_some_and(|t| now.saturating_duration_since(t) >= self.settings.grace)
-            {
-                end.push((*key, true));
-                continue;
-            }
-            let idle = match e.protocol {
-                Protocol::Tcp => TCP_IDLE,
-                _ => self.settings.udp_idle,
+            let seen = Seen {
+                closing_for: e.closing.map(|t| now.saturating_duration_since(t)),
+                idle_for: Duration::from_nanos(mono.saturating_sub(f.last_seen.max(r.last_seen))),
+                age: now.saturating_duration_since(e.created),
+                replies: r.packets,
             };
-            let last = f.last_seen.max(r.last_seen);
-            if Duration::from_nanos(mono.saturating_sub(last)) >= idle {
-                end.push((*key, false));
+            match fate(e.protocol, &seen, &self.settings) {
+                Fate::Keep => {}
+                Fate::Closed => end.push((*key, true)),
+                Fate::Expired => end.push((*key, false)),
             }
         }
         for (key, was_closed) in end {
@@ -661,6 +664,48 @@ fn is_local(ip: IpAddr) -> bool {
     )
 }
 
+/// What the scan knows of a flow.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    /// How long since it was seen closed (FIN both ways or RST), if it was.
+    closing_for: Option<Duration>,
+    /// How long since its last packet either way.
+    idle_for: Duration,
+    /// How long since it was handed to the kernel.
+    age: Duration,
+    /// Packets from the remote so far.
+    replies: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    Keep,
+    /// Closed and past the grace period.
+    Closed,
+    /// Idle, or never answered.
+    Expired,
+}
+
+/// The scan's rule for one flow: closed flows go after the grace period, idle ones after
+/// their protocol's timeout, and a TCP flow the remote never answered after
+/// [`NO_REPLY_TIMEOUT`] (its SYN retries are over; without this rule a guest sending SYNs to
+/// silent addresses would hold ports and entries for [`TCP_IDLE`]).
+fn fate(protocol: Protocol, seen: &Seen, settings: &Settings) -> Fate {
+    if seen.closing_for.is_some_and(|d| d >= settings.grace) {
+        return Fate::Closed;
+    }
+    let idle = match protocol {
+        Protocol::Tcp => TCP_IDLE,
+        _ => settings.udp_idle,
+    };
+    if seen.idle_for >= idle
+        || (protocol == Protocol::Tcp && seen.replies == 0 && seen.age >= NO_REPLY_TIMEOUT)
+    {
+        return Fate::Expired;
+    }
+    Fate::Keep
+}
+
 /// FIN both ways, or a RST.
 fn closed(state: u32) -> bool {
     state & SEEN_RST != 0 || state & (SEEN_FIN_OUT | SEEN_FIN_IN) == (SEEN_FIN_OUT | SEEN_FIN_IN)
@@ -730,6 +775,40 @@ mod tests {
         let e = parse_event(&bytes).unwrap();
         assert_eq!((e.key.saddr[0], e.key.proto, e.state), (198, 6, SEEN_RST));
         assert!(parse_event(&bytes[..43]).is_none());
+    }
+
+    #[test]
+    fn the_scan_ends_closed_idle_and_unanswered_flows_and_keeps_the_rest() {
+        let settings = Settings {
+            grace: Duration::from_secs(60),
+            udp_idle: Duration::from_secs(180),
+            ..Settings::default()
+        };
+        let s = |closing: Option<u64>, idle: u64, age: u64, replies: u64| Seen {
+            closing_for: closing.map(Duration::from_secs),
+            idle_for: Duration::from_secs(idle),
+            age: Duration::from_secs(age),
+            replies,
+        };
+        let tcp = |seen| fate(Protocol::Tcp, &seen, &settings);
+        let udp = |seen| fate(Protocol::Udp, &seen, &settings);
+        assert_eq!(tcp(s(None, 0, 10, 5)), Fate::Keep);
+        assert_eq!(
+            tcp(s(Some(59), 59, 100, 5)),
+            Fate::Keep,
+            "within the grace period"
+        );
+        assert_eq!(tcp(s(Some(60), 60, 100, 5)), Fate::Closed);
+        assert_eq!(tcp(s(None, 7199, 8000, 5)), Fate::Keep, "idle under 2 h");
+        assert_eq!(tcp(s(None, 7200, 8000, 5)), Fate::Expired);
+        assert_eq!(
+            tcp(s(None, 1, 134, 0)),
+            Fate::Keep,
+            "SYN retries still running"
+        );
+        assert_eq!(tcp(s(None, 1, 135, 0)), Fate::Expired, "never answered");
+        assert_eq!(udp(s(None, 1, 1000, 0)), Fate::Keep, "UDP needs no answer");
+        assert_eq!(udp(s(None, 180, 1000, 3)), Fate::Expired);
     }
 
     #[test]

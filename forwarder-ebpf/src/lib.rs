@@ -46,6 +46,10 @@ pub const SEEN_FIN_OUT: u32 = 1 << 0;
 pub const SEEN_FIN_IN: u32 = 1 << 1;
 /// A RST from either side.
 pub const SEEN_RST: u32 = 1 << 2;
+/// In an [`Event`] only: a SYN (without ACK) from the guest on a flow with bits set — the
+/// guest opened a new connection on a closing flow's tuple; the forward entry's bits were
+/// cleared.
+pub const SEEN_SYN: u32 = 1 << 3;
 
 /// A flow's 5-tuple. Forward entries (`FLOWS`) are keyed as the namespace sends
 /// (guest → remote); reverse entries (`REVERSE`) as the host receives the replies

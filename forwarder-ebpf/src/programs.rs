@@ -73,7 +73,7 @@ use aya_ebpf::programs::TcContext;
 use aya_log_ebpf::error;
 use forwarder_ebpf::{
     COUNTERS, Config, Counter, Event, FEAT_ARP, FEAT_FASTPATH, FEAT_NDP, FlowKey, FlowValue,
-    MAX_FAST_FLOWS, ReverseValue, SEEN_FIN_IN, SEEN_FIN_OUT, SEEN_RST,
+    MAX_FAST_FLOWS, ReverseValue, SEEN_FIN_IN, SEEN_FIN_OUT, SEEN_RST, SEEN_SYN,
 };
 
 /// What every program returns for a packet it leaves alone: `TCX_NEXT` (`TC_ACT_UNSPEC`
@@ -297,6 +297,8 @@ const TCP: u8 = 6;
 const UDP: u8 = 17;
 const TCP_FIN: u8 = 0x01;
 const TCP_RST: u8 = 0x04;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 const IP4_CSUM: usize = 14 + 10;
 
 /// A TCP or UDP packet's 5-tuple and where its fields are.
@@ -489,7 +491,11 @@ fn fast_out(ctx: &TcContext, cfg: &Config, p: &Parsed) -> Result<Option<i32>, ()
         (*v).packets += 1;
         (*v).bytes += p.len;
         let bits = seen(p, SEEN_FIN_OUT);
-        if bits & !(*v).state != 0 {
+        if p.flags & (TCP_SYN | TCP_ACK) == TCP_SYN && (*v).state != 0 {
+            // A new connection on a closing flow's tuple: open again.
+            (*v).state = 0;
+            report(&p.key, SEEN_SYN);
+        } else if bits & !(*v).state != 0 {
             (*v).state |= bits;
             report(&p.key, bits);
         }

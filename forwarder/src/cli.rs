@@ -143,6 +143,11 @@ pub struct Args {
     #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub ebpf_grace: u64,
 
+    /// With --ebpf: at most N flows carried by the kernel at once (the maps hold 65536);
+    /// more go through userspace. Every flow, kernel or not, also counts in --max-flows.
+    #[arg(long, value_name = "N", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub ebpf_max_flows: u32,
+
     /// Carry the namespace's flows to GUESTIP:PORT to HOSTIP:HOSTPORT on the host
     /// (repeatable): [tcp|udp://][GUESTIP:]PORT[:HOSTIP:HOSTPORT], IPv6 in brackets. GUESTIP
     /// defaults to the gateway (IPv6 gateway if the spec holds an IPv6 address), HOSTIP to the
@@ -391,6 +396,7 @@ impl Args {
             api_socket: self.api_socket,
             ebpf: self.ebpf,
             ebpf_grace: Duration::from_secs(self.ebpf_grace),
+            ebpf_max_flows: self.ebpf_max_flows as usize,
         })
     }
 

@@ -52,6 +52,8 @@ pub struct Config {
     pub ebpf: bool,
     /// `--ebpf-grace`: how long a closed fast-path flow keeps its entries and port.
     pub ebpf_grace: Duration,
+    /// `--ebpf-max-flows`: the kernel's share of the flow table.
+    pub ebpf_max_flows: usize,
 }
 
 /// The namespace forwarder serves.

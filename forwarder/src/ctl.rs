@@ -170,7 +170,7 @@ fn print_flows(ret: &Value) {
     {
         println!(
             "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}p/{}B\t{}p/{}B",
-            text(f, "id"),
+            n(f, "id"),
             text(f, "protocol"),
             text(f, "path"),
             text(f, "state"),

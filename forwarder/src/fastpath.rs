@@ -6,6 +6,13 @@
 //! is taken while the engine handles the first packet. The kernel half is
 //! `forwarder-ebpf/src/programs.rs`; the set-up (veth, programs, uplinks) is `ebpf`.
 //!
+//! The flows themselves are the engine's: a kernel flow is an entry of the one flow table
+//! (`engine::Detail::Kernel`, same [`FlowId`]), the maps are its projection into the
+//! kernel, and this module keeps per flow only what the kernel side needs — the two map
+//! keys, the reservation socket, the state bits seen — like `io::Sockets` keeps a
+//! userspace flow's socket. It reports closing and release to the engine
+//! (`KernelEvent`), which updates and removes the flow.
+//!
 //! ## The decision (at the first packet, never later)
 //!
 //! The engine asks ([`crate::engine::Host::fast_path`]) for a TCP SYN or the first UDP
@@ -17,9 +24,10 @@
 //!   which a connected UDP probe shows by choosing the destination itself as source (its
 //!   replies would never cross an uplink's ingress);
 //! * `--outbound-if` binds outbound sockets to a device (the kernel path follows the FIB);
-//! * the table holds `--max-flows` flows (at most [`MAX_FLOWS`], the maps' size; each
-//!   holds one reservation socket), or a map insert fails (map full): the flow stays in
-//!   userspace, counted `fast_declined_full`.
+//! * the kernel carries `--ebpf-max-flows` flows already (at most [`MAX_FLOWS`], the
+//!   maps' size; each holds one reservation socket), or a map insert fails (map full): the
+//!   flow stays in userspace, counted `fast_declined_full`. (Kernel flows are entries of
+//!   the engine's one table too, so `--max-flows` bounds them with the rest.)
 //!
 //! Otherwise the host port is reserved by binding a real socket of the flow's protocol to
 //! (source address the route picks — or `--outbound`'s —, port 0): the kernel chooses a
@@ -48,7 +56,9 @@
 //! * a flow whose host address is no longer the host's (a socket cannot be bound to it) is
 //!   ended at once: the guest's next packet reaches userspace, and a TCP one gets a RST.
 //!
-//! A SYN for a closing tuple (the guest reusing its port) reopens the same entry.
+//! A new connection on a closing flow's tuple (the guest reusing its port): `tap_egress`
+//! sees the SYN hit, clears the forward entry's bits and reports `SEEN_SYN`; the flow is
+//! open again here and its reverse entry's bits are cleared.
 //!
 //! ## ICMP errors
 //!
@@ -74,14 +84,16 @@ use std::time::{Duration, Instant};
 use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
 use forwarder_ebpf::{
     Event, FlowKey, FlowValue, MAX_FAST_FLOWS, ReverseValue, SEEN_FIN_IN, SEEN_FIN_OUT, SEEN_RST,
+    SEEN_SYN,
 };
 use nix::sys::socket::{
     AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, getsockname, socket,
 };
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::ebpf::FastMaps;
-use crate::flow::{Key, Protocol};
+use crate::engine::KernelEvent;
+use crate::flow::{FlowId, Key, Protocol};
 
 /// Flows carried by the kernel at once (the maps' size).
 pub const MAX_FLOWS: usize = MAX_FAST_FLOWS as usize;
@@ -113,7 +125,8 @@ pub struct Settings {
     pub source6: Option<std::net::Ipv6Addr>,
     /// `--outbound-if` is set: nothing goes to the fast path.
     pub bound_to_device: bool,
-    /// `--max-flows`: the table's bound (at most [`MAX_FLOWS`], the maps' size).
+    /// `--ebpf-max-flows`: how many flows the kernel carries at once (at most
+    /// [`MAX_FLOWS`], the maps' size).
     pub max_flows: usize,
 }
 
@@ -138,30 +151,11 @@ pub struct Counters {
     pub events: u64,
 }
 
-/// One fast-path flow, as listed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FlowInfo {
-    /// Forwarder's id of the flow (`k` + number in listings).
-    pub id: u64,
-    /// TCP or UDP.
-    pub protocol: Protocol,
-    /// The guest's address and port.
-    pub guest: SocketAddr,
-    /// The destination.
-    pub remote: SocketAddr,
-    /// The host address and reserved port it leaves from.
-    pub host: SocketAddr,
-    /// Packets and bytes out of the namespace.
-    pub out: (u64, u64),
-    /// Packets and bytes into the namespace.
-    pub into: (u64, u64),
-    /// "open", "closing".
-    pub state: &'static str,
-}
-
+/// The kernel side of one fast-path flow: its entries' keys and its reservation. The
+/// flow itself is the engine's (`Detail::Kernel`), keyed by the same [`FlowId`].
 struct Entry {
-    id: u64,
     protocol: Protocol,
+    forward: FlowKey,
     reverse: FlowKey,
     host: SocketAddr,
     /// The reservation: closing it frees the port.
@@ -177,12 +171,11 @@ pub struct FastPath {
     reverse: BpfHashMap<MapData, FlowKey, ReverseValue>,
     events: RingBuf<MapData>,
     inject: OwnedFd,
-    table: HashMap<FlowKey, Entry>,
-    next_id: u64,
+    table: HashMap<FlowId, Entry>,
+    /// The flow of each forward key, for the ring buffer's events.
+    by_key: HashMap<FlowKey, FlowId>,
     settings: Settings,
     next_scan: Instant,
-    /// Forward keys of the UDP flows whose reservation is registered, by number.
-    by_id: HashMap<u64, FlowKey>,
     registry: Option<mio::Registry>,
     /// Counters.
     pub counters: Counters,
@@ -208,14 +201,6 @@ fn addr_bytes(addr: IpAddr) -> [u8; 16] {
         IpAddr::V6(a) => b = a.octets(),
     }
     b
-}
-
-fn addr_of(bytes: [u8; 16], v4: bool) -> IpAddr {
-    if v4 {
-        IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])
-    } else {
-        IpAddr::from(bytes)
-    }
 }
 
 fn proto_number(p: Protocol) -> u8 {
@@ -250,6 +235,10 @@ fn monotonic_ns() -> u64 {
     })
 }
 
+fn token(flow: FlowId) -> mio::Token {
+    mio::Token(FIRST_TOKEN.0 + usize::try_from(flow.0).unwrap_or(0))
+}
+
 impl FastPath {
     /// Takes the maps and socket `ebpf::start` prepared.
     ///
@@ -263,10 +252,9 @@ impl FastPath {
             events: RingBuf::try_from(maps.events)?,
             inject: maps.inject,
             table: HashMap::new(),
-            next_id: 1,
+            by_key: HashMap::new(),
             settings,
             next_scan: now + SCAN_INTERVAL,
-            by_id: HashMap::new(),
             registry: None,
             counters: Counters::default(),
         })
@@ -275,35 +263,6 @@ impl FastPath {
     /// The poller UDP reservations register with (their ICMP errors are relayed).
     pub fn set_registry(&mut self, registry: mio::Registry) {
         self.registry = Some(registry);
-    }
-
-    /// The error queued on UDP flow `id`'s reservation (an ICMP error from the network), as
-    /// the engine's key of the flow and the error; `None` when there is none.
-    pub fn socket_error(&mut self, id: u64) -> Option<(Key, std::io::Error)> {
-        let key = *self.by_id.get(&id)?;
-        let e = self.table.get(&key)?;
-        let fd = e.reserve.as_raw_fd();
-        let code = nix::sys::socket::getsockopt(&e.reserve, nix::sys::socket::sockopt::SocketError)
-            .ok()?;
-        // Nothing should be queued (replies never reach the host's stack); drain anyway.
-        let mut sink = [0u8; 64];
-        while nix::sys::socket::recv(fd, &mut sink, nix::sys::socket::MsgFlags::MSG_DONTWAIT)
-            .is_ok()
-        {}
-        if code == 0 {
-            return None;
-        }
-        let v4 = key.family == 4;
-        Some((
-            Key {
-                protocol: Protocol::Udp,
-                guest_addr: addr_of(key.saddr, v4),
-                guest_port: u16::from_be_bytes(key.sport),
-                remote_addr: addr_of(key.daddr, v4),
-                remote_port: u16::from_be_bytes(key.dport),
-            },
-            std::io::Error::from_raw_os_error(code),
-        ))
     }
 
     /// The ring buffer's descriptor, for the poller.
@@ -324,44 +283,33 @@ impl FastPath {
         self.table.is_empty()
     }
 
-    /// Decides the first packet of flow `key` (see the theory of operation): `true` when
-    /// the kernel carries it from now on and the frame must be re-injected.
-    pub fn claim(&mut self, key: &Key, guest_mac: [u8; 6]) -> bool {
+    /// Decides the first packet of new flow `flow` with key `key` (see the theory of
+    /// operation): the host address and port it leaves from when the kernel carries it
+    /// from now on (the frame must then be re-injected), `None` when it stays in userspace.
+    pub fn claim(&mut self, flow: FlowId, key: &Key, guest_mac: [u8; 6]) -> Option<SocketAddr> {
         if self.settings.bound_to_device || key.protocol == Protocol::Icmp {
-            return false;
+            return None;
         }
         let fwd = forward_key(key);
-        if let Some(e) = self.table.get_mut(&fwd) {
-            // A retransmitted first packet, or the guest reusing a closing tuple.
-            if e.closing.is_some() || e.state != 0 {
-                e.closing = None;
-                e.state = 0;
-                if let Ok(mut v) = self.flows.get(&fwd, 0) {
-                    v.state = 0;
-                    let _ = self.flows.insert(fwd, v, 0);
-                }
-                if let Ok(mut v) = self.reverse.get(&e.reverse, 0) {
-                    v.state = 0;
-                    let _ = self.reverse.insert(e.reverse, v, 0);
-                }
-            }
-            return true;
+        if self.by_key.contains_key(&fwd) {
+            // The engine's table has no flow for this key (it asked), so this is stale.
+            return None;
         }
         if self.table.len() >= self.settings.max_flows.min(MAX_FLOWS) {
             self.counters.declined_full += 1;
-            return false;
+            return None;
         }
         let remote = SocketAddr::new(key.remote_addr, key.remote_port);
         let (reserve, host) = match self.reserve(key.protocol, remote) {
             Ok(Some(r)) => r,
             Ok(None) => {
                 self.counters.declined_local += 1;
-                return false;
+                return None;
             }
             Err(err) => {
                 debug!(%err, %remote, "fast path: reserving a port failed");
                 self.counters.failed += 1;
-                return false;
+                return None;
             }
         };
         let reverse = FlowKey {
@@ -390,43 +338,36 @@ impl FastPath {
         if let Err(err) = self.reverse.insert(reverse, rev_value, BPF_NOEXIST) {
             debug!(%err, "fast path: reverse entry refused");
             self.counters.declined_full += 1;
-            return false;
+            return None;
         }
         if let Err(err) = self.flows.insert(fwd, fwd_value, BPF_NOEXIST) {
             debug!(%err, "fast path: forward entry refused");
             let _ = self.reverse.remove(&reverse);
             self.counters.declined_full += 1;
-            return false;
+            return None;
         }
-        let id = self.next_id;
-        self.next_id += 1;
-        match key.protocol {
-            Protocol::Tcp => self.counters.tcp_claimed += 1,
-            _ => {
-                self.counters.udp_claimed += 1;
-                if let Some(r) = &self.registry {
-                    let token = mio::Token(FIRST_TOKEN.0 + usize::try_from(id).unwrap_or(0));
-                    match r.register(
-                        &mut mio::unix::SourceFd(&reserve.as_raw_fd()),
-                        token,
-                        mio::Interest::READABLE,
-                    ) {
-                        Ok(()) => {
-                            self.by_id.insert(id, fwd);
-                        }
-                        Err(err) => {
-                            debug!(%err, "fast path: ICMP errors of this flow are not relayed");
-                        }
-                    }
-                }
+        if key.protocol == Protocol::Tcp {
+            self.counters.tcp_claimed += 1;
+        } else {
+            self.counters.udp_claimed += 1;
+            // Errors about the flow the programs do not translate are queued on it.
+            if let Some(r) = &self.registry
+                && let Err(err) = r.register(
+                    &mut mio::unix::SourceFd(&reserve.as_raw_fd()),
+                    token(flow),
+                    mio::Interest::READABLE,
+                )
+            {
+                debug!(%err, "fast path: ICMP errors of this flow are not relayed");
             }
         }
-        debug!(fast = id, guest = %SocketAddr::new(key.guest_addr, key.guest_port), %remote, %host, "new fast-path flow");
+        debug!(flow = flow.0, guest = %SocketAddr::new(key.guest_addr, key.guest_port), %remote, %host, "new kernel flow");
+        self.by_key.insert(fwd, flow);
         self.table.insert(
-            fwd,
+            flow,
             Entry {
-                id,
                 protocol: key.protocol,
+                forward: fwd,
                 reverse,
                 host,
                 reserve,
@@ -435,7 +376,7 @@ impl FastPath {
                 created: Instant::now(),
             },
         );
-        true
+        Some(host)
     }
 
     /// Reserves a host port for a flow to `remote`: `None` when `remote` is host-local.
@@ -489,33 +430,102 @@ impl FastPath {
         }
     }
 
-    /// Drains the ring buffer, and at most once per [`SCAN_INTERVAL`] scans the entries.
-    pub fn poll(&mut self, now: Instant) {
+    /// Sends a datagram of UDP flow `flow` from its reservation (what reached userspace of
+    /// a kernel flow: a datagram the guest fragmented). `None` when `flow` is not ours.
+    pub fn send(&self, flow: FlowId, data: &[u8]) -> Option<std::io::Result<()>> {
+        let e = self.table.get(&flow)?;
+        if e.protocol != Protocol::Udp {
+            return None;
+        }
+        Some(
+            nix::sys::socket::send(
+                e.reserve.as_raw_fd(),
+                data,
+                nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+            )
+            .map(|_| ())
+            .map_err(std::io::Error::from),
+        )
+    }
+
+    /// The error queued on UDP flow `flow`'s reservation (an ICMP error from the network
+    /// the programs did not translate); `None` when there is none.
+    pub fn socket_error(&mut self, flow: FlowId) -> Option<std::io::Error> {
+        let e = self.table.get(&flow)?;
+        let code = nix::sys::socket::getsockopt(&e.reserve, nix::sys::socket::sockopt::SocketError)
+            .ok()?;
+        // Nothing should be queued (replies never reach the host's stack); drain anyway.
+        let mut sink = [0u8; 64];
+        while nix::sys::socket::recv(
+            e.reserve.as_raw_fd(),
+            &mut sink,
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        )
+        .is_ok()
+        {}
+        (code != 0).then(|| std::io::Error::from_raw_os_error(code))
+    }
+
+    /// Packets and bytes out of and into the namespace of flow `flow`, read from its
+    /// entries.
+    #[must_use]
+    pub fn counters_of(&self, flow: FlowId) -> Option<[u64; 4]> {
+        let e = self.table.get(&flow)?;
+        let f = self.flows.get(&e.forward, 0).unwrap_or_default();
+        let r = self.reverse.get(&e.reverse, 0).unwrap_or_default();
+        Some([f.packets, f.bytes, r.packets, r.bytes])
+    }
+
+    /// Drains the ring buffer, and at most once per [`SCAN_INTERVAL`] scans the entries;
+    /// returns what the engine must learn: flows now closing, flows ended.
+    pub fn poll(&mut self, now: Instant) -> Vec<(FlowId, KernelEvent)> {
+        let mut out = Vec::new();
+        // At most the ring's size in events (256 KiB of 48-byte records).
+        let mut events = Vec::new();
         while let Some(item) = self.events.next() {
-            if item.len() < size_of::<Event>() {
-                continue;
-            }
-            let Some(event) = parse_event(&item) else {
+            events.extend(parse_event(&item));
+        }
+        for event in events {
+            self.counters.events += 1;
+            let Some(flow) = self.by_key.get(&event.key).copied() else {
                 continue;
             };
-            drop(item);
-            self.counters.events += 1;
-            if let Some(e) = self.table.get_mut(&event.key) {
+            if event.state & SEEN_SYN != 0 {
+                self.reopen(flow);
+                continue;
+            }
+            if let Some(e) = self.table.get_mut(&flow) {
                 e.state |= event.state;
                 if closed(e.state) && e.closing.is_none() {
                     e.closing = Some(now);
+                    out.push((flow, KernelEvent::Closing));
                 }
             }
         }
         if now >= self.next_scan {
             self.next_scan = now + SCAN_INTERVAL;
-            self.scan(now);
+            self.scan(now, &mut out);
+        }
+        out
+    }
+
+    /// The guest opened a connection again on a closing flow's tuple (the program saw its
+    /// SYN and cleared the forward entry's bits): the flow is open again.
+    fn reopen(&mut self, flow: FlowId) {
+        let Some(e) = self.table.get_mut(&flow) else {
+            return;
+        };
+        e.state = 0;
+        e.closing = None;
+        if let Ok(mut v) = self.reverse.get(&e.reverse, 0) {
+            v.state = 0;
+            let _ = self.reverse.insert(e.reverse, v, 0);
         }
     }
 
     /// Reads every entry's state and last packet; ends closed flows after the grace
-    /// period and idle ones at once.
-    fn scan(&mut self, now: Instant) {
+    /// period, idle and unanswered ones at once.
+    fn scan(&mut self, now: Instant, out: &mut Vec<(FlowId, KernelEvent)>) {
         let mono = monotonic_ns();
         let mut end = Vec::new();
         // A host address that is gone (the interface lost it): its flows cannot work any
@@ -531,23 +541,24 @@ impl FastPath {
                 }
             }
         }
-        for (key, e) in &mut self.table {
+        for (flow, e) in &mut self.table {
             if gone.contains(&e.host.ip()) {
-                end.push((*key, false));
+                end.push((*flow, false));
                 continue;
             }
             let (f, r) = (
-                self.flows.get(key, 0).ok(),
+                self.flows.get(&e.forward, 0).ok(),
                 self.reverse.get(&e.reverse, 0).ok(),
             );
             let (Some(f), Some(r)) = (f, r) else {
                 // Deleted behind our back: nothing carries it any more.
-                end.push((*key, false));
+                end.push((*flow, false));
                 continue;
             };
             e.state |= f.state | r.state;
             if closed(e.state) && e.closing.is_none() {
                 e.closing = Some(now);
+                out.push((*flow, KernelEvent::Closing));
             }
             let seen = Seen {
                 closing_for: e.closing.map(|t| now.saturating_duration_since(t)),
@@ -557,12 +568,13 @@ impl FastPath {
             };
             match fate(e.protocol, &seen, &self.settings) {
                 Fate::Keep => {}
-                Fate::Closed => end.push((*key, true)),
-                Fate::Expired => end.push((*key, false)),
+                Fate::Closed => end.push((*flow, true)),
+                Fate::Expired => end.push((*flow, false)),
             }
         }
-        for (key, was_closed) in end {
-            self.remove(&key);
+        for (flow, was_closed) in end {
+            self.remove(flow);
+            out.push((flow, KernelEvent::Ended));
             if was_closed {
                 self.counters.closed += 1;
             } else {
@@ -572,75 +584,26 @@ impl FastPath {
     }
 
     /// Ends a flow: forward entry, reverse entry, then the port.
-    fn remove(&mut self, key: &FlowKey) {
-        if let Some(e) = self.table.remove(key) {
-            let _ = self.flows.remove(key);
+    fn remove(&mut self, flow: FlowId) {
+        if let Some(e) = self.table.remove(&flow) {
+            self.by_key.remove(&e.forward);
+            let _ = self.flows.remove(&e.forward);
             let _ = self.reverse.remove(&e.reverse);
-            if self.by_id.remove(&e.id).is_some()
+            if e.protocol == Protocol::Udp
                 && let Some(r) = &self.registry
             {
                 let _ = r.deregister(&mut mio::unix::SourceFd(&e.reserve.as_raw_fd()));
             }
-            debug!(fast = e.id, host = %e.host, "fast-path flow ended");
+            debug!(flow = flow.0, host = %e.host, "kernel flow released");
         }
-    }
-
-    /// The flows, with the kernel's counters.
-    #[must_use]
-    pub fn flows(&self) -> Vec<FlowInfo> {
-        self.table
-            .iter()
-            .map(|(key, e)| {
-                let f = self.flows.get(key, 0).unwrap_or_default();
-                let r = self.reverse.get(&e.reverse, 0).unwrap_or_default();
-                let v4 = key.family == 4;
-                FlowInfo {
-                    id: e.id,
-                    protocol: e.protocol,
-                    guest: SocketAddr::new(addr_of(key.saddr, v4), u16::from_be_bytes(key.sport)),
-                    remote: SocketAddr::new(addr_of(key.daddr, v4), u16::from_be_bytes(key.dport)),
-                    host: e.host,
-                    out: (f.packets, f.bytes),
-                    into: (r.packets, r.bytes),
-                    state: if e.closing.is_some() {
-                        "closing"
-                    } else {
-                        "open"
-                    },
-                }
-            })
-            .collect()
-    }
-
-    /// The counters with their names, for `stats`.
-    #[must_use]
-    pub fn counter_list(&self) -> Vec<(String, u64)> {
-        let c = &self.counters;
-        [
-            ("fast_flows", self.table.len() as u64),
-            ("fast_tcp_claimed", c.tcp_claimed),
-            ("fast_udp_claimed", c.udp_claimed),
-            ("fast_declined_local", c.declined_local),
-            ("fast_declined_full", c.declined_full),
-            ("fast_failed", c.failed),
-            ("fast_closed", c.closed),
-            ("fast_expired", c.expired),
-            ("fast_events", c.events),
-        ]
-        .into_iter()
-        .map(|(n, v)| (n.to_string(), v))
-        .collect()
     }
 }
 
 impl Drop for FastPath {
     fn drop(&mut self) {
-        let keys: Vec<FlowKey> = self.table.keys().copied().collect();
-        for key in keys {
-            self.remove(&key);
-        }
-        if !self.table.is_empty() {
-            warn!("fast path: entries left at exit");
+        let flows: Vec<FlowId> = self.table.keys().copied().collect();
+        for flow in flows {
+            self.remove(flow);
         }
     }
 }
@@ -760,8 +723,11 @@ mod tests {
         });
         assert_eq!((k6.proto, k6.family), (17, 6));
         assert_eq!(
-            addr_of(k6.daddr, false),
-            "2001:db8:2::1".parse::<IpAddr>().unwrap()
+            k6.daddr,
+            "2001:db8:2::1"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets()
         );
     }
 

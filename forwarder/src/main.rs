@@ -147,7 +147,7 @@ fn run(args: Args) -> Result<ExitCode> {
                     source4: cfg.io.outbound.v4,
                     source6: cfg.io.outbound.v6,
                     bound_to_device: cfg.io.outbound.iface.is_some(),
-                    max_flows: cfg.max_flows,
+                    max_flows: cfg.ebpf_max_flows,
                 },
                 Instant::now(),
             )

@@ -447,8 +447,9 @@ fn a_full_fast_path_table_sends_new_flows_to_userspace_which_serves_them() {
     w.add_guest();
     let remote = w.remote.clone();
     w.tcp_echo(&remote, 7003);
-    // Two kernel flows fill the table; closed, they keep it full for the grace period.
-    let (_pid, log, api) = start(&mut w, &["--max-flows", "2"]);
+    // Two kernel flows fill the kernel's share; closed, they keep it full for the grace
+    // period.
+    let (_pid, log, api) = start(&mut w, &["--ebpf-max-flows", "2"]);
     let guest = w.guest.clone().unwrap();
     let out = w.run_in(
         &guest,
@@ -517,4 +518,66 @@ fn icmp_errors_about_kernel_flows_reach_the_guest_at_once() {
     }
     assert_eq!(stat(&api, "fast_tcp_flows"), 2, "both were the kernel's");
     assert!(stat(&api, "bpf_fast_icmp_in") >= 2);
+}
+
+#[test]
+fn a_new_connection_on_a_closing_flows_tuple_keeps_the_flow() {
+    if !privileged() {
+        return;
+    }
+    let mut w = World::new();
+    w.add_guest();
+    let remote = w.remote.clone();
+    // Echoes lines; closes first (so the guest's side ends without TIME_WAIT and can reuse
+    // its port) when it gets "bye".
+    let server = w.dir.join("line_server.py");
+    std::fs::write(
+        &server,
+        "import socket\n\
+         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('203.0.113.1', 7010)); s.listen()\n\
+         while True:\n\
+         \x20   c, _ = s.accept(); f = c.makefile('rb')\n\
+         \x20   for line in f:\n\
+         \x20       c.sendall(line)\n\
+         \x20       if line == b'bye\\n': break\n\
+         \x20   f.close(); c.close()\n",
+    )
+    .unwrap();
+    w.serve(&remote, &format!("exec python3 {}", server.display()));
+    w.wait_listening(&remote, 7010, false);
+    let (_pid, log, api) = start(&mut w, &["--ebpf-grace", "2"]);
+    let guest = w.guest.clone().unwrap();
+    // Two connections from the same port; the second opens while the first's flow is
+    // closing and lives past the grace period.
+    let client = "import socket, time\n\
+         def conn():\n\
+         \x20   s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         \x20   s.bind(('0.0.0.0', 45123)); s.settimeout(5); s.connect(('203.0.113.1', 7010))\n\
+         \x20   return s\n\
+         s = conn(); s.sendall(b'bye\\n'); assert s.recv(10) == b'bye\\n'; assert s.recv(10) == b''\n\
+         s.close(); time.sleep(0.5)\n\
+         s = conn(); s.sendall(b'a\\n'); assert s.recv(10) == b'a\\n'\n\
+         time.sleep(4.5)\n\
+         s.sendall(b'b\\n'); assert s.recv(10) == b'b\\n', 'the flow was released under it'\n\
+         s.sendall(b'bye\\n'); assert s.recv(10) == b'bye\\n'\n\
+         print('ok')\n";
+    std::fs::write(w.dir.join("client.py"), client).unwrap();
+    let out = w.run_in(
+        &guest,
+        &format!("python3 {}", w.dir.join("client.py").display()),
+    );
+    assert!(
+        out.status.success() && text(&out.stdout).trim() == "ok",
+        "{}{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr),
+        read(&log)
+    );
+    assert_eq!(
+        stat(&api, "fast_tcp_flows"),
+        1,
+        "one kernel flow, opened twice"
+    );
+    assert_eq!(stat(&api, "fast_stray"), 0);
 }

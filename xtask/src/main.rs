@@ -156,7 +156,8 @@ fn run_integration() -> Result<()> {
                 "--test-threads=2",
             ])
             .env("FORWARDER_REQUIRE_PRIVILEGED", "1")
-            .env("FORWARDER_TEST_ARGS", "--ebpf"));
+            // A short grace period: the tests wait for closed flows to leave the table.
+            .env("FORWARDER_TEST_ARGS", "--ebpf --ebpf-grace 1"));
     }
     sweep_stale_namespaces();
     result

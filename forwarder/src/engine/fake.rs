@@ -177,13 +177,14 @@ impl Host for FakeHost {
         self.via.push((flow, listener));
     }
 
-    fn fast_path(&mut self, key: &crate::flow::Key, _mac: crate::wire::EthernetAddress) -> bool {
-        match &mut self.fast {
-            Some(keys) => {
-                keys.push(*key);
-                true
-            }
-            None => false,
-        }
+    fn fast_path(
+        &mut self,
+        _flow: FlowId,
+        key: &crate::flow::Key,
+        _mac: crate::wire::EthernetAddress,
+    ) -> Option<SocketAddr> {
+        let keys = self.fast.as_mut()?;
+        keys.push(*key);
+        Some(SocketAddr::new(key.guest_addr, 50000))
     }
 }

@@ -146,12 +146,18 @@ pub trait Host {
     /// Makes `flow`'s datagrams go out through forwarded-port socket `listener` to `peer`
     /// (the client whose datagram opened the flow).
     fn udp_reply_via(&mut self, flow: FlowId, listener: usize, peer: SocketAddr);
-    /// Offers the first packet of flow `key` (a TCP SYN or a first UDP datagram, to a
-    /// destination the policy passes unmapped) to the kernel's fast path (`--ebpf`):
-    /// `true` when the kernel carries the flow from this packet on, and the engine keeps
-    /// nothing of it. Without a fast path, `false`.
-    fn fast_path(&mut self, _key: &Key, _guest_mac: EthernetAddress) -> bool {
-        false
+    /// Offers the first packet of new flow `flow` (a TCP SYN or a first UDP datagram, to a
+    /// destination the policy passes unmapped) to the kernel's fast path (`--ebpf`): the
+    /// host address and port it leaves from when the kernel carries the flow from this
+    /// packet on (the flow stays in the table as [`Detail::Kernel`]). Without a fast path,
+    /// `None`.
+    fn fast_path(
+        &mut self,
+        _flow: FlowId,
+        _key: &Key,
+        _guest_mac: EthernetAddress,
+    ) -> Option<SocketAddr> {
+        None
     }
 }
 
@@ -164,6 +170,19 @@ pub enum Detail {
     Udp(udp::Conn),
     /// A TCP flow.
     Tcp(Box<tcp::Conn>),
+    /// A TCP or UDP flow the kernel's fast path carries (`--ebpf`), leaving the host from
+    /// this address and port. Its packets never reach the engine; its end is reported by
+    /// the shell ([`Engine::handle_kernel_flow`]).
+    Kernel(SocketAddr),
+}
+
+/// What the fast path reports about one of its flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelEvent {
+    /// FIN both ways or a RST was seen: the flow waits for its grace period.
+    Closing,
+    /// Its entries and port are released: the flow is gone.
+    Ended,
 }
 
 /// Translation settings beyond the address plan.
@@ -250,6 +269,11 @@ impl Engine {
     pub fn stats(&self) -> Stats {
         let mut s = self.stats.clone();
         s.flows_open = self.flows.len() as u64;
+        s.fast_flows = self
+            .flows
+            .iter()
+            .filter(|(_, f)| matches!(f.ext, Detail::Kernel(_)))
+            .count() as u64;
         s.tx_queue_full = self.tx.dropped;
         s.frames_out = self.tx.queued;
         s

@@ -116,6 +116,9 @@ counters! {
     fast_expired,
     /// FIN/RST events read from the programs' ring buffer.
     fast_events,
+    /// Segments of kernel-carried TCP flows that reached userspace (not parsed by the
+    /// programs, e.g. IPv4 options): dropped.
+    fast_stray,
     /// Frames dropped because the transmit queue was full.
     tx_queue_full,
 }

@@ -209,6 +209,16 @@ impl Engine {
             remote_port: seg.dst_port,
         };
         if let Some(flow) = self.flows.lookup(&key) {
+            if matches!(
+                self.flows.get(flow).map(|f| &f.ext),
+                Some(Detail::Kernel(_))
+            ) {
+                // The kernel carries this connection; a segment of it reaching userspace is
+                // one the programs do not parse (IP options): there is no translation state
+                // to give it, and answering would disturb the connection.
+                self.stats.fast_stray += 1;
+                return;
+            }
             self.flows.touch(flow, now);
             self.with_tcp(now, flow, host, |conn, cx| conn.on_segment(cx, seg));
             if !self.acks.contains(&flow) {
@@ -244,7 +254,7 @@ impl Engine {
             refuse(self);
             return;
         }
-        if target == (dst, seg.dst_port) && !self.reassembled_now && host.fast_path(&key, src_mac) {
+        if target == (dst, seg.dst_port) && self.offer_to_kernel(now, key, target, src_mac, host) {
             self.stats.fast_tcp_flows += 1;
             return;
         }
@@ -311,9 +321,8 @@ impl Engine {
                     }
                 };
                 if target == (dst, dport)
-                    && !self.reassembled_now
                     && let Some(mac) = self.guest_mac
-                    && host.fast_path(&key, mac)
+                    && self.offer_to_kernel(now, key, target, mac, host)
                 {
                     self.stats.fast_udp_flows += 1;
                     return;
@@ -405,6 +414,8 @@ impl Engine {
             Detail::Tcp(_) => {
                 self.with_tcp(now, flow, host, |conn, cx| conn.on_timer(cx, last_seen));
             }
+            // The shell ends kernel flows; they have no engine timer.
+            Detail::Kernel(_) => self.flows.set_deadline(flow, None),
         }
     }
 
@@ -474,6 +485,7 @@ impl Engine {
             Detail::Echo => Some(f.last_seen + flow::ICMP_IDLE),
             Detail::Udp(_) => Some(f.last_seen + self.udp_idle),
             Detail::Tcp(conn) => conn.deadline(f.last_seen),
+            Detail::Kernel(_) => None,
         };
         self.flows.set_deadline(flow, deadline);
     }
@@ -494,12 +506,67 @@ impl Engine {
     }
 
     /// Sends an ICMP destination-unreachable to the guest about a datagram of `key`.
-    /// An error the network sent about a UDP flow the kernel's fast path carries (queued
-    /// on its reservation socket): the guest gets the ICMP error the userspace path would
-    /// send it.
-    pub fn handle_fast_path_error(&mut self, key: &Key, err: &io::Error) {
-        if let Some(kind) = udp::icmp_for(err) {
-            self.send_unreachable(key, 0, kind);
+    /// Offers new flow `key` to the kernel's fast path; `true` when the kernel carries it
+    /// (the flow is in the table as [`Detail::Kernel`]). A reassembled datagram is not one
+    /// frame the fast path could re-inject: its flow stays in userspace.
+    fn offer_to_kernel(
+        &mut self,
+        now: Instant,
+        key: Key,
+        target: (IpAddr, u16),
+        mac: EthernetAddress,
+        host: &mut dyn Host,
+    ) -> bool {
+        if self.reassembled_now {
+            return false;
+        }
+        let unset = SocketAddr::from(([0, 0, 0, 0], 0));
+        let Ok(flow) = self.flows.insert(now, key, target, Detail::Kernel(unset)) else {
+            return false;
+        };
+        match host.fast_path(flow, &key, mac) {
+            Some(addr) => {
+                if let Some(f) = self.flows.get_mut(flow) {
+                    f.ext = Detail::Kernel(addr);
+                    f.state = State::Active;
+                }
+                true
+            }
+            None => {
+                self.flows.remove(flow);
+                false
+            }
+        }
+    }
+
+    /// What the fast path reports about kernel flow `flow`: closing, or gone (its entries
+    /// and port released).
+    pub fn handle_kernel_flow(&mut self, flow: FlowId, event: super::KernelEvent) {
+        match (event, self.flows.get_mut(flow)) {
+            (super::KernelEvent::Closing, Some(f)) if matches!(f.ext, Detail::Kernel(_)) => {
+                f.state = State::Closing;
+            }
+            (super::KernelEvent::Ended, Some(f)) if matches!(f.ext, Detail::Kernel(_)) => {
+                debug!(flow = flow.0, "kernel flow ended");
+                self.flows.remove(flow);
+            }
+            _ => self.stats.stale_host_events += 1,
+        }
+    }
+
+    /// An error the network sent about UDP flow `flow` that the kernel's fast path carries
+    /// (queued on its reservation socket): the guest gets the ICMP error the userspace path
+    /// would send it.
+    pub fn handle_fast_path_error(&mut self, flow: FlowId, err: &io::Error) {
+        let Some(f) = self.flows.get(flow) else {
+            self.stats.stale_host_events += 1;
+            return;
+        };
+        let key = f.key;
+        if key.protocol == Protocol::Udp
+            && let Some(kind) = udp::icmp_for(err)
+        {
+            self.send_unreachable(&key, 0, kind);
         }
     }
 

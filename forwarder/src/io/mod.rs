@@ -107,8 +107,8 @@ pub enum Command {
 /// One flow as listed by the API (`list_flows`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FlowRow {
-    /// `u<N>` for the engine's flows, `k<N>` for the kernel's.
-    pub id: String,
+    /// The flow's id in the engine's table.
+    pub id: u64,
     /// "tcp", "udp", "icmp".
     pub protocol: &'static str,
     /// The guest's side.
@@ -631,11 +631,15 @@ impl Dataplane {
                         }
                     }
                     Token(t) if t >= crate::fastpath::FIRST_TOKEN.0 => {
-                        let id = u64::try_from(t - crate::fastpath::FIRST_TOKEN.0).unwrap_or(0);
-                        if let Some((key, err)) =
-                            self.sockets.fast.as_mut().and_then(|f| f.socket_error(id))
+                        let flow =
+                            FlowId(u64::try_from(t - crate::fastpath::FIRST_TOKEN.0).unwrap_or(0));
+                        if let Some(err) = self
+                            .sockets
+                            .fast
+                            .as_mut()
+                            .and_then(|f| f.socket_error(flow))
                         {
-                            self.engine.handle_fast_path_error(&key, &err);
+                            self.engine.handle_fast_path_error(flow, &err);
                         }
                     }
                     Token(t) if t >= FIRST_UDP_RELAY_TOKEN.0 => {
@@ -659,7 +663,9 @@ impl Dataplane {
             }
             self.sockets.expire_udp_relays(now);
             if let Some(f) = &mut self.sockets.fast {
-                f.poll(now);
+                for (flow, event) in f.poll(now) {
+                    self.engine.handle_kernel_flow(flow, event);
+                }
             }
             self.engine.handle_timeout(now, &mut self.sockets);
             self.run_host_ops(now, &mut scratch);
@@ -672,7 +678,6 @@ impl Dataplane {
         let mut s = self.engine.stats();
         if let Some(f) = &self.sockets.fast {
             let c = &f.counters;
-            s.fast_flows = f.len() as u64;
             s.fast_declined_local = c.declined_local;
             s.fast_declined_full = c.declined_full;
             s.fast_failed = c.failed;
@@ -683,36 +688,35 @@ impl Dataplane {
         s
     }
 
-    /// Every flow: the engine's, then the kernel's.
+    /// Every flow of the engine's table; the kernel's with their host address and port
+    /// and the counters of their entries.
     fn flow_rows(&self) -> Vec<FlowRow> {
-        let mut rows: Vec<FlowRow> = self
-            .engine
+        self.engine
             .flows()
             .iter()
-            .map(|(id, f)| FlowRow {
-                id: format!("u{}", id.0),
-                protocol: f.key.protocol.name(),
-                guest: SocketAddr::new(f.key.guest_addr, f.key.guest_port),
-                remote: SocketAddr::new(f.key.remote_addr, f.key.remote_port),
-                path: "userspace",
-                host: None,
-                state: f.state.name(),
-                counters: None,
+            .map(|(id, f)| {
+                let kernel = match f.ext {
+                    crate::engine::Detail::Kernel(host) => Some(host),
+                    _ => None,
+                };
+                FlowRow {
+                    id: id.0,
+                    protocol: f.key.protocol.name(),
+                    guest: SocketAddr::new(f.key.guest_addr, f.key.guest_port),
+                    remote: SocketAddr::new(f.key.remote_addr, f.key.remote_port),
+                    path: if kernel.is_some() {
+                        "kernel"
+                    } else {
+                        "userspace"
+                    },
+                    host: kernel,
+                    state: f.state.name(),
+                    counters: kernel
+                        .and(self.sockets.fast.as_ref())
+                        .and_then(|fast| fast.counters_of(id)),
+                }
             })
-            .collect();
-        if let Some(fast) = &self.sockets.fast {
-            rows.extend(fast.flows().into_iter().map(|f| FlowRow {
-                id: format!("k{}", f.id),
-                protocol: f.protocol.name(),
-                guest: f.guest,
-                remote: f.remote,
-                path: "kernel",
-                host: Some(f.host),
-                state: f.state,
-                counters: Some([f.out.0, f.out.1, f.into.0, f.into.1]),
-            }));
-        }
-        rows
+            .collect()
     }
 
     fn socket_event(&mut self, now: Instant, flow: FlowId, event: &mio::event::Event) {
@@ -1105,13 +1109,18 @@ impl Sockets {
 }
 
 impl Host for Sockets {
-    fn fast_path(&mut self, key: &crate::flow::Key, guest_mac: wire::EthernetAddress) -> bool {
-        let claimed = self
+    fn fast_path(
+        &mut self,
+        flow: FlowId,
+        key: &crate::flow::Key,
+        guest_mac: wire::EthernetAddress,
+    ) -> Option<SocketAddr> {
+        let host = self
             .fast
             .as_mut()
-            .is_some_and(|f| f.claim(key, guest_mac.0));
-        self.reinject |= claimed;
-        claimed
+            .and_then(|f| f.claim(flow, key, guest_mac.0));
+        self.reinject |= host.is_some();
+        host
     }
 
     fn tcp_connect(&mut self, flow: FlowId, target: SocketAddr) -> std::io::Result<()> {
@@ -1169,7 +1178,12 @@ impl Host for Sockets {
                 u.send_to(data, peer)?;
                 Ok(())
             }
-            _ => Err(std::io::ErrorKind::NotConnected.into()),
+            // A datagram of a kernel flow that reached userspace (the guest fragmented it):
+            // from its reservation, so it leaves with the flow's address and port.
+            _ => match self.fast.as_ref().and_then(|f| f.send(flow, data)) {
+                Some(sent) => sent,
+                None => Err(std::io::ErrorKind::NotConnected.into()),
+            },
         }
     }
 

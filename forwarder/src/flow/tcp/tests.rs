@@ -280,16 +280,48 @@ fn a_syn_the_fast_path_claims_leaves_nothing_in_userspace() {
     let mut t = T::new();
     t.host.fast = Some(Vec::new());
     t.send(&[t.frame(TcpControl::Syn, GUEST_ISN, None, &[])]);
-    assert!(t.e.flows().is_empty(), "the kernel carries it");
+    // The flow is in the one table, as the kernel's: no socket, no segment from userspace.
+    let flow = t.flow();
+    assert!(matches!(
+        t.e.flows().get(flow).map(|f| &f.ext),
+        Some(crate::engine::Detail::Kernel(_))
+    ));
     assert!(t.host.tcp.is_empty() && t.out().is_empty());
-    assert_eq!(t.e.stats().fast_tcp_flows, 1);
+    let s = t.e.stats();
+    assert_eq!((s.fast_tcp_flows, s.fast_flows, s.flows_open), (1, 1, 1));
     let keys = t.host.fast.clone().unwrap();
     assert_eq!(keys.len(), 1);
     assert_eq!(keys[0].remote_addr, REMOTE.parse::<IpAddr>().unwrap());
     assert_eq!((keys[0].guest_port, keys[0].remote_port), (t.port, 80));
-    // Mid-stream segments are never offered: a flow that began in userspace stays there.
+    // A segment of it that reaches userspace is dropped and counted, never answered.
     t.send(&[t.frame(TcpControl::None, GUEST_ISN + 1, Some(1), b"x")]);
-    assert_eq!(t.host.fast.as_ref().unwrap().len(), 1);
+    assert!(t.out().is_empty());
+    assert_eq!(t.e.stats().fast_stray, 1);
+    assert_eq!(t.host.fast.as_ref().unwrap().len(), 1, "offered once");
+    // The shell reports it closing, then released: it leaves the table.
+    t.e.handle_kernel_flow(flow, crate::engine::KernelEvent::Closing);
+    assert_eq!(
+        t.e.flows().get(flow).unwrap().state,
+        crate::flow::State::Closing
+    );
+    t.e.handle_kernel_flow(flow, crate::engine::KernelEvent::Ended);
+    assert!(t.e.flows().is_empty());
+    assert_eq!(t.e.stats().fast_flows, 0);
+}
+
+#[test]
+fn mid_stream_segments_are_never_offered_to_the_fast_path() {
+    let mut t = T::new();
+    t.send(&[t.frame(TcpControl::Syn, GUEST_ISN, None, &[])]);
+    t.host.fast = Some(Vec::new());
+    t.ready(false, true);
+    t.out();
+    t.send(&[t.frame(TcpControl::None, GUEST_ISN + 1, Some(1), b"x")]);
+    assert!(
+        t.host.fast.as_ref().unwrap().is_empty(),
+        "a userspace flow stays there"
+    );
+    assert_eq!(t.e.stats().fast_tcp_flows, 0);
 }
 
 #[test]

@@ -66,9 +66,17 @@
 //! guest. One it cannot parse (a quoted IPv4 header with options) reaches the host's stack:
 //! for UDP the reservation is a socket connected to the remote, so the kernel queues the
 //! error on it; the socket is registered with the poller ([`FIRST_TOKEN`] + the flow's
-//! number), and [`FastPath::socket_error`] hands it to the engine, which sends the guest the
+//! number), and [`FastPath::receive`] hands it to the engine, which sends the guest the
 //! same ICMP error the userspace path would. A TCP reservation is not connected: such an
 //! error about a TCP flow is lost.
+//!
+//! ## Fragments
+//!
+//! The programs pass IP fragments on. A datagram the guest fragmented reaches the engine
+//! reassembled, and goes out from the flow's reservation ([`FastPath::send`]): the host's
+//! stack fragments it again, from the flow's address and port. Fragmented replies are
+//! reassembled by the host's stack and queued on the same socket; [`FastPath::receive`]
+//! hands them to the engine, which sends them to the guest (fragmenting beyond the MTU).
 //!
 //! ## Counters
 //!
@@ -448,22 +456,24 @@ impl FastPath {
         )
     }
 
-    /// The error queued on UDP flow `flow`'s reservation (an ICMP error from the network
-    /// the programs did not translate); `None` when there is none.
-    pub fn socket_error(&mut self, flow: FlowId) -> Option<std::io::Error> {
+    /// Reads what the host's stack queued on UDP flow `flow`'s reservation: a datagram
+    /// (a reply the programs did not carry — a fragmented one, which the host reassembled)
+    /// or an error (an ICMP error the programs did not translate). `None` when nothing is
+    /// left, or `flow` is not a kernel UDP flow.
+    pub fn receive(&self, flow: FlowId, buf: &mut [u8]) -> Option<std::io::Result<usize>> {
         let e = self.table.get(&flow)?;
-        let code = nix::sys::socket::getsockopt(&e.reserve, nix::sys::socket::sockopt::SocketError)
-            .ok()?;
-        // Nothing should be queued (replies never reach the host's stack); drain anyway.
-        let mut sink = [0u8; 64];
-        while nix::sys::socket::recv(
+        if e.protocol != Protocol::Udp {
+            return None;
+        }
+        match nix::sys::socket::recv(
             e.reserve.as_raw_fd(),
-            &mut sink,
+            buf,
             nix::sys::socket::MsgFlags::MSG_DONTWAIT,
-        )
-        .is_ok()
-        {}
-        (code != 0).then(|| std::io::Error::from_raw_os_error(code))
+        ) {
+            Ok(n) => Some(Ok(n)),
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => None,
+            Err(err) => Some(Err(err.into())),
+        }
     }
 
     /// Packets and bytes out of and into the namespace of flow `flow`, read from its

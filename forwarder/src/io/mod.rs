@@ -633,14 +633,7 @@ impl Dataplane {
                     Token(t) if t >= crate::fastpath::FIRST_TOKEN.0 => {
                         let flow =
                             FlowId(u64::try_from(t - crate::fastpath::FIRST_TOKEN.0).unwrap_or(0));
-                        if let Some(err) = self
-                            .sockets
-                            .fast
-                            .as_mut()
-                            .and_then(|f| f.socket_error(flow))
-                        {
-                            self.engine.handle_fast_path_error(flow, &err);
-                        }
+                        self.drain_kernel_udp(now, flow);
                     }
                     Token(t) if t >= FIRST_UDP_RELAY_TOKEN.0 => {
                         self.sockets
@@ -670,6 +663,29 @@ impl Dataplane {
             self.engine.handle_timeout(now, &mut self.sockets);
             self.run_host_ops(now, &mut scratch);
             self.flush();
+        }
+    }
+
+    /// What the host's stack queued on a kernel UDP flow's reservation: replies the
+    /// programs did not carry (fragmented ones) and errors they did not translate.
+    fn drain_kernel_udp(&mut self, now: Instant, flow: FlowId) {
+        for _ in 0..UDP_BATCH {
+            let Some(got) = self
+                .sockets
+                .fast
+                .as_ref()
+                .and_then(|f| f.receive(flow, &mut self.buf))
+            else {
+                return;
+            };
+            match got {
+                Ok(n) => self.engine.handle_udp_datagram(
+                    now,
+                    flow,
+                    self.buf.get(..n).unwrap_or_default(),
+                ),
+                Err(err) => self.engine.handle_fast_path_error(flow, &err),
+            }
         }
     }
 

@@ -80,9 +80,16 @@
 //!
 //! ## Counters
 //!
-//! `fast_flows` (active), `fast_tcp_claimed`, `fast_udp_claimed`, `fast_declined_local`,
-//! `fast_declined_full`, `fast_failed` (socket errors), `fast_closed`, `fast_expired`,
-//! `fast_events`; per-flow packets and bytes in [`FastPath::flows`].
+//! Here: `fast_declined_local`, `fast_declined_full`, `fast_failed` (socket errors),
+//! `fast_closed`, `fast_expired`, `fast_events`; the engine counts `fast_tcp_flows`,
+//! `fast_udp_flows`, `fast_flows` (now) and `fast_stray`; per-flow packets and bytes come
+//! from the entries ([`FastPath::counters_of`]).
+//!
+//! ## Limits
+//!
+//! At most `--ebpf-max-flows` (≤ [`MAX_FLOWS`]) flows, one reservation socket each; the
+//! events read per wakeup are bounded by the ring buffer's 256 KiB; the scan reads two
+//! entries per flow per [`SCAN_INTERVAL`].
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -141,10 +148,6 @@ pub struct Settings {
 /// The fast path's counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Counters {
-    /// TCP flows handed to the kernel.
-    pub tcp_claimed: u64,
-    /// UDP flows handed to the kernel.
-    pub udp_claimed: u64,
     /// First packets left in userspace: host-local destination.
     pub declined_local: u64,
     /// First packets left in userspace: table or map full.
@@ -354,11 +357,8 @@ impl FastPath {
             self.counters.declined_full += 1;
             return None;
         }
-        if key.protocol == Protocol::Tcp {
-            self.counters.tcp_claimed += 1;
-        } else {
-            self.counters.udp_claimed += 1;
-            // Errors about the flow the programs do not translate are queued on it.
+        if key.protocol == Protocol::Udp {
+            // Errors the programs do not translate, and fragmented replies, are queued on it.
             if let Some(r) = &self.registry
                 && let Err(err) = r.register(
                     &mut mio::unix::SourceFd(&reserve.as_raw_fd()),

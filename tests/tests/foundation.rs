@@ -422,6 +422,15 @@ fn bad_command_lines_are_refused_with_the_option_named() {
         "{}",
         text(&out.stderr)
     );
+    for (option, value) in [("--ebpf-grace", "9999"), ("--ebpf-max-flows", "0")] {
+        let out = std::process::Command::new(forwarder_bin())
+            .args(["--ebpf", option, value, "--", "true"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let said = text(&out.stderr);
+        assert!(said.contains(option) && said.contains(value), "{said}");
+    }
     let out = std::process::Command::new(forwarder_bin())
         .args(["--netns", "/nonexistent/netns"])
         .output()

@@ -939,6 +939,24 @@ mod tests {
         })
     }
 
+    /// Guest, remote and the host address a flow leaves from: with an address change and
+    /// without (the guest mirrors the host's address), both families.
+    const CASES: [(&str, &str, &str); 4] = [
+        ("198.51.100.2", "203.0.113.1", "203.0.113.77"),
+        ("198.51.100.2", "203.0.113.1", "198.51.100.2"),
+        ("2001:db8:1::2", "2001:db8:2::1", "2001:db8:9::77"),
+        ("2001:db8:1::2", "2001:db8:2::1", "2001:db8:1::2"),
+    ];
+
+    type Addrs = (std::net::IpAddr, std::net::IpAddr, std::net::IpAddr);
+
+    fn addresses(cases: &[(&str, &str, &str)]) -> Vec<Addrs> {
+        cases
+            .iter()
+            .map(|(g, r, h)| (g.parse().unwrap(), r.parse().unwrap(), h.parse().unwrap()))
+            .collect()
+    }
+
     fn bytes16(a: std::net::IpAddr) -> [u8; 16] {
         key((a, a), (0, 0), true).saddr
     }
@@ -949,17 +967,7 @@ mod tests {
             return;
         }
         let gw = network().our_mac.0;
-        for (guest, remote, host) in [
-            ("198.51.100.2", "203.0.113.1", "203.0.113.77"),
-            ("198.51.100.2", "203.0.113.1", "198.51.100.2"),
-            ("2001:db8:1::2", "2001:db8:2::1", "2001:db8:9::77"),
-            ("2001:db8:1::2", "2001:db8:2::1", "2001:db8:1::2"),
-        ] {
-            let (guest, remote, host): (std::net::IpAddr, std::net::IpAddr, std::net::IpAddr) = (
-                guest.parse().unwrap(),
-                remote.parse().unwrap(),
-                host.parse().unwrap(),
-            );
+        for (guest, remote, host) in addresses(&CASES) {
             for tcp in [true, false] {
                 let what = format!("{guest} → {remote} via {host}, tcp {tcp}");
                 // Out: the guest's packet leaves from the host address and reserved port.
@@ -1075,16 +1083,7 @@ mod tests {
             return;
         }
         let gw = network().our_mac.0;
-        for (guest, remote, host) in [
-            ("198.51.100.2", "203.0.113.1", "203.0.113.77"),
-            ("198.51.100.2", "203.0.113.1", "198.51.100.2"),
-            ("2001:db8:1::2", "2001:db8:2::1", "2001:db8:9::77"),
-        ] {
-            let (guest, remote, host): (std::net::IpAddr, std::net::IpAddr, std::net::IpAddr) = (
-                guest.parse().unwrap(),
-                remote.parse().unwrap(),
-                host.parse().unwrap(),
-            );
+        for (guest, remote, host) in addresses(&CASES[..3]) {
             for tcp in [true, false] {
                 let what = format!("{guest} via {host}, tcp {tcp}");
                 let frame = icmp_error(host, remote, 55555, tcp);

@@ -60,6 +60,25 @@ fn upload(guest: &str, secs: u32) -> Child {
         .unwrap()
 }
 
+/// `n` sequential echo connections from `guest` to `addr` (`tests/scripts/conn_client.py`);
+/// panics with forwarder's log if one fails.
+fn connections(w: &World, guest: &str, addr: &str, n: u32, log: &Path) {
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let out = w.run_in(
+        guest,
+        &format!(
+            "python3 {} {host} {port} sequential {n}",
+            script("conn_client.py")
+        ),
+    );
+    assert!(
+        out.status.success(),
+        "{addr}: {}\n{}",
+        text(&out.stderr),
+        read(log)
+    );
+}
+
 fn stat(api: &Path, name: &str) -> u64 {
     let out = text(&ctl(api, &["stats"]).stdout);
     out.lines()
@@ -386,19 +405,7 @@ fn kill_9_mid_transfer_leaves_nothing_and_the_next_start_is_clean() {
     let _ = iperf.wait();
     // The next start is clean and carries flows in the kernel again.
     let (_pid, log, api) = start(&mut w, &[]);
-    let out = w.run_in(
-        &guest,
-        &format!(
-            "python3 {} 203.0.113.1 7003 sequential 2",
-            script("conn_client.py")
-        ),
-    );
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        text(&out.stderr),
-        read(&log)
-    );
+    connections(&w, &guest, "203.0.113.1:7003", 2, &log);
     assert_eq!(stat(&api, "fast_tcp_flows"), 2);
 }
 
@@ -451,19 +458,7 @@ fn a_full_fast_path_table_sends_new_flows_to_userspace_which_serves_them() {
     // period.
     let (_pid, log, api) = start(&mut w, &["--ebpf-max-flows", "2"]);
     let guest = w.guest.clone().unwrap();
-    let out = w.run_in(
-        &guest,
-        &format!(
-            "python3 {} 203.0.113.1 7003 sequential 5",
-            script("conn_client.py")
-        ),
-    );
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        text(&out.stderr),
-        read(&log)
-    );
+    connections(&w, &guest, "203.0.113.1:7003", 5, &log);
     assert_eq!(stat(&api, "fast_tcp_flows"), 2);
     assert_eq!(stat(&api, "fast_declined_full"), 3);
     assert_eq!(

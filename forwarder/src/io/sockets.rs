@@ -1,0 +1,304 @@
+//! The engine's [`Host`] over real sockets: [`Sockets`]' per-flow sockets (TCP with
+//! `SO_PEEK_OFF`/`SIOCOUTQ`, connected UDP, ping sockets), what a kernel flow's reservation
+//! sends, and the TCP socket operations the translation needs (see the theory of operation
+//! in `io`).
+
+use std::io::IoSliceMut;
+use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use mio::unix::SourceFd;
+use mio::{Interest, Token};
+use nix::errno::Errno;
+use nix::sys::socket::{
+    AddressFamily, MsgFlags, Shutdown, SockFlag, SockProtocol, SockType, SockaddrIn, SockaddrIn6,
+    SockaddrStorage, bind, connect, getsockopt, recvmsg, send, setsockopt, shutdown, socket,
+    sockopt,
+};
+
+use super::{FIRST_FLOW_TOKEN, ListenSocket, Listener, Sock, Sockets, TCP_SNDBUF, TcpSock, family};
+use crate::engine::Host;
+use crate::flow::{FlowId, tcp};
+use crate::{sys, wire};
+
+impl Sockets {
+    pub(super) fn register(
+        &self,
+        flow: FlowId,
+        fd: &OwnedFd,
+        interest: Interest,
+    ) -> std::io::Result<()> {
+        let token = Token(
+            usize::try_from(flow.0)
+                .unwrap_or(usize::MAX)
+                .saturating_add(FIRST_FLOW_TOKEN.0),
+        );
+        self.registry
+            .register(&mut SourceFd(&fd.as_raw_fd()), token, interest)
+    }
+
+    pub(super) fn new_socket(&self, target: SocketAddr, ty: SockType) -> std::io::Result<OwnedFd> {
+        let fd = socket(
+            family(target),
+            ty,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        if let Some(dev) = &self.outbound.iface {
+            setsockopt(&fd, sockopt::BindToDevice, &std::ffi::OsString::from(dev))?;
+        }
+        match target {
+            SocketAddr::V4(_) => {
+                if let Some(a) = self.outbound.v4 {
+                    bind(fd.as_raw_fd(), &SockaddrIn::from(SocketAddrV4::new(a, 0)))?;
+                }
+            }
+            SocketAddr::V6(_) => {
+                if let Some(a) = self.outbound.v6 {
+                    bind(
+                        fd.as_raw_fd(),
+                        &SockaddrIn6::from(SocketAddrV6::new(a, 0, 0, 0)),
+                    )?;
+                }
+            }
+        }
+        Ok(fd)
+    }
+
+    /// Makes `fd` (connecting or accepted) `flow`'s TCP socket: buffers, peek offset,
+    /// registration.
+    pub(super) fn adopt_tcp(&mut self, flow: FlowId, fd: OwnedFd) -> std::io::Result<()> {
+        // A fixed, large send buffer: the window the guest sees is its free space, and an
+        // autotuned buffer only grows once it has been filled — which a window that tracks
+        // free space never does, so after a loss the guest would stay at two segments in
+        // flight. Forced past `wmem_max` where allowed, else capped by it (pasta does the same).
+        if setsockopt(&fd, sockopt::SndBufForce, &TCP_SNDBUF).is_err() {
+            let _ = setsockopt(&fd, sockopt::SndBuf, &TCP_SNDBUF);
+        }
+        let peek_off = sys::set_peek_off(&fd, 0).ok().map(|()| 0);
+        self.register(flow, &fd, Interest::READABLE | Interest::WRITABLE)?;
+        self.map.insert(
+            flow,
+            Sock::Tcp(TcpSock {
+                fd,
+                peek_off,
+                scratch: Vec::new(),
+            }),
+        );
+        Ok(())
+    }
+
+    pub(super) fn close(&mut self, flow: FlowId, abort: bool) {
+        let Some(sock) = self.map.remove(&flow) else {
+            return;
+        };
+        let fd = match &sock {
+            Sock::Echo { fd, .. } | Sock::Udp(fd) => fd,
+            Sock::Tcp(t) => &t.fd,
+            // The forwarded-port socket stays: other clients use it.
+            Sock::UdpVia { .. } => return,
+        };
+        let _ = self.registry.deregister(&mut SourceFd(&fd.as_raw_fd()));
+        if abort && matches!(sock, Sock::Tcp(_)) {
+            reset(fd);
+        }
+    }
+}
+
+impl Host for Sockets {
+    fn fast_path(
+        &mut self,
+        flow: FlowId,
+        key: &crate::flow::Key,
+        guest_mac: wire::EthernetAddress,
+    ) -> Option<SocketAddr> {
+        let host = self
+            .fast
+            .as_mut()
+            .and_then(|f| f.claim(flow, key, guest_mac.0));
+        self.reinject |= host.is_some();
+        host
+    }
+
+    fn tcp_connect(&mut self, flow: FlowId, target: SocketAddr) -> std::io::Result<()> {
+        let fd = self.new_socket(target, SockType::Stream)?;
+        let _ = setsockopt(&fd, sockopt::TcpNoDelay, &true);
+        match connect(fd.as_raw_fd(), &SockaddrStorage::from(target)) {
+            Ok(()) | Err(Errno::EINPROGRESS) => {}
+            Err(err) => return Err(err.into()),
+        }
+        self.adopt_tcp(flow, fd)
+    }
+
+    fn tcp_connect_result(&mut self, flow: FlowId) -> std::io::Result<()> {
+        let Some(Sock::Tcp(t)) = self.map.get(&flow) else {
+            return Err(std::io::ErrorKind::NotConnected.into());
+        };
+        match getsockopt(&t.fd, sockopt::SocketError)? {
+            0 => Ok(()),
+            e => Err(std::io::Error::from_raw_os_error(e)),
+        }
+    }
+
+    fn tcp_socket(&mut self, flow: FlowId) -> Option<&mut dyn tcp::HostSocket> {
+        match self.map.get_mut(&flow) {
+            Some(Sock::Tcp(t)) => Some(t),
+            _ => None,
+        }
+    }
+
+    fn udp_open(&mut self, flow: FlowId, target: SocketAddr) -> std::io::Result<()> {
+        let fd = self.new_socket(target, SockType::Datagram)?;
+        connect(fd.as_raw_fd(), &SockaddrStorage::from(target))?;
+        self.register(flow, &fd, Interest::READABLE)?;
+        self.map.insert(flow, Sock::Udp(fd));
+        Ok(())
+    }
+
+    fn udp_send(&mut self, flow: FlowId, data: &[u8]) -> std::io::Result<()> {
+        match self.map.get(&flow) {
+            Some(Sock::Udp(fd)) => {
+                send(fd.as_raw_fd(), data, MsgFlags::MSG_DONTWAIT)?;
+                Ok(())
+            }
+            Some(Sock::UdpVia { listener, peer }) => {
+                let Some((
+                    _,
+                    Listener {
+                        socket: ListenSocket::Udp(u),
+                        ..
+                    },
+                )) = self.listeners.get(listener)
+                else {
+                    return Err(std::io::ErrorKind::NotConnected.into());
+                };
+                u.send_to(data, peer)?;
+                Ok(())
+            }
+            // A datagram of a kernel flow that reached userspace (the guest fragmented it):
+            // from its reservation, so it leaves with the flow's address and port.
+            _ => match self.fast.as_ref().and_then(|f| f.send(flow, data)) {
+                Some(sent) => sent,
+                None => Err(std::io::ErrorKind::NotConnected.into()),
+            },
+        }
+    }
+
+    fn tcp_accepted(&mut self, flow: FlowId) -> std::io::Result<()> {
+        let fd = self
+            .accepted
+            .take()
+            .ok_or(std::io::ErrorKind::NotConnected)?;
+        self.adopt_tcp(flow, fd)
+    }
+
+    fn udp_reply_via(&mut self, flow: FlowId, listener: usize, peer: SocketAddr) {
+        self.map.insert(flow, Sock::UdpVia { listener, peer });
+    }
+
+    fn close(&mut self, flow: FlowId, abort: bool) {
+        Sockets::close(self, flow, abort);
+    }
+}
+
+impl tcp::HostSocket for TcpSock {
+    fn send(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        match send(
+            self.fd.as_raw_fd(),
+            data,
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+        ) {
+            Ok(n) => Ok(n),
+            Err(Errno::EAGAIN) => Ok(0),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    fn peek(&mut self, offset: usize, bufs: &mut [IoSliceMut<'_>]) -> std::io::Result<usize> {
+        let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+        if let Some(current) = self.peek_off {
+            if current != offset {
+                let off = i32::try_from(offset).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+                sys::set_peek_off(&self.fd, off)?;
+                self.peek_off = Some(offset);
+            }
+            let n = recvmsg::<()>(self.fd.as_raw_fd(), bufs, None, flags)?.bytes;
+            self.peek_off = Some(offset + n);
+            return Ok(n);
+        }
+        // No SO_PEEK_OFF for TCP on this kernel: peek the bytes before `offset` into a
+        // scratch buffer in front of the real ones.
+        self.scratch.resize(offset, 0);
+        let mut iov: Vec<IoSliceMut<'_>> = Vec::with_capacity(bufs.len() + 1);
+        iov.push(IoSliceMut::new(&mut self.scratch));
+        for b in bufs.iter_mut() {
+            iov.push(IoSliceMut::new(b));
+        }
+        let n = recvmsg::<()>(self.fd.as_raw_fd(), &mut iov, None, flags)?.bytes;
+        Ok(n.saturating_sub(offset))
+    }
+
+    fn discard(&mut self, n: usize) {
+        let mut left = n;
+        while left > 0 {
+            match sys::discard(&self.fd, left) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => left = left.saturating_sub(k),
+            }
+        }
+        if let Some(off) = &mut self.peek_off {
+            *off = off.saturating_sub(n - left);
+        }
+    }
+
+    fn shutdown_write(&mut self) {
+        let _ = shutdown(self.fd.as_raw_fd(), Shutdown::Write);
+    }
+
+    fn send_space(&mut self) -> usize {
+        let size = getsockopt(&self.fd, sockopt::SndBuf).unwrap_or(0);
+        let queued = sys::outq(&self.fd).unwrap_or(size);
+        size.saturating_sub(queued)
+    }
+}
+
+/// Makes the close of `fd` send a RST (`SO_LINGER {1, 0}`).
+pub(super) fn reset(fd: &OwnedFd) {
+    let _ = setsockopt(
+        fd,
+        sockopt::Linger,
+        &libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    );
+}
+
+pub(super) fn open_ping(remote: IpAddr) -> nix::Result<OwnedFd> {
+    let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
+    match remote {
+        IpAddr::V4(a) => {
+            let fd = socket(
+                AddressFamily::Inet,
+                SockType::Datagram,
+                flags,
+                SockProtocol::Icmp,
+            )?;
+            connect(fd.as_raw_fd(), &SockaddrIn::from(SocketAddrV4::new(a, 0)))?;
+            Ok(fd)
+        }
+        IpAddr::V6(a) => {
+            let fd = socket(
+                AddressFamily::Inet6,
+                SockType::Datagram,
+                flags,
+                SockProtocol::IcmpV6,
+            )?;
+            connect(
+                fd.as_raw_fd(),
+                &SockaddrIn6::from(SocketAddrV6::new(a, 0, 0, 0)),
+            )?;
+            Ok(fd)
+        }
+    }
+}

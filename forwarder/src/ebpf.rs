@@ -957,6 +957,16 @@ mod tests {
             .collect()
     }
 
+    /// The reverse entry of a flow from `guest`:40000.
+    fn to_guest(guest: std::net::IpAddr) -> forwarder_ebpf::ReverseValue {
+        forwarder_ebpf::ReverseValue {
+            guest_addr: bytes16(guest),
+            guest_port: 40000u16.to_be_bytes(),
+            guest_mac: GUEST_MAC,
+            ..Default::default()
+        }
+    }
+
     fn bytes16(a: std::net::IpAddr) -> [u8; 16] {
         key((a, a), (0, 0), true).saddr
     }
@@ -996,12 +1006,7 @@ mod tests {
                 // gateway's MAC to the guest's.
                 let reply = packet((remote, host), (5201, 55555), tcp, ([6; 6], [7; 6]));
                 let rev = key((remote, host), (5201, 55555), tcp);
-                let value = forwarder_ebpf::ReverseValue {
-                    guest_addr: bytes16(guest),
-                    guest_port: 40000u16.to_be_bytes(),
-                    guest_mac: GUEST_MAC,
-                    ..Default::default()
-                };
+                let value = to_guest(guest);
                 let (verdict, back) =
                     test_program(&fast_cfg(), UPLINK_INGRESS, &[], &[(rev, value)], &reply)
                         .unwrap();
@@ -1088,12 +1093,7 @@ mod tests {
                 let what = format!("{guest} via {host}, tcp {tcp}");
                 let frame = icmp_error(host, remote, 55555, tcp);
                 let rev = key((remote, host), (5201, 55555), tcp);
-                let value = forwarder_ebpf::ReverseValue {
-                    guest_addr: bytes16(guest),
-                    guest_port: 40000u16.to_be_bytes(),
-                    guest_mac: GUEST_MAC,
-                    ..Default::default()
-                };
+                let value = to_guest(guest);
                 let (verdict, back) =
                     test_program(&fast_cfg(), UPLINK_INGRESS, &[], &[(rev, value)], &frame)
                         .unwrap();

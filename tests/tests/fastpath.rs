@@ -60,6 +60,18 @@ fn upload(guest: &str, secs: u32) -> Child {
         .unwrap()
 }
 
+/// A world with a guest, and in the remote an iperf3 server (5201) and a TCP echo server
+/// (7003); returns it with the guest's, the remote's and the host's namespaces.
+fn world_with_servers() -> (World, String, String, String) {
+    let mut w = World::new();
+    let guest = w.add_guest();
+    let (remote, host) = (w.remote.clone(), w.host.clone());
+    w.serve(&remote, "exec iperf3 -s -p 5201");
+    w.wait_listening(&remote, 5201, false);
+    w.tcp_echo(&remote, 7003);
+    (w, guest, remote, host)
+}
+
 /// `n` sequential echo connections from `guest` to `addr` (`tests/scripts/conn_client.py`);
 /// panics with forwarder's log if one fails.
 fn connections(w: &World, guest: &str, addr: &str, n: u32, log: &Path) {
@@ -149,12 +161,7 @@ fn tcp_and_udp_to_the_remote_ride_the_kernel_v4_and_v6() {
     if !privileged() {
         return;
     }
-    let mut w = World::new();
-    let guest = w.add_guest();
-    let (remote, host) = (w.remote.clone(), w.host.clone());
-    w.serve(&remote, "exec iperf3 -s -p 5201");
-    w.wait_listening(&remote, 5201, false);
-    w.tcp_echo(&remote, 7003);
+    let (mut w, guest, remote, host) = world_with_servers();
     w.udp_echo(&remote, "203.0.113.1", 7002);
     w.udp_echo(&remote, "2001:db8:2::1", 7002);
     let (_pid, log, api) = start(&mut w, &["--ebpf-grace", "2"]);
@@ -359,12 +366,7 @@ fn kill_9_mid_transfer_leaves_nothing_and_the_next_start_is_clean() {
     if !privileged() {
         return;
     }
-    let mut w = World::new();
-    let guest = w.add_guest();
-    let (remote, host) = (w.remote.clone(), w.host.clone());
-    w.serve(&remote, "exec iperf3 -s -p 5201");
-    w.wait_listening(&remote, 5201, false);
-    w.tcp_echo(&remote, 7003);
+    let (mut w, guest, _remote, host) = world_with_servers();
     let (pid, _log, api) = start(&mut w, &[]);
     let status = |iface: &str| {
         let out = w.run_in(

@@ -367,15 +367,9 @@ impl Control {
             .collect();
         let bound = if kind.in_namespace() {
             // -T/-U auto: the host's sockets that its loopback reaches.
-            let mut all = Vec::new();
-            for (table, v6) in [
-                (if udp { "udp" } else { "tcp" }, false),
-                (if udp { "udp6" } else { "tcp6" }, true),
-            ] {
-                let text = std::fs::read_to_string(format!("/proc/net/{table}"))
-                    .with_context(|| format!("read /proc/net/{table}"))?;
-                all.extend(forward::parse_proc_net(&text, v6, udp));
-            }
+            let mut all = forward::read_bound(udp, |path| {
+                std::fs::read_to_string(path).with_context(|| format!("read {path}"))
+            })?;
             all.retain(|b| b.addr.is_loopback() || b.addr.is_unspecified());
             all
         } else {

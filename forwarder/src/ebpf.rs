@@ -309,10 +309,7 @@ pub fn start(
     services: &Services,
     fast: bool,
 ) -> Result<(Kernel, Option<FastMaps>)> {
-    if object().is_none() {
-        bail!(NO_OBJECT);
-    }
-    if let Some(why) = privilege_problem() {
+    if let Some(why) = precheck() {
         bail!(why);
     }
     let mut cfg = config(net, services);

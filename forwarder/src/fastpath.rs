@@ -66,17 +66,18 @@
 //! guest. One it cannot parse (a quoted IPv4 header with options) reaches the host's stack:
 //! for UDP the reservation is a socket connected to the remote, so the kernel queues the
 //! error on it; the socket is registered with the poller ([`FIRST_TOKEN`] + the flow's
-//! number), and [`FastPath::receive`] hands it to the engine, which sends the guest the
-//! same ICMP error the userspace path would. A TCP reservation is not connected: such an
+//! number) and read like a userspace UDP flow's socket ([`FastPath::udp_socket`]): the
+//! engine sends the guest the same ICMP error the userspace path would. A TCP reservation is not connected: such an
 //! error about a TCP flow is lost.
 //!
 //! ## Fragments
 //!
 //! The programs pass IP fragments on. A datagram the guest fragmented reaches the engine
-//! reassembled, and goes out from the flow's reservation ([`FastPath::send`]): the host's
-//! stack fragments it again, from the flow's address and port. Fragmented replies are
-//! reassembled by the host's stack and queued on the same socket; [`FastPath::receive`]
-//! hands them to the engine, which sends them to the guest (fragmenting beyond the MTU).
+//! reassembled, and goes out from the flow's reservation ([`FastPath::udp_socket`]): the
+//! host's stack fragments it again, from the flow's address and port. Fragmented replies
+//! are reassembled by the host's stack and queued on the same socket, which the data plane
+//! drains into the engine like any UDP flow's; the engine sends them to the guest
+//! (fragmenting beyond the MTU).
 //!
 //! ## Counters
 //!
@@ -101,9 +102,7 @@ use forwarder_ebpf::{
     Event, FlowKey, FlowValue, MAX_FAST_FLOWS, ReverseValue, SEEN_FIN_IN, SEEN_FIN_OUT, SEEN_RST,
     SEEN_SYN,
 };
-use nix::sys::socket::{
-    AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, getsockname, socket,
-};
+use nix::sys::socket::{SockFlag, SockType, SockaddrStorage, bind, connect, getsockname, socket};
 use tracing::debug;
 
 use crate::ebpf::FastMaps;
@@ -393,11 +392,7 @@ impl FastPath {
         protocol: Protocol,
         remote: SocketAddr,
     ) -> std::io::Result<Option<(OwnedFd, SocketAddr)>> {
-        let family = if remote.is_ipv6() {
-            AddressFamily::Inet6
-        } else {
-            AddressFamily::Inet
-        };
+        let family = crate::io::family(remote);
         let source: Option<IpAddr> = match remote.ip() {
             IpAddr::V4(_) => self.settings.source4.map(IpAddr::V4),
             IpAddr::V6(_) => self.settings.source6.map(IpAddr::V6),
@@ -438,42 +433,15 @@ impl FastPath {
         }
     }
 
-    /// Sends a datagram of UDP flow `flow` from its reservation (what reached userspace of
-    /// a kernel flow: a datagram the guest fragmented). `None` when `flow` is not ours.
-    pub fn send(&self, flow: FlowId, data: &[u8]) -> Option<std::io::Result<()>> {
+    /// The reservation socket of kernel UDP flow `flow`. Connected to the remote, it is the
+    /// flow's socket on the host: a datagram of the flow that reached userspace (the guest
+    /// fragmented it) leaves through it, and what the host's stack queues on it (fragmented
+    /// replies, ICMP errors the programs did not translate) is read from it, as from a
+    /// userspace UDP flow's socket. `None` for any other flow.
+    #[must_use]
+    pub fn udp_socket(&self, flow: FlowId) -> Option<&OwnedFd> {
         let e = self.table.get(&flow)?;
-        if e.protocol != Protocol::Udp {
-            return None;
-        }
-        Some(
-            nix::sys::socket::send(
-                e.reserve.as_raw_fd(),
-                data,
-                nix::sys::socket::MsgFlags::MSG_DONTWAIT,
-            )
-            .map(|_| ())
-            .map_err(std::io::Error::from),
-        )
-    }
-
-    /// Reads what the host's stack queued on UDP flow `flow`'s reservation: a datagram
-    /// (a reply the programs did not carry — a fragmented one, which the host reassembled)
-    /// or an error (an ICMP error the programs did not translate). `None` when nothing is
-    /// left, or `flow` is not a kernel UDP flow.
-    pub fn receive(&self, flow: FlowId, buf: &mut [u8]) -> Option<std::io::Result<usize>> {
-        let e = self.table.get(&flow)?;
-        if e.protocol != Protocol::Udp {
-            return None;
-        }
-        match nix::sys::socket::recv(
-            e.reserve.as_raw_fd(),
-            buf,
-            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
-        ) {
-            Ok(n) => Some(Ok(n)),
-            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => None,
-            Err(err) => Some(Err(err.into())),
-        }
+        (e.protocol == Protocol::Udp).then_some(&e.reserve)
     }
 
     /// Packets and bytes out of and into the namespace of flow `flow`, read from its
@@ -620,11 +588,7 @@ impl Drop for FastPath {
 
 /// Whether `ip` is still an address of this host: a socket can be bound to it.
 fn is_local(ip: IpAddr) -> bool {
-    let family = if ip.is_ipv6() {
-        AddressFamily::Inet6
-    } else {
-        AddressFamily::Inet
-    };
+    let family = crate::io::family(SocketAddr::new(ip, 0));
     let Ok(probe) = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None) else {
         return true;
     };
@@ -685,13 +649,7 @@ fn closed(state: u32) -> bool {
 }
 
 fn sockaddr(s: &SockaddrStorage) -> std::io::Result<SocketAddr> {
-    if let Some(v4) = s.as_sockaddr_in() {
-        return Ok(SocketAddr::from(*v4));
-    }
-    if let Some(v6) = s.as_sockaddr_in6() {
-        return Ok(SocketAddr::from(*v6));
-    }
-    Err(std::io::ErrorKind::InvalidData.into())
+    crate::io::std_addr(s).ok_or_else(|| std::io::ErrorKind::InvalidData.into())
 }
 
 /// An [`Event`] from its bytes (`#[repr(C)]`: key 40 bytes, then the state, native order).

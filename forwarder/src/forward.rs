@@ -291,6 +291,32 @@ pub struct Bound {
     pub port: u16,
 }
 
+/// The listening (TCP) or unconnected bound (UDP) sockets of both `/proc/net` tables of a
+/// protocol (`tcp` and `tcp6`, or `udp` and `udp6`), each table read with `read` — which
+/// decides what a table that cannot be read means (an error, or no sockets). `/proc/net`
+/// shows the network namespace of whoever opens it.
+///
+/// # Errors
+///
+/// What `read` returns for a table.
+pub fn read_bound<E>(
+    udp: bool,
+    mut read: impl FnMut(&str) -> Result<String, E>,
+) -> Result<Vec<Bound>, E> {
+    let mut all = Vec::new();
+    for (table, v6) in [
+        (if udp { "udp" } else { "tcp" }, false),
+        (if udp { "udp6" } else { "tcp6" }, true),
+    ] {
+        all.extend(parse_proc_net(
+            &read(&format!("/proc/net/{table}"))?,
+            v6,
+            udp,
+        ));
+    }
+    Ok(all)
+}
+
 /// The listening (TCP) or unconnected bound (UDP) sockets of one `/proc/net` table; `v6`
 /// for the `tcp6`/`udp6` tables. Lines that do not parse are skipped.
 #[must_use]

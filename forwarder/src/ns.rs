@@ -600,20 +600,14 @@ fn agent_main(sock: &OwnedFd) {
             [b'P', proto] => {
                 let udp = *proto == b'u';
                 let mut out = String::from("L");
-                let mut entries = 0;
-                for (table, v6) in [
-                    (if udp { "udp" } else { "tcp" }, false),
-                    (if udp { "udp6" } else { "tcp6" }, true),
-                ] {
-                    let text =
-                        std::fs::read_to_string(format!("/proc/net/{table}")).unwrap_or_default();
-                    for b in crate::forward::parse_proc_net(&text, v6, udp).into_iter() {
-                        entries += 1;
-                        if entries > MAX_AGENT_ENTRIES {
-                            break;
-                        }
-                        out.push_str(&format!("{} {}\n", b.addr, b.port));
-                    }
+                // A table that cannot be read (no IPv6 in this kernel) has no sockets.
+                let Ok(bound) = crate::forward::read_bound(udp, |path| {
+                    Ok::<_, std::convert::Infallible>(
+                        std::fs::read_to_string(path).unwrap_or_default(),
+                    )
+                });
+                for b in bound.into_iter().take(MAX_AGENT_ENTRIES) {
+                    out.push_str(&format!("{} {}\n", b.addr, b.port));
                 }
                 nix::unistd::write(sock, out.as_bytes()).map(drop)
             }

@@ -130,7 +130,8 @@ impl Engine {
         }
     }
 
-    /// Handles an error on `flow`'s UDP socket (an ICMP error from the path).
+    /// Handles an error on `flow`'s UDP socket (an ICMP error from the path), a kernel UDP
+    /// flow's reservation included.
     pub fn handle_udp_error(&mut self, now: Instant, flow: FlowId, err: &io::Error) {
         let Some(f) = self.flows.get(flow) else {
             self.stats.stale_host_events += 1;
@@ -138,6 +139,9 @@ impl Engine {
         };
         let (key, last_len) = match &f.ext {
             Detail::Udp(c) => (f.key, c.last_len),
+            // A kernel flow's reservation: the error about it (an ICMP error the programs
+            // did not translate) quotes no length the engine knows.
+            Detail::Kernel(_) if f.key.protocol == Protocol::Udp => (f.key, 0),
             _ => return,
         };
         self.flows.touch(flow, now);
@@ -551,22 +555,6 @@ impl Engine {
                 self.flows.remove(flow);
             }
             _ => self.stats.stale_host_events += 1,
-        }
-    }
-
-    /// An error the network sent about UDP flow `flow` that the kernel's fast path carries
-    /// (queued on its reservation socket): the guest gets the ICMP error the userspace path
-    /// would send it.
-    pub fn handle_fast_path_error(&mut self, flow: FlowId, err: &io::Error) {
-        let Some(f) = self.flows.get(flow) else {
-            self.stats.stale_host_events += 1;
-            return;
-        };
-        let key = f.key;
-        if key.protocol == Protocol::Udp
-            && let Some(kind) = udp::icmp_for(err)
-        {
-            self.send_unreachable(&key, 0, kind);
         }
     }
 

@@ -333,12 +333,23 @@ fn bound_socket(addr: SocketAddr, ty: SockType, v6_only: bool) -> std::io::Resul
     Ok(fd)
 }
 
-fn family(addr: SocketAddr) -> AddressFamily {
+/// The socket family of `addr`.
+pub(crate) fn family(addr: SocketAddr) -> AddressFamily {
     if addr.is_ipv6() {
         AddressFamily::Inet6
     } else {
         AddressFamily::Inet
     }
+}
+
+/// A socket address as the standard library's type (IPv4 or IPv6; `None` for another
+/// family).
+pub(crate) fn std_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        return Some(SocketAddr::from((v4.ip(), v4.port())));
+    }
+    a.as_sockaddr_in6()
+        .map(|v6| SocketAddr::from((v6.ip(), v6.port())))
 }
 
 /// Options of the data plane itself.
@@ -645,7 +656,8 @@ impl Dataplane {
                     Token(t) if t >= crate::fastpath::FIRST_TOKEN.0 => {
                         let flow =
                             FlowId(u64::try_from(t - crate::fastpath::FIRST_TOKEN.0).unwrap_or(0));
-                        self.drain_kernel_udp(now, flow);
+                        // A kernel UDP flow's reservation: drained like a UDP flow's socket.
+                        self.drain_udp(now, flow);
                     }
                     Token(t) if t >= FIRST_UDP_RELAY_TOKEN.0 => {
                         self.sockets
@@ -675,29 +687,6 @@ impl Dataplane {
             self.engine.handle_timeout(now, &mut self.sockets);
             self.run_host_ops(now, &mut scratch);
             self.flush();
-        }
-    }
-
-    /// What the host's stack queued on a kernel UDP flow's reservation: replies the
-    /// programs did not carry (fragmented ones) and errors they did not translate.
-    fn drain_kernel_udp(&mut self, now: Instant, flow: FlowId) {
-        for _ in 0..UDP_BATCH {
-            let Some(got) = self
-                .sockets
-                .fast
-                .as_ref()
-                .and_then(|f| f.receive(flow, &mut self.buf))
-            else {
-                return;
-            };
-            match got {
-                Ok(n) => self.engine.handle_udp_datagram(
-                    now,
-                    flow,
-                    self.buf.get(..n).unwrap_or_default(),
-                ),
-                Err(err) => self.engine.handle_fast_path_error(flow, &err),
-            }
         }
     }
 
@@ -965,7 +954,7 @@ impl Dataplane {
 
     fn drain_udp(&mut self, now: Instant, flow: FlowId) {
         for _ in 0..UDP_BATCH {
-            let Some(Sock::Udp(fd)) = self.sockets.map.get(&flow) else {
+            let Some(fd) = self.sockets.udp_fd(flow) else {
                 return;
             };
             match recv(fd.as_raw_fd(), &mut self.buf, MsgFlags::MSG_DONTWAIT) {

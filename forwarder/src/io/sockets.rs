@@ -22,6 +22,16 @@ use crate::flow::{FlowId, tcp};
 use crate::{sys, wire};
 
 impl Sockets {
+    /// `flow`'s connected UDP socket: a userspace flow's own, or a kernel flow's
+    /// reservation (`fastpath`).
+    pub(super) fn udp_fd(&self, flow: FlowId) -> Option<&OwnedFd> {
+        match self.map.get(&flow) {
+            Some(Sock::Udp(fd)) => Some(fd),
+            Some(_) => None,
+            None => self.fast.as_ref()?.udp_socket(flow),
+        }
+    }
+
     pub(super) fn register(
         &self,
         flow: FlowId,
@@ -156,11 +166,13 @@ impl Host for Sockets {
     }
 
     fn udp_send(&mut self, flow: FlowId, data: &[u8]) -> std::io::Result<()> {
+        // A kernel flow's datagram reaching userspace (the guest fragmented it) leaves from
+        // its reservation, with the flow's address and port.
+        if let Some(fd) = self.udp_fd(flow) {
+            send(fd.as_raw_fd(), data, MsgFlags::MSG_DONTWAIT)?;
+            return Ok(());
+        }
         match self.map.get(&flow) {
-            Some(Sock::Udp(fd)) => {
-                send(fd.as_raw_fd(), data, MsgFlags::MSG_DONTWAIT)?;
-                Ok(())
-            }
             Some(Sock::UdpVia { listener, peer }) => {
                 let Some((
                     _,
@@ -175,12 +187,7 @@ impl Host for Sockets {
                 u.send_to(data, peer)?;
                 Ok(())
             }
-            // A datagram of a kernel flow that reached userspace (the guest fragmented it):
-            // from its reservation, so it leaves with the flow's address and port.
-            _ => match self.fast.as_ref().and_then(|f| f.send(flow, data)) {
-                Some(sent) => sent,
-                None => Err(std::io::ErrorKind::NotConnected.into()),
-            },
+            _ => Err(std::io::ErrorKind::NotConnected.into()),
         }
     }
 

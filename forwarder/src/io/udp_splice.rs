@@ -33,7 +33,7 @@ use nix::sys::socket::{
 };
 use tracing::debug;
 
-use super::{FIRST_UDP_RELAY_TOKEN, ListenSocket, Sockets};
+use super::{FIRST_UDP_RELAY_TOKEN, ListenSocket, Sockets, std_addr};
 
 /// Datagrams per `recvmmsg`/`sendmmsg`.
 pub const BATCH: usize = 32;
@@ -99,14 +99,6 @@ fn send_batch(fd: RawFd, datagrams: &[&[u8]], to: Option<SocketAddr>) -> nix::Re
         MsgFlags::MSG_DONTWAIT,
     )?;
     Ok(sent.count())
-}
-
-fn std_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
-    if let Some(v4) = a.as_sockaddr_in() {
-        return Some(SocketAddr::from((v4.ip(), v4.port())));
-    }
-    a.as_sockaddr_in6()
-        .map(|v6| SocketAddr::from((v6.ip(), v6.port())))
 }
 
 impl Sockets {

@@ -17,6 +17,7 @@
 #![allow(
     clippy::missing_panics_doc,
     clippy::expect_used,
+    clippy::panic,
     reason = "test harness: a panic is a test failure"
 )]
 
@@ -147,6 +148,40 @@ impl World {
         ));
         self.others.push(name.clone());
         name
+    }
+
+    /// Runs `cmd` in namespace `ns` and returns its standard output; panics with its output
+    /// and forwarder's log `log` when it fails.
+    pub fn run_ok(&self, ns: &str, cmd: &str, log: &std::path::Path) -> String {
+        let out = self.run_in(ns, cmd);
+        assert!(
+            out.status.success(),
+            "{cmd} failed: {}{}\nforwarder log:\n{}",
+            text(&out.stdout),
+            text(&out.stderr),
+            read(log)
+        );
+        text(&out.stdout)
+    }
+
+    /// Sends `line` from namespace `ns` to socat address `address` and waits up to 2 s for
+    /// what comes back (`echo LINE | socat -T2 - ADDRESS`).
+    #[must_use]
+    pub fn socat(&self, ns: &str, line: &str, address: &str) -> Output {
+        self.run_in(ns, &format!("echo {line} | socat -T2 - {address}"))
+    }
+
+    /// Asserts that socat address `address`, reached from namespace `ns`, echoes `line`
+    /// back; the failure shows socat's errors and forwarder's log `log`.
+    pub fn assert_echoes(&self, ns: &str, line: &str, address: &str, log: &std::path::Path) {
+        let out = self.socat(ns, line, address);
+        assert_eq!(
+            text(&out.stdout).trim(),
+            line,
+            "{address}: {}\n{}",
+            text(&out.stderr),
+            read(log)
+        );
     }
 
     /// Runs `script` with `sh -c` inside namespace `ns`.
@@ -331,6 +366,21 @@ pub fn ctl(api: &std::path::Path, args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run forwarder ctl")
+}
+
+/// The counters `forwarder ctl stats` prints (`NAME VALUE` lines), one snapshot.
+#[must_use]
+pub fn api_stats(api: &std::path::Path) -> String {
+    text(&ctl(api, &["stats"]).stdout)
+}
+
+/// Counter `name` of an [`api_stats`] snapshot; panics when it is missing.
+#[must_use]
+pub fn api_counter(stats: &str, name: &str) -> u64 {
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{stats}"))
 }
 
 /// Extra forwarder arguments for a whole test run, from `FORWARDER_TEST_ARGS` (split on

@@ -231,14 +231,7 @@ fn api_adds_namespace_side_forwards_through_the_agent() {
         ("TCP6:[::1]:7500", "tcp6"),
         ("UDP:127.0.0.1:5600", "udp"),
     ] {
-        let out = w.run_in(&guest, &format!("echo via-{what} | socat -T2 - {address}"));
-        assert_eq!(
-            text(&out.stdout).trim(),
-            format!("via-{what}"),
-            "{}\n{}",
-            text(&out.stderr),
-            read(&log)
-        );
+        w.assert_echoes(&guest, &format!("via-{what}"), address, &log);
     }
     // The namespace port is taken now: adding it again fails and changes nothing.
     let out = ctl(&api, &["add", "tcp-ns", "7500:7501"]);
@@ -297,7 +290,7 @@ fn auto_follows_ports_bound_in_the_namespace() {
         "UDP:198.51.100.2:5395,bind=203.0.113.1",
         "TCP6:[2001:db8:1::2]:8095,bind=[2001:db8:2::1]",
     ] {
-        let out = w.run_in(&remote, &format!("echo hi | socat -T2 - {address}"));
+        let out = w.socat(&remote, "hi", address);
         let said = text(&out.stdout);
         assert!(
             said.starts_with("203.0.113.1 ") || said.starts_with("2001:db8:2::1 "),
@@ -318,8 +311,7 @@ fn auto_follows_ports_bound_in_the_namespace() {
     wait_for("-T auto did not forward 7601", &log, || {
         text(&w.run_in(&guest, "ss -Htln").stdout).contains("127.0.0.1:7601 ")
     });
-    let out = w.run_in(&guest, "echo to-host | socat -T2 - TCP:127.0.0.1:7601");
-    assert_eq!(text(&out.stdout).trim(), "to-host", "{}", read(&log));
+    w.assert_echoes(&guest, "to-host", "TCP:127.0.0.1:7601", &log);
     // forwarder's own host ports (the -t auto ones) are not forwarded back.
     assert!(!text(&w.run_in(&guest, "ss -Htln").stdout).contains("127.0.0.1:8095 "));
     // An auto entry is not removed by hand.
@@ -360,29 +352,13 @@ fn udp_ns_relays_namespace_loopback_to_host_loopback() {
     w.udp_echo(&host, "::1", 5701);
     let (_pid, log) = w.start_attached(&["--config-net", "-U", "5700:5701"]);
     for (address, what) in [("UDP:127.0.0.1:5700", "v4"), ("UDP6:[::1]:5700", "v6")] {
-        let out = w.run_in(
-            &guest,
-            &format!("echo dgram-{what} | socat -T2 - {address}"),
-        );
-        assert_eq!(
-            text(&out.stdout).trim(),
-            format!("dgram-{what}"),
-            "{}\n{}",
-            text(&out.stderr),
-            read(&log)
-        );
+        w.assert_echoes(&guest, &format!("dgram-{what}"), address, &log);
     }
     // Many datagrams, many sizes, from several clients at once: every one comes back whole.
-    let out = w.run_in(
+    w.run_ok(
         &guest,
         &format!("python3 {0} 127.0.0.1 5700 1 100 1472 9000 16385 65507 & python3 {0} ::1 5700 1 100 1472 9000 16385 65507 & wait", script("udp_client.py")),
-    );
-    assert!(
-        out.status.success(),
-        "{}{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr),
-        read(&log)
+        &log,
     );
     // Relayed, not translated: nothing crossed the tap.
     let tap: u64 = text(

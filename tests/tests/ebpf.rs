@@ -10,18 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use forwarder_tests::{World, forwarder_bin, privileged, read, text};
-
-fn stats(api: &Path) -> String {
-    text(&forwarder_tests::ctl(api, &["stats"]).stdout)
-}
-
-fn value(stats: &str, name: &str) -> u64 {
-    stats
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in\n{stats}"))
-}
+use forwarder_tests::{World, api_counter, api_stats, forwarder_bin, privileged, read, text};
 
 #[test]
 fn arp_and_ndp_are_answered_in_the_kernel() {
@@ -61,15 +50,23 @@ fn arp_and_ndp_are_answered_in_the_kernel() {
             && neigh.contains("2001:db8:1::1 lladdr 9a:55:9a:55:9a:55"),
         "{neigh}"
     );
-    let s = stats(&api);
-    assert!(value(&s, "bpf_arp_answered") >= 1, "{s}");
-    assert!(value(&s, "bpf_ndp_answered") >= 1, "{s}");
+    let s = api_stats(&api);
+    assert!(api_counter(&s, "bpf_arp_answered") >= 1, "{s}");
+    assert!(api_counter(&s, "bpf_ndp_answered") >= 1, "{s}");
     assert!(
-        value(&s, "bpf_tap_egress_frames") > value(&s, "bpf_passed"),
+        api_counter(&s, "bpf_tap_egress_frames") > api_counter(&s, "bpf_passed"),
         "{s}"
     );
-    assert_eq!(value(&s, "arp_replies"), 0, "userspace answered ARP: {s}");
-    assert_eq!(value(&s, "ndp_adverts"), 0, "userspace answered NDP: {s}");
+    assert_eq!(
+        api_counter(&s, "arp_replies"),
+        0,
+        "userspace answered ARP: {s}"
+    );
+    assert_eq!(
+        api_counter(&s, "ndp_adverts"),
+        0,
+        "userspace answered NDP: {s}"
+    );
     // What the program leaves alone still works in userspace: echo, TCP, DHCP are the
     // foundation tests' (run again with --ebpf by xtask).
 }

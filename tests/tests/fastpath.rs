@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use forwarder_tests::{World, ctl, forwarder_bin, privileged, read, scripts, text};
+use forwarder_tests::{
+    World, api_counter, api_stats, ctl, forwarder_bin, privileged, read, scripts, text,
+};
 
 fn script(name: &str) -> String {
     scripts().join(name).display().to_string()
@@ -76,26 +78,18 @@ fn world_with_servers() -> (World, String, String, String) {
 /// panics with forwarder's log if one fails.
 fn connections(w: &World, guest: &str, addr: &str, n: u32, log: &Path) {
     let (host, port) = addr.rsplit_once(':').unwrap();
-    let out = w.run_in(
+    w.run_ok(
         guest,
         &format!(
             "python3 {} {host} {port} sequential {n}",
             script("conn_client.py")
         ),
-    );
-    assert!(
-        out.status.success(),
-        "{addr}: {}\n{}",
-        text(&out.stderr),
-        read(log)
+        log,
     );
 }
 
 fn stat(api: &Path, name: &str) -> u64 {
-    let out = text(&ctl(api, &["stats"]).stdout);
-    out.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in\n{out}"))
+    api_counter(&api_stats(api), name)
 }
 
 /// Starts forwarder with `--ebpf` and an API socket; waits until it serves and says the
@@ -208,20 +202,14 @@ fn tcp_and_udp_to_the_remote_ride_the_kernel_v4_and_v6() {
     );
 
     // IPv6 TCP, and UDP both families, through the kernel too.
-    let out = w.run_in(
+    w.run_ok(
         &guest,
         &format!(
             "python3 {c} 2001:db8:2::1 7003 sequential 3 && python3 {u} 203.0.113.1 7002 1 100 1400 && python3 {u} 2001:db8:2::1 7002 1 100 1400",
             c = script("conn_client.py"),
             u = script("udp_client.py")
         ),
-    );
-    assert!(
-        out.status.success(),
-        "{}{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr),
-        read(&log)
+        &log,
     );
     let now = flows(&api);
     for (proto, remote) in [("udp", "203.0.113.1:7002"), ("udp", "[2001:db8:2::1]:7002")] {

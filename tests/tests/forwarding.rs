@@ -64,7 +64,7 @@ fn forwarded_tcp_and_udp_ports_show_the_real_client_address() {
         ),
     ];
     for (address, client) in cases {
-        let out = w.run_in(&remote, &format!("echo hi | socat -T2 - {address}"));
+        let out = w.socat(&remote, "hi", address);
         let said = text(&out.stdout);
         assert!(
             said.starts_with(&format!("{client} ")),
@@ -277,14 +277,7 @@ fn remote_forward_carries_any_guest_side_address_to_a_host_service() {
         ("TCP6:[2001:db8:77::7]:7400", "v6 tcp"),
         ("UDP:203.0.113.77:5400", "v4 udp"),
     ] {
-        let out = w.run_in(&guest, &format!("echo ping-{what} | socat -T2 - {address}"));
-        assert_eq!(
-            text(&out.stdout).trim(),
-            format!("ping-{what}"),
-            "{what}: {}\n{}",
-            text(&out.stderr),
-            read(&log)
-        );
+        w.assert_echoes(&guest, &format!("ping-{what}"), address, &log);
     }
     // Other ports of the denied prefix stay denied.
     let out = w.run_in(
@@ -326,10 +319,7 @@ fn all_forwards_every_free_port_below_the_ephemeral_range() {
         "7000-7200 minus 7199, 7101 bound by the echo server\n{listening}"
     );
     assert!(read(&log).contains("bound=199 skipped=1"), "{}", read(&log));
-    let out = w.run_in(
-        &w.remote.clone(),
-        "echo hi | socat -T2 - TCP:198.51.100.2:7150,bind=203.0.113.1",
-    );
+    let out = w.socat(&w.remote, "hi", "TCP:198.51.100.2:7150,bind=203.0.113.1");
     assert!(
         text(&out.stdout).starts_with("203.0.113.1 "),
         "{}",

@@ -29,19 +29,6 @@ fn world(extra: &[&str]) -> (World, String, u32, std::path::PathBuf) {
     (w, guest, pid, log)
 }
 
-/// Runs `cmd` in the guest; panics with its output and forwarder's log on failure.
-fn guest_ok(w: &World, guest: &str, cmd: &str, log: &std::path::Path) -> String {
-    let out = w.run_in(guest, cmd);
-    assert!(
-        out.status.success(),
-        "{cmd} failed: {}{}\nforwarder log:\n{}",
-        text(&out.stdout),
-        text(&out.stderr),
-        read(log)
-    );
-    text(&out.stdout)
-}
-
 /// TCP flows handled, by the engine or (with `--ebpf`) handed to the kernel at their SYN.
 fn tcp_flows(stats: &str) -> u64 {
     counter(stats, "tcp_flows") + counter(stats, "fast_tcp_flows")
@@ -90,15 +77,13 @@ fn bulk_transfers(extra: &[&str], megabytes: usize) {
     );
     let want = want.split_whitespace().next().unwrap().to_string();
     for host in [REMOTE4, REMOTE6] {
-        let down = guest_ok(
-            &w,
+        let down = w.run_ok(
             &guest,
             &format!("curl -sSf --max-time 60 http://{host}:8080/big.bin | sha256sum"),
             &log,
         );
         assert!(down.starts_with(&want), "download via {host} corrupted");
-        let up = guest_ok(
-            &w,
+        let up = w.run_ok(
             &guest,
             &format!(
                 "curl -sSf --max-time 60 -T {} http://{host}:8080/up.bin",
@@ -146,9 +131,7 @@ fn iperf3_both_directions_v4_and_v6() {
     w.wait_listening(&remote, 5201, false);
     for host in ["203.0.113.1", "2001:db8:2::1"] {
         for reverse in ["", "-R"] {
-            let bytes = guest_ok(
-                &w,
-                &guest,
+            let bytes = w.run_ok(&guest,
                 &format!(
                     "iperf3 -c {host} -p 5201 -t 2 {reverse} -J | python3 -c \
                      'import json,sys; print(json.load(sys.stdin)[\"end\"][\"sum_received\"][\"bytes\"])'"
@@ -171,15 +154,13 @@ fn sequential_and_concurrent_connections_complete_and_table_empties() {
     w.tcp_echo(&remote, 7000);
     let client = script("conn_client.py");
     for host in ["203.0.113.1", "2001:db8:2::1"] {
-        let out = guest_ok(
-            &w,
+        let out = w.run_ok(
             &guest,
             &format!("python3 {client} {host} 7000 sequential 200"),
             &log,
         );
         assert_eq!(out.trim(), "ok 200");
-        let out = guest_ok(
-            &w,
+        let out = w.run_ok(
             &guest,
             &format!("python3 {client} {host} 7000 concurrent 100"),
             &log,
@@ -326,8 +307,7 @@ fn udp_echo_keeps_datagram_boundaries_v4_and_v6() {
     }
     w.wait_listening(&remote, 7777, true);
     for addr in ["203.0.113.1", "2001:db8:2::1"] {
-        let out = guest_ok(
-            &w,
+        let out = w.run_ok(
             &guest,
             &format!(
                 "python3 {} {addr} 7777 1 1472 16385 65507",
@@ -385,8 +365,7 @@ fn dns_forward_relays_udp_and_tcp_to_the_hosts_resolver() {
             &resolv_arg,
         ]);
         for transport in ["udp", "tcp"] {
-            let out = guest_ok(
-                &w,
+            let out = w.run_ok(
                 &guest,
                 &format!(
                     "python3 {} 198.51.100.53 test.example {transport}",
@@ -415,8 +394,7 @@ fn map_guest_addr_and_outbound_binding() {
     let (mut w, guest, _pid, log) = world(&["--map-guest-addr", "198.51.100.77"]);
     let host = w.host.clone();
     w.tcp_echo(&host, 7005);
-    guest_ok(
-        &w,
+    w.run_ok(
         &guest,
         &format!(
             "python3 {} 198.51.100.77 7005 sequential 2",

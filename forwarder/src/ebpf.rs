@@ -294,10 +294,10 @@ fn fast_in_namespace(bpf: &mut aya::Ebpf, peer: &str, tap_index: u32) -> Result<
 }
 
 /// Loads the programs and attaches them to `tap` inside the namespace at `netns`, or says
-/// why not (the caller stays in userspace and logs the reason). With `fast`, also the
-/// flow fast path: the hidden veth pair, its programs, and `uplink_ingress` on the host's
-/// Ethernet interfaces; when that part fails, ARP and NDP stay in the kernel and the log
-/// says why the fast path is off.
+/// why not (the caller stays in userspace and logs the reason). Also the flow fast path:
+/// the hidden veth pair, its programs, and `uplink_ingress` on the host's Ethernet
+/// interfaces; when that part fails, ARP and NDP stay in the kernel and the log says why
+/// the fast path is off.
 ///
 /// # Errors
 ///
@@ -307,15 +307,11 @@ pub fn start(
     tap: &str,
     net: &Network,
     services: &Services,
-    fast: bool,
 ) -> Result<(Kernel, Option<FastMaps>)> {
     if let Some(why) = precheck() {
         bail!(why);
     }
     let mut cfg = config(net, services);
-    if cfg.flags == 0 && !fast {
-        bail!("nothing to do in the kernel: ARP and NDP are both off");
-    }
     let tcx = aya::util::KernelVersion::current()
         .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
     let netns_fd = std::fs::File::open(netns)
@@ -325,17 +321,16 @@ pub fn start(
     let mut veth = None;
     let pid = std::process::id();
     let (host_end, peer) = (format!("fwdfp{pid}"), format!("fwdns{pid}"));
-    if fast && !tcx {
+    if !tcx {
         fast_off = Some("needs TCX links (Linux 6.6): netlink filters on the uplinks would outlive a killed forwarder".into());
-    } else if fast {
+    } else {
         let made =
             crate::netconf::create_veth(&host_end, &peer, u32::from(net.mtu), netns_fd.as_raw_fd())
                 .and_then(|index| {
-                    let reaper = reaper(&host_end);
                     Ok(Veth {
                         host: host_end.clone(),
                         index,
-                        reaper: Some(reaper?),
+                        reaper: Some(reaper(&host_end)?),
                     })
                 });
         match made {

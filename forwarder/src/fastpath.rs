@@ -281,12 +281,6 @@ impl FastPath {
         self.events.as_raw_fd()
     }
 
-    /// Flows carried by the kernel now.
-    #[must_use]
-    pub fn len(&self) -> usize {
-        self.table.len()
-    }
-
     /// Whether no flow is carried by the kernel.
     #[must_use]
     pub fn is_empty(&self) -> bool {

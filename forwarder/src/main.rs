@@ -127,7 +127,7 @@ fn run(args: Args) -> Result<ExitCode> {
         None
     };
     let (kernel, fast_maps) = if cfg.ebpf {
-        match forwarder::ebpf::start(&netns, &cfg.ifname, &cfg.network, &cfg.services, true) {
+        match forwarder::ebpf::start(&netns, &cfg.ifname, &cfg.network, &cfg.services) {
             Ok((k, maps)) => (Some(k), maps),
             Err(err) => {
                 warn!("--ebpf: staying in userspace: {err:#}");

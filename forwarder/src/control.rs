@@ -25,7 +25,8 @@
 //!
 //! slirp4netns' framing: one JSON request per connection, the client shuts down its write
 //! side, reads one JSON reply until EOF; requests of [`MAX_REQUEST`] bytes or more are
-//! refused. Native operations: `add_forward`, `list_forwards`, `remove_forward`, `stats`;
+//! refused. Native operations: `add_forward`, `list_forwards`, `remove_forward`, `stats`,
+//! `list_flows` (the data plane's one flow table, kernel flows included);
 //! slirp4netns' `add_hostfwd`, `list_hostfwd`, `remove_hostfwd` are served too, with its
 //! exact error texts.
 //!

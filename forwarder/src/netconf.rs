@@ -1,6 +1,6 @@
 //! # Theory of operation
 //!
-//! rtnetlink, through the `rtnetlink` crate (no `ip` shell-outs), for two jobs at start-up:
+//! rtnetlink, through the `rtnetlink` crate (no `ip` shell-outs), for these jobs:
 //!
 //! * [`host_info`]: read the host's default routes (main table), the interface they leave
 //!   through, and its global addresses and prefix lengths — the input of the address plan.
@@ -11,8 +11,13 @@
 //! * [`configure_namespace`]: `--config-net` inside the namespace: `lo` up, the tap's MTU,
 //!   addresses (IPv6 with `nodad`, so it is usable at once) and default routes, then the
 //!   tap up. Always: `lo` up (pasta does the same), even without `--config-net`.
+//! * For `--ebpf`'s fast path: [`uplink_mtu`] (the default route's interface's MTU, which
+//!   caps the tap's), [`ether_links`] (the interfaces that get `uplink_ingress`, rescanned
+//!   with the routes), [`create_veth`] and [`hide_veth_end`] (the hidden veth pair, its
+//!   host end with `forwarding` on for that device only), [`delete_link`] (at exit, and by
+//!   the reaper after a `kill -9`).
 //!
-//! Both run on a private current-thread tokio runtime that is dropped before they return,
+//! All run on a private current-thread tokio runtime that is dropped before they return,
 //! so they can be called from the single-threaded start-up code and from the forked helper
 //! inside the namespace: the netlink socket is bound to the namespace of the thread that
 //! opens it.

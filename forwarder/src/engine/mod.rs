@@ -34,6 +34,14 @@
 //! IPv4/IPv6 fragments → `engine::reassembly`, then dispatched whole; other TCP and UDP →
 //! the flow table, `policy` for new flows, and `flow::tcp` / `flow::udp`.
 //!
+//! With `--ebpf`, the first packet of a new flow whose policy target is its destination
+//! unmapped (a TCP SYN, a UDP datagram that was not reassembled) is first offered to the
+//! kernel's fast path ([`Host::fast_path`]). When the kernel takes it, the flow stays in the
+//! table as [`Detail::Kernel`] with no timer and no socket: its packets never reach the
+//! engine, a TCP segment of it that does is dropped (`fast_stray`), a UDP datagram of it is
+//! sent through the flow's reservation socket, and the shell reports its closing and its
+//! end ([`Engine::handle_kernel_flow`]).
+//!
 //! ## Data flow, host → namespace
 //!
 //! A ping socket's reply becomes an echo reply frame from the remote address to the guest,

@@ -505,7 +505,7 @@ struct Dataplane {
     frames_dropped: [u64; 2],
 }
 
-/// The flows' host sockets: the engine's [`Host`].
+/// The flows' host sockets: the engine's [`Host`](crate::engine::Host).
 pub struct Sockets {
     registry: Registry,
     map: HashMap<FlowId, Sock>,

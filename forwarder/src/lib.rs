@@ -8,7 +8,6 @@ pub mod control;
 pub mod ctl;
 pub mod ebpf;
 pub mod engine;
-pub mod fastpath;
 pub mod flow;
 pub mod forward;
 pub mod frames;

@@ -139,9 +139,9 @@ fn run(args: Args) -> Result<ExitCode> {
     };
     let fast = fast_maps
         .map(|maps| {
-            forwarder::fastpath::FastPath::new(
+            io::fastpath::FastPath::new(
                 maps,
-                forwarder::fastpath::Settings {
+                io::fastpath::Settings {
                     grace: cfg.ebpf_grace,
                     udp_idle: cfg.io.udp_idle,
                     source4: cfg.io.outbound.v4,

@@ -32,7 +32,7 @@ use rtnetlink::packet_route::link::{LinkAttribute, LinkLayerType};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
-use crate::config::Network;
+use crate::plan::Network;
 use crate::plan::HostInfo;
 
 /// Reads the host's default-route interfaces and resolvers.

@@ -75,11 +75,11 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, trace};
 
-use crate::config::{Network, Services};
+use crate::plan::Network;
 use crate::flow::{self, FlowId, Key, Protocol, tcp, udp};
 use crate::frames;
 use crate::policy::Policy;
-use crate::services::{arp, dhcp, dhcpv6, ndp};
+use crate::services::{Switches, arp, dhcp, dhcpv6, ndp};
 use crate::wire::build::{self, BuildError, Payload};
 use crate::wire::dhcp::{
     DHCP4_CLIENT_PORT, DHCP4_SERVER_PORT, DHCP6_CLIENT_PORT, DHCP6_SERVER_PORT,
@@ -207,7 +207,7 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            max_flows: crate::config::DEFAULT_MAX_FLOWS,
+            max_flows: flow::DEFAULT_MAX_FLOWS,
             policy: Policy::default(),
             udp_idle: udp::DEFAULT_IDLE,
         }
@@ -218,7 +218,7 @@ impl Default for Settings {
 #[derive(Debug)]
 pub struct Engine {
     net: Network,
-    services: Services,
+    services: Switches,
     stats: Stats,
     flows: flow::Table<Detail>,
     policy: Policy,
@@ -245,7 +245,7 @@ pub struct Engine {
 impl Engine {
     /// A new engine for `net`; the first unsolicited RA is due at `now`.
     #[must_use]
-    pub fn new(net: Network, services: Services, settings: Settings, now: Instant) -> Self {
+    pub fn new(net: Network, services: Switches, settings: Settings, now: Instant) -> Self {
         let next_ra = (services.ra && net.ipv6.is_some()).then_some(now);
         Self {
             net,

@@ -41,7 +41,7 @@
 //!
 //! ## Limits
 //!
-//! At most `max_flows` entries (`--max-flows`, default [`crate::config::DEFAULT_MAX_FLOWS`]);
+//! At most `max_flows` entries (`--max-flows`, default [`DEFAULT_MAX_FLOWS`]);
 //! a new flow beyond that is refused (TCP gets a RST, UDP and echo are dropped) and the
 //! engine counts `flow_table_full`. Existing flows are never evicted to make room.
 
@@ -379,6 +379,8 @@ impl<T> Table<T> {
     }
 }
 
+/// Default bound on the flow table (`--max-flows`).
+pub const DEFAULT_MAX_FLOWS: usize = 65536;
 /// Index of the tap side in [`Flow::sides`].
 pub const TAP: usize = 0;
 /// Index of the host side in [`Flow::sides`].

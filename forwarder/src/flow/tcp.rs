@@ -1208,6 +1208,3 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(75);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(7200);
 /// Idle time after which a half-closed flow is reset (Linux's `tcp_fin_timeout`).
 pub const HALF_CLOSED_TIMEOUT: Duration = Duration::from_secs(60);
-
-#[cfg(test)]
-mod tests;

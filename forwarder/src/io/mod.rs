@@ -86,6 +86,7 @@ use nix::sys::socket::{
 };
 use tracing::{debug, info, warn};
 
+pub mod fastpath;
 mod sockets;
 mod splice;
 mod udp_splice;
@@ -412,7 +413,7 @@ pub fn spawn(
     engine: Engine,
     options: Options,
     forwards: Vec<(u32, Vec<Listener>)>,
-    fast: Option<crate::fastpath::FastPath>,
+    fast: Option<fastpath::FastPath>,
 ) -> Result<Handle> {
     let poll = Poll::new().context("create poller")?;
     let waker = std::sync::Arc::new(Waker::new(poll.registry(), WAKER).context("create waker")?);
@@ -520,7 +521,7 @@ pub struct Sockets {
     udp_relays: udp_splice::Relays,
     udp_idle: Duration,
     /// The kernel's fast path (`--ebpf`), when it runs.
-    fast: Option<crate::fastpath::FastPath>,
+    fast: Option<fastpath::FastPath>,
     /// The frame being handled was claimed by the fast path: send it again.
     reinject: bool,
 }
@@ -601,8 +602,8 @@ impl Dataplane {
                     .map(|t| t.saturating_duration_since(now));
                 match (&self.sockets.fast, engine) {
                     (Some(f), e) if !f.is_empty() => {
-                        Some(e.map_or(crate::fastpath::SCAN_INTERVAL, |e| {
-                            e.min(crate::fastpath::SCAN_INTERVAL)
+                        Some(e.map_or(fastpath::SCAN_INTERVAL, |e| {
+                            e.min(fastpath::SCAN_INTERVAL)
                         }))
                     }
                     (_, e) => e,
@@ -653,9 +654,9 @@ impl Dataplane {
                             }
                         }
                     }
-                    Token(t) if t >= crate::fastpath::FIRST_TOKEN.0 => {
+                    Token(t) if t >= fastpath::FIRST_TOKEN.0 => {
                         let flow =
-                            FlowId(u64::try_from(t - crate::fastpath::FIRST_TOKEN.0).unwrap_or(0));
+                            FlowId(u64::try_from(t - fastpath::FIRST_TOKEN.0).unwrap_or(0));
                         // A kernel UDP flow's reservation: drained like a UDP flow's socket.
                         self.drain_udp(now, flow);
                     }

@@ -1,6 +1,6 @@
 //! ARP responder (RFC 826): forwarder answers for every address but the guest's own.
 
-use crate::config::Network;
+use crate::plan::Network;
 use crate::wire::{ArpOperation, ArpRepr};
 
 /// The reply to `request`, if forwarder answers it.
@@ -41,7 +41,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::services::testing::network;
+    use crate::plan::testing::network;
     use crate::wire::EthernetAddress;
 
     const GUEST_MAC: EthernetAddress = EthernetAddress([2, 0, 0, 0, 0, 0x0a]);

@@ -7,7 +7,7 @@
 
 use std::net::Ipv4Addr;
 
-use crate::config::Network;
+use crate::plan::Network;
 use crate::wire::EthernetAddress;
 use crate::wire::dhcp::{DhcpMessageType, DhcpOption, DhcpRepr};
 
@@ -156,7 +156,7 @@ pub const MIN_MTU: u16 = 68;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::services::testing::network;
+    use crate::plan::testing::network;
     use crate::wire::dhcp::{DhcpPacket, with_v4};
 
     const CLIENT: EthernetAddress = EthernetAddress([2, 0, 0, 0, 0, 0x0a]);

@@ -4,7 +4,7 @@
 //! `--mac-addr` and clients can match it across messages. Like the DHCPv4 server there is no
 //! binding table: every IA_NA gets the plan's guest address.
 
-use crate::config::Network;
+use crate::plan::Network;
 use crate::wire::dhcp::v6::{
     DhcpOption, DhcpOptions, IAAddr, IANA, Message, MessageType, OptionCode, Status, StatusCode,
 };
@@ -118,7 +118,7 @@ mod tests {
     use std::net::Ipv6Addr;
 
     use super::*;
-    use crate::services::testing::network;
+    use crate::plan::testing::network;
 
     fn client(kind: MessageType) -> Message {
         let mut msg = Message::new_with_id(kind, [1, 2, 3]);

@@ -7,7 +7,7 @@
 //!
 //! ## Shape (STYLE A3)
 //!
-//! Each service is a function: a parsed request and the [`Network`](crate::config::Network)
+//! Each service is a function: a parsed request and the [`Network`](crate::plan::Network)
 //! plan in, zero or one reply representation out. No service touches a socket, a clock or
 //! the flow table; the engine decides which frames reach which service, emits the replies
 //! with [`crate::wire::build`], and counts what it answered and what it ignored.
@@ -24,7 +24,7 @@
 //!   INFORM → ACK without lease (RFC 2131 §4.3).
 //! * DHCPv6: stateless (Information-request) and one address (IA_NA), with rapid commit
 //!   (RFC 8415 §18.3).
-//! * Echo: requests to forwarder's own addresses ([`Network::is_own`](crate::config::Network::is_own):
+//! * Echo: requests to forwarder's own addresses ([`Network::is_own`](crate::plan::Network::is_own):
 //!   the gateways, the router link-local) are answered by the engine itself; others are
 //!   forwarded by the flow table through ping sockets — unless ping sockets are forbidden
 //!   (`net.ipv4.ping_group_range`), in which case every request is answered locally and
@@ -41,34 +41,45 @@ pub mod dhcp;
 pub mod dhcpv6;
 pub mod ndp;
 
+/// Which built-in services answer on the tap. Each has a `--no-…` switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "one switch per service, as on the command line"
+)]
+pub struct Switches {
+    /// ARP replies.
+    pub arp: bool,
+    /// Neighbour advertisements.
+    pub ndp: bool,
+    /// Router advertisements (solicited and unsolicited).
+    pub ra: bool,
+    /// DHCPv4 server.
+    pub dhcp: bool,
+    /// DHCPv6 server.
+    pub dhcpv6: bool,
+    /// ICMP/ICMPv6 echo.
+    pub icmp: bool,
+    /// Answer every echo request locally instead of through ping sockets (set at start-up
+    /// when `net.ipv4.ping_group_range` forbids ping sockets).
+    pub echo_local_only: bool,
+}
+
+impl Default for Switches {
+    fn default() -> Self {
+        Self {
+            arp: true,
+            ndp: true,
+            ra: true,
+            dhcp: true,
+            dhcpv6: true,
+            icmp: true,
+            echo_local_only: false,
+        }
+    }
+}
+
 /// The most IA_NA options answered in one DHCPv6 message.
 pub const MAX_IA: usize = 4;
 /// The most DNS servers advertised per family.
 pub const MAX_DNS: usize = 3;
-
-/// The test world's plan, shared by the service tests.
-#[cfg(test)]
-pub(crate) mod testing {
-    use crate::config::{DEFAULT_LEASE, DEFAULT_MAC, Ipv4Plan, Ipv6Plan, Network};
-
-    pub(crate) fn network() -> Network {
-        Network {
-            our_mac: DEFAULT_MAC,
-            mtu: 65520,
-            ipv4: Some(Ipv4Plan {
-                guest: "198.51.100.2".parse().unwrap(),
-                prefix_len: 24,
-                gateway: "198.51.100.1".parse().unwrap(),
-                dns: vec!["198.51.100.53".parse().unwrap()],
-            }),
-            ipv6: Some(Ipv6Plan {
-                guest: "2001:db8:1::2".parse().unwrap(),
-                prefix_len: 64,
-                gateway: "2001:db8:1::1".parse().unwrap(),
-                router_ll: crate::plan::link_local(DEFAULT_MAC),
-                dns: vec!["2001:db8:1::53".parse().unwrap()],
-            }),
-            lease: DEFAULT_LEASE,
-        }
-    }
-}

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use smoltcp::time::Duration as WireDuration;
 
-use crate::config::Network;
+use crate::plan::Network;
 use crate::wire::{
     NdiscNeighborFlags, NdiscPrefixInfoFlags, NdiscPrefixInformation, NdiscRepr, NdiscRouterFlags,
     RawHardwareAddress,
@@ -101,7 +101,7 @@ pub const SLAAC_PREFIX_LEN: u8 = 64;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::services::testing::network;
+    use crate::plan::testing::network;
 
     #[test]
     fn solicitation_for_gateway_is_answered_solicited() {

@@ -1,22 +1,24 @@
 //! Engine scenarios: frames in, frames and host operations out, with a manual clock.
 //! The requests are real frames captured from the kernel and DHCP clients (`wire/testdata`).
 
+mod tcp;
+
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 use super::fake::FakeHost;
 use super::*;
-use crate::config::Services;
-use crate::services::testing::network;
+use crate::plan::testing::network;
+use crate::services::Switches;
 use crate::wire::build;
 use crate::wire::{ArpOperation, ArpRepr, DropReason, Frame, Icmpv4Repr};
 
-const ARP_REQUEST: &[u8] = include_bytes!("../wire/testdata/arp_request.bin");
-const DHCP4_DISCOVER: &[u8] = include_bytes!("../wire/testdata/dhcp4_discover.bin");
-const DHCP6_SOLICIT: &[u8] = include_bytes!("../wire/testdata/dhcp6_solicit.bin");
-const DHCP6_INFO: &[u8] = include_bytes!("../wire/testdata/dhcp6_info_request.bin");
-const NDP_RS: &[u8] = include_bytes!("../wire/testdata/ndp_rs.bin");
-const MLD: &[u8] = include_bytes!("../wire/testdata/mld_report_hbh.bin");
+const ARP_REQUEST: &[u8] = include_bytes!("../../wire/testdata/arp_request.bin");
+const DHCP4_DISCOVER: &[u8] = include_bytes!("../../wire/testdata/dhcp4_discover.bin");
+const DHCP6_SOLICIT: &[u8] = include_bytes!("../../wire/testdata/dhcp6_solicit.bin");
+const DHCP6_INFO: &[u8] = include_bytes!("../../wire/testdata/dhcp6_info_request.bin");
+const NDP_RS: &[u8] = include_bytes!("../../wire/testdata/ndp_rs.bin");
+const MLD: &[u8] = include_bytes!("../../wire/testdata/mld_report_hbh.bin");
 
 const GUEST_MAC: EthernetAddress = EthernetAddress([2, 0, 0, 0, 0, 0x0a]);
 
@@ -24,9 +26,9 @@ fn engine(t0: Instant) -> Engine {
     // Most tests do not want the start-up RA in their output.
     Engine::new(
         network(),
-        Services {
+        Switches {
             ra: false,
-            ..Services::default()
+            ..Switches::default()
         },
         Settings {
             max_flows: 16,
@@ -67,7 +69,7 @@ fn echo4(dst: Ipv4Addr, ident: u16, seq_no: u16) -> Vec<u8> {
     };
     build::ipv4(
         &mut out,
-        (GUEST_MAC, crate::config::DEFAULT_MAC),
+        (GUEST_MAC, crate::plan::DEFAULT_MAC),
         ("198.51.100.2".parse().unwrap(), dst),
         64,
         &Payload::Icmpv4(repr),
@@ -85,7 +87,7 @@ fn echo6(dst: Ipv6Addr, ident: u16) -> Vec<u8> {
     };
     build::ipv6(
         &mut out,
-        (GUEST_MAC, crate::config::DEFAULT_MAC),
+        (GUEST_MAC, crate::plan::DEFAULT_MAC),
         ("2001:db8:1::2".parse().unwrap(), dst),
         64,
         &Payload::Icmpv6 { repr, options: &[] },
@@ -115,7 +117,7 @@ fn captured_arp_request_for_gateway_gets_reply_from_our_mac() {
         panic!()
     };
     assert_eq!(operation, ArpOperation::Reply);
-    assert_eq!(source_hardware_addr, crate::config::DEFAULT_MAC);
+    assert_eq!(source_hardware_addr, crate::plan::DEFAULT_MAC);
     assert_eq!(source_protocol_addr, Ipv4Addr::new(198, 51, 100, 1));
     assert_eq!(e.stats().arp_replies, 1);
 }
@@ -193,7 +195,7 @@ fn captured_dhclient6_solicit_and_info_request_get_replies() {
 fn captured_router_solicit_gets_ra_with_rdnss() {
     let t0 = Instant::now();
     let mut e = engine(t0);
-    e.services = Services::default();
+    e.services = Switches::default();
     e.handle_frame(t0, NDP_RS, &mut FakeHost::new());
     let out = drain(&mut e);
     assert_eq!(out.len(), 1);
@@ -223,7 +225,7 @@ fn captured_router_solicit_gets_ra_with_rdnss() {
 #[test]
 fn unsolicited_ras_follow_the_schedule() {
     let t0 = Instant::now();
-    let mut e = Engine::new(network(), Services::default(), Settings::default(), t0);
+    let mut e = Engine::new(network(), Switches::default(), Settings::default(), t0);
     assert_eq!(e.poll_timeout(), Some(t0));
     e.handle_timeout(t0, &mut FakeHost::new());
     assert_eq!(drain(&mut e).len(), 1);
@@ -356,9 +358,9 @@ fn full_table_refuses_new_echo_flows() {
     let t0 = Instant::now();
     let mut e = Engine::new(
         network(),
-        Services {
+        Switches {
             ra: false,
-            ..Services::default()
+            ..Switches::default()
         },
         Settings {
             max_flows: 2,
@@ -382,10 +384,10 @@ fn ping_sockets_forbidden_means_local_answers_counted_as_fallback() {
     let t0 = Instant::now();
     let mut e = Engine::new(
         network(),
-        Services {
+        Switches {
             ra: false,
             echo_local_only: true,
-            ..Services::default()
+            ..Switches::default()
         },
         Settings {
             max_flows: 16,
@@ -406,7 +408,7 @@ fn ping_sockets_forbidden_means_local_answers_counted_as_fallback() {
 #[test]
 fn disabled_services_stay_silent() {
     let t0 = Instant::now();
-    let off = Services {
+    let off = Switches {
         arp: false,
         ndp: false,
         ra: false,

@@ -9,9 +9,11 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use clap::Parser;
 
-use crate::config::{Config, DEFAULT_MAC, DEFAULT_MAX_FLOWS, DEFAULT_MTU, Services, Target};
+use crate::config::{Config, Target};
+use crate::flow::DEFAULT_MAX_FLOWS;
+use crate::services::Switches;
 use crate::forward::{Kind, PortMap, Spec};
-use crate::plan::{self, HostInfo, Overrides};
+use crate::plan::{self, DEFAULT_MAC, DEFAULT_MTU, HostInfo, Overrides};
 use crate::policy::{Policy, Rule};
 use crate::wire::EthernetAddress;
 
@@ -368,7 +370,7 @@ impl Args {
                 path.display()
             );
         }
-        let services = Services {
+        let services = Switches {
             arp: !self.no_arp,
             ndp: !self.no_ndp,
             ra: !self.no_ra,
@@ -383,7 +385,6 @@ impl Args {
             config_net: self.config_net,
             network,
             services,
-            max_flows: self.max_flows,
             pid_file: self.pid_file,
             translation,
             io,
@@ -404,7 +405,7 @@ impl Args {
     fn translation(
         &self,
         host: &HostInfo,
-        network: &mut crate::config::Network,
+        network: &mut plan::Network,
     ) -> Result<crate::engine::Settings> {
         let mut policy = Policy {
             allow: self.allow.clone(),

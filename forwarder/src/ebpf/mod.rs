@@ -45,6 +45,7 @@
 //! the API's `stats` (`forwarder ctl stats`).
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 
@@ -53,12 +54,14 @@ use aya::maps::{Array, PerCpuArray};
 use aya::programs::tc::{SchedClassifier, SchedClassifierLinkId, TcAttachOptions, TcAttachType};
 use aya::programs::{LinkOrder, TestRun, TestRunOptions};
 use forwarder_ebpf::{
-    CONFIG_MAP, Config, Counter, EVENTS_MAP, FEAT_ARP, FEAT_FASTPATH, FEAT_NDP, FLOWS_MAP,
+    CONFIG_MAP, Config, Counter, EVENTS_MAP, FEAT_ARP, FEAT_FASTPATH, FEAT_NDP, FLOWS_MAP, FlowKey,
     FP_HOST_INGRESS, FP_NS_INGRESS, REVERSE_MAP, STATS_MAP, TAP_EGRESS, UPLINK_INGRESS,
 };
 use tracing::{debug, info, warn};
 
-use crate::config::{Network, Services};
+use crate::flow::{Key, Protocol};
+use crate::plan::Network;
+use crate::services::Switches;
 
 /// The embedded object, if the build had the eBPF toolchain.
 #[must_use]
@@ -172,7 +175,7 @@ pub fn reap_main(args: impl Iterator<Item = std::ffi::OsString>) -> std::process
 /// The configuration map's entry for `net` and `services` (the tap's index is filled in
 /// where the tap is visible).
 #[must_use]
-pub fn config(net: &Network, services: &Services) -> Config {
+pub fn config(net: &Network, services: &Switches) -> Config {
     let mut cfg = Config {
         gw_mac: net.our_mac.0,
         ..Config::default()
@@ -306,7 +309,7 @@ pub fn start(
     netns: &Path,
     tap: &str,
     net: &Network,
-    services: &Services,
+    services: &Switches,
 ) -> Result<(Kernel, Option<FastMaps>)> {
     if let Some(why) = precheck() {
         bail!(why);
@@ -592,8 +595,8 @@ pub fn test_tap_egress(cfg: &Config, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
 pub fn test_program(
     cfg: &Config,
     name: &str,
-    flows: &[(forwarder_ebpf::FlowKey, forwarder_ebpf::FlowValue)],
-    reverse: &[(forwarder_ebpf::FlowKey, forwarder_ebpf::ReverseValue)],
+    flows: &[(FlowKey, forwarder_ebpf::FlowValue)],
+    reverse: &[(FlowKey, forwarder_ebpf::ReverseValue)],
     frame: &[u8],
 ) -> Result<(u32, Vec<u8>)> {
     use aya::maps::HashMap as BpfHashMap;
@@ -602,14 +605,14 @@ pub fn test_program(
         classifier(&mut bpf, name)?.load()?;
     }
     {
-        let mut map: BpfHashMap<_, forwarder_ebpf::FlowKey, forwarder_ebpf::FlowValue> =
+        let mut map: BpfHashMap<_, FlowKey, forwarder_ebpf::FlowValue> =
             BpfHashMap::try_from(bpf.map_mut(FLOWS_MAP).ok_or_else(|| anyhow!("no map"))?)?;
         for (k, v) in flows {
             map.insert(k, v, 0)?;
         }
     }
     {
-        let mut map: BpfHashMap<_, forwarder_ebpf::FlowKey, forwarder_ebpf::ReverseValue> =
+        let mut map: BpfHashMap<_, FlowKey, forwarder_ebpf::ReverseValue> =
             BpfHashMap::try_from(bpf.map_mut(REVERSE_MAP).ok_or_else(|| anyhow!("no map"))?)?;
         for (k, v) in reverse {
             map.insert(k, v, 0)?;
@@ -628,6 +631,42 @@ pub fn test_program(
     Ok((result.return_value, out))
 }
 
+/// The map key of `addr`: IPv4 in the first 4 bytes.
+pub fn addr_bytes(addr: IpAddr) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    match addr {
+        IpAddr::V4(a) => {
+            if let Some(s) = b.get_mut(..4) {
+                s.copy_from_slice(&a.octets());
+            }
+        }
+        IpAddr::V6(a) => b = a.octets(),
+    }
+    b
+}
+
+fn proto_number(p: Protocol) -> u8 {
+    match p {
+        Protocol::Tcp => 6,
+        Protocol::Udp => 17,
+        Protocol::Icmp => 0,
+    }
+}
+
+/// The forward key of an engine flow key: the flow table's projection into `FLOWS`.
+#[must_use]
+pub fn forward_key(key: &Key) -> FlowKey {
+    FlowKey {
+        saddr: addr_bytes(key.guest_addr),
+        daddr: addr_bytes(key.remote_addr),
+        sport: key.guest_port.to_be_bytes(),
+        dport: key.remote_port.to_be_bytes(),
+        proto: proto_number(key.protocol),
+        family: if key.guest_addr.is_ipv4() { 4 } else { 6 },
+        _pad: [0; 2],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! The programs run on crafted frames with `BPF_PROG_TEST_RUN`, and compared byte for
@@ -638,13 +677,13 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::config::Services;
     use crate::engine::fake::FakeHost;
     use crate::engine::{Engine, Settings};
-    use crate::services::testing::network;
+    use crate::plan::testing::network;
+    use crate::services::Switches;
 
-    const ARP_REQUEST: &[u8] = include_bytes!("../src/wire/testdata/arp_request.bin");
-    const NS: &[u8] = include_bytes!("../src/wire/testdata/ndp_ns.bin");
+    const ARP_REQUEST: &[u8] = include_bytes!("../wire/testdata/arp_request.bin");
+    const NS: &[u8] = include_bytes!("../wire/testdata/ndp_ns.bin");
     /// `TCX_NEXT`: the programs pass what they leave alone to the next program.
     const PASS: u32 = u32::MAX;
     const TC_ACT_REDIRECT: u32 = 7;
@@ -667,7 +706,7 @@ mod tests {
     }
 
     fn cfg() -> Config {
-        let mut c = config(&network(), &Services::default());
+        let mut c = config(&network(), &Switches::default());
         c.tap_ifindex = 1;
         c
     }
@@ -677,9 +716,9 @@ mod tests {
         let t0 = Instant::now();
         let mut e = Engine::new(
             network(),
-            Services {
+            Switches {
                 ra: false,
-                ..Services::default()
+                ..Switches::default()
             },
             Settings::default(),
             t0,
@@ -782,16 +821,16 @@ mod tests {
         let v4 = net.ipv4.clone().unwrap();
         let v6 = net.ipv6.clone().unwrap();
         let mut others: Vec<Vec<u8>> = [
-            &include_bytes!("../src/wire/testdata/arp_reply.bin")[..],
-            include_bytes!("../src/wire/testdata/dhcp4_discover.bin"),
-            include_bytes!("../src/wire/testdata/dhcp6_solicit.bin"),
-            include_bytes!("../src/wire/testdata/icmp4_echo_request.bin"),
-            include_bytes!("../src/wire/testdata/icmp6_echo_request.bin"),
-            include_bytes!("../src/wire/testdata/mld_report_hbh.bin"),
-            include_bytes!("../src/wire/testdata/ndp_na.bin"),
-            include_bytes!("../src/wire/testdata/ndp_rs.bin"),
-            include_bytes!("../src/wire/testdata/tcp_syn.bin"),
-            include_bytes!("../src/wire/testdata/udp4.bin"),
+            &include_bytes!("../wire/testdata/arp_reply.bin")[..],
+            include_bytes!("../wire/testdata/dhcp4_discover.bin"),
+            include_bytes!("../wire/testdata/dhcp6_solicit.bin"),
+            include_bytes!("../wire/testdata/icmp4_echo_request.bin"),
+            include_bytes!("../wire/testdata/icmp6_echo_request.bin"),
+            include_bytes!("../wire/testdata/mld_report_hbh.bin"),
+            include_bytes!("../wire/testdata/ndp_na.bin"),
+            include_bytes!("../wire/testdata/ndp_rs.bin"),
+            include_bytes!("../wire/testdata/tcp_syn.bin"),
+            include_bytes!("../wire/testdata/udp4.bin"),
         ]
         .iter()
         .map(|f| f.to_vec())
@@ -852,7 +891,7 @@ mod tests {
 
     /// A TCP (with payload) or UDP frame between two addresses of one family.
     fn packet(
-        (src, dst): (std::net::IpAddr, std::net::IpAddr),
+        (src, dst): (IpAddr, IpAddr),
         (sport, dport): (u16, u16),
         tcp: bool,
         macs: ([u8; 6], [u8; 6]),
@@ -885,10 +924,10 @@ mod tests {
         let macs = (EthernetAddress(macs.0), EthernetAddress(macs.1));
         let mut out = Vec::new();
         match (src, dst) {
-            (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
                 build::ipv4(&mut out, macs, (s, d), 64, &payload).unwrap();
             }
-            (std::net::IpAddr::V6(s), std::net::IpAddr::V6(d)) => {
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
                 build::ipv6(&mut out, macs, (s, d), 64, &payload).unwrap();
             }
             _ => unreachable!(),
@@ -900,7 +939,7 @@ mod tests {
     fn endpoints(frame: &[u8]) -> (std::net::SocketAddr, std::net::SocketAddr) {
         use crate::wire::{L3, L4};
         let parsed = crate::wire::parse(frame).expect("valid frame, checksums included");
-        let (src, dst, l4): (std::net::IpAddr, std::net::IpAddr, _) = match parsed.l3 {
+        let (src, dst, l4): (IpAddr, IpAddr, _) = match parsed.l3 {
             L3::Ipv4 { ip, l4 } => (ip.src_addr.into(), ip.dst_addr.into(), l4),
             L3::Ipv6 { ip, l4 } => (ip.src_addr.into(), ip.dst_addr.into(), l4),
             other => panic!("{other:?}"),
@@ -914,15 +953,15 @@ mod tests {
     }
 
     fn key(
-        (src, dst): (std::net::IpAddr, std::net::IpAddr),
+        (src, dst): (IpAddr, IpAddr),
         (sport, dport): (u16, u16),
         tcp: bool,
-    ) -> forwarder_ebpf::FlowKey {
-        crate::fastpath::forward_key(&crate::flow::Key {
+    ) -> FlowKey {
+        forward_key(&Key {
             protocol: if tcp {
-                crate::flow::Protocol::Tcp
+                Protocol::Tcp
             } else {
-                crate::flow::Protocol::Udp
+                Protocol::Udp
             },
             guest_addr: src,
             guest_port: sport,
@@ -940,7 +979,7 @@ mod tests {
         ("2001:db8:1::2", "2001:db8:2::1", "2001:db8:1::2"),
     ];
 
-    type Addrs = (std::net::IpAddr, std::net::IpAddr, std::net::IpAddr);
+    type Addrs = (IpAddr, IpAddr, IpAddr);
 
     fn addresses(cases: &[(&str, &str, &str)]) -> Vec<Addrs> {
         cases
@@ -950,7 +989,7 @@ mod tests {
     }
 
     /// The reverse entry of a flow from `guest`:40000.
-    fn to_guest(guest: std::net::IpAddr) -> forwarder_ebpf::ReverseValue {
+    fn to_guest(guest: IpAddr) -> forwarder_ebpf::ReverseValue {
         forwarder_ebpf::ReverseValue {
             guest_addr: bytes16(guest),
             guest_port: 40000u16.to_be_bytes(),
@@ -959,7 +998,7 @@ mod tests {
         }
     }
 
-    fn bytes16(a: std::net::IpAddr) -> [u8; 16] {
+    fn bytes16(a: IpAddr) -> [u8; 16] {
         key((a, a), (0, 0), true).saddr
     }
 
@@ -1016,8 +1055,8 @@ mod tests {
     /// An ICMP destination-unreachable from `remote` to `host`, quoting a packet `host`:`port`
     /// → `remote`:5201 (UDP, or TCP's first 8 bytes).
     fn icmp_error(
-        host: std::net::IpAddr,
-        remote: std::net::IpAddr,
+        host: IpAddr,
+        remote: IpAddr,
         port: u16,
         tcp: bool,
     ) -> Vec<u8> {
@@ -1034,7 +1073,7 @@ mod tests {
         let macs = (EthernetAddress([6; 6]), EthernetAddress([7; 6]));
         let mut out = Vec::new();
         match (host, remote) {
-            (std::net::IpAddr::V4(h), std::net::IpAddr::V4(r)) => {
+            (IpAddr::V4(h), IpAddr::V4(r)) => {
                 let repr = crate::wire::Icmpv4Repr::DstUnreachable {
                     reason: smoltcp::wire::Icmpv4DstUnreachable::PortUnreachable,
                     header: crate::wire::Ipv4Repr {
@@ -1048,7 +1087,7 @@ mod tests {
                 };
                 build::ipv4(&mut out, macs, (r, h), 64, &Payload::Icmpv4(repr)).unwrap();
             }
-            (std::net::IpAddr::V6(h), std::net::IpAddr::V6(r)) => {
+            (IpAddr::V6(h), IpAddr::V6(r)) => {
                 let repr = crate::wire::Icmpv6Repr::PktTooBig {
                     mtu: 1280,
                     header: smoltcp::wire::Ipv6Repr {
@@ -1139,7 +1178,7 @@ mod tests {
             return;
         }
         let gw = network().our_mac.0;
-        let (guest, remote): (std::net::IpAddr, std::net::IpAddr) = (
+        let (guest, remote): (IpAddr, IpAddr) = (
             "198.51.100.2".parse().unwrap(),
             "203.0.113.1".parse().unwrap(),
         );

@@ -28,7 +28,10 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
-use crate::config::{DEFAULT_LEASE, Ipv4Plan, Ipv6Plan, Network};
+use super::{
+    DEFAULT_LEASE, DEFAULT_MAC, DEFAULT_MTU, Ipv4Plan, Ipv6Plan, Network, link_local,
+    prefix_to_mask4, prefix_to_mask6, same_subnet4, same_subnet6,
+};
 use crate::wire::EthernetAddress;
 
 /// What the host's default-route interfaces look like.
@@ -235,44 +238,8 @@ fn invalid(option: &'static str, value: impl std::fmt::Display, why: &'static st
     }
 }
 
-/// The EUI-64 link-local address of `mac` (RFC 4291 appendix A).
-#[must_use]
-pub fn link_local(mac: EthernetAddress) -> Ipv6Addr {
-    let m = mac.0;
-    Ipv6Addr::from([
-        0xfe,
-        0x80,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        m[0] ^ 0x02,
-        m[1],
-        m[2],
-        0xff,
-        0xfe,
-        m[3],
-        m[4],
-        m[5],
-    ])
-}
-
-/// Whether `a` and `b` share the first `len` bits.
-#[must_use]
-pub fn same_subnet4(a: Ipv4Addr, b: Ipv4Addr, len: u8) -> bool {
-    let mask = u32::from(crate::config::prefix_to_mask4(len));
-    u32::from(a) & mask == u32::from(b) & mask
-}
-
-fn same_subnet6(a: Ipv6Addr, b: Ipv6Addr, len: u8) -> bool {
-    let mask = crate::config::prefix_to_mask6(len);
-    u128::from(a) & mask == u128::from(b) & mask
-}
-
 fn first_host4(addr: Ipv4Addr, len: u8) -> Ipv4Addr {
-    let net = u32::from(addr) & u32::from(crate::config::prefix_to_mask4(len));
+    let net = u32::from(addr) & u32::from(prefix_to_mask4(len));
     let first = Ipv4Addr::from(net.wrapping_add(1));
     if first == addr {
         Ipv4Addr::from(net.wrapping_add(2))
@@ -282,7 +249,7 @@ fn first_host4(addr: Ipv4Addr, len: u8) -> Ipv4Addr {
 }
 
 fn first_host6(addr: Ipv6Addr, len: u8) -> Ipv6Addr {
-    let net = u128::from(addr) & crate::config::prefix_to_mask6(len);
+    let net = u128::from(addr) & prefix_to_mask6(len);
     let first = Ipv6Addr::from(net.wrapping_add(1));
     if first == addr {
         Ipv6Addr::from(net.wrapping_add(2))
@@ -308,8 +275,8 @@ pub fn no_overrides() -> Overrides {
         netmask: None,
         gateways: vec![],
         dns: vec![],
-        mtu: crate::config::DEFAULT_MTU,
-        mac: crate::config::DEFAULT_MAC,
+        mtu: DEFAULT_MTU,
+        mac: DEFAULT_MAC,
         families: (true, true),
         lease: DEFAULT_LEASE,
     }

@@ -4,7 +4,7 @@
 //! packet, owns the reserved host ports, and ends the kernel's entries. It lives in the data
 //! plane's thread, next to the engine's host sockets (`io::Sockets`), because the decision
 //! is taken while the engine handles the first packet. The kernel half is
-//! `forwarder-ebpf/src/programs.rs`; the set-up (veth, programs, uplinks) is `ebpf`.
+//! `forwarder-ebpf/src/programs.rs`; the set-up (veth, programs, uplinks) and the maps' key layout are `ebpf`.
 //!
 //! The flows themselves are the engine's: a kernel flow is an entry of the one flow table
 //! (`engine::Detail::Kernel`, same [`FlowId`]), the maps are its projection into the
@@ -105,7 +105,7 @@ use forwarder_ebpf::{
 use nix::sys::socket::{SockFlag, SockType, SockaddrStorage, bind, connect, getsockname, socket};
 use tracing::debug;
 
-use crate::ebpf::FastMaps;
+use crate::ebpf::{FastMaps, addr_bytes, forward_key};
 use crate::engine::KernelEvent;
 use crate::flow::{FlowId, Key, Protocol};
 
@@ -196,42 +196,6 @@ impl std::fmt::Debug for FastPath {
         f.debug_struct("FastPath")
             .field("flows", &self.table.len())
             .finish_non_exhaustive()
-    }
-}
-
-/// The map key of `addr`: IPv4 in the first 4 bytes.
-fn addr_bytes(addr: IpAddr) -> [u8; 16] {
-    let mut b = [0u8; 16];
-    match addr {
-        IpAddr::V4(a) => {
-            if let Some(s) = b.get_mut(..4) {
-                s.copy_from_slice(&a.octets());
-            }
-        }
-        IpAddr::V6(a) => b = a.octets(),
-    }
-    b
-}
-
-fn proto_number(p: Protocol) -> u8 {
-    match p {
-        Protocol::Tcp => 6,
-        Protocol::Udp => 17,
-        Protocol::Icmp => 0,
-    }
-}
-
-/// The forward key of an engine flow key.
-#[must_use]
-pub fn forward_key(key: &Key) -> FlowKey {
-    FlowKey {
-        saddr: addr_bytes(key.guest_addr),
-        daddr: addr_bytes(key.remote_addr),
-        sport: key.guest_port.to_be_bytes(),
-        dport: key.remote_port.to_be_bytes(),
-        proto: proto_number(key.protocol),
-        family: if key.guest_addr.is_ipv4() { 4 } else { 6 },
-        _pad: [0; 2],
     }
 }
 
@@ -386,7 +350,7 @@ impl FastPath {
         protocol: Protocol,
         remote: SocketAddr,
     ) -> std::io::Result<Option<(OwnedFd, SocketAddr)>> {
-        let family = crate::io::family(remote);
+        let family = super::family(remote);
         let source: Option<IpAddr> = match remote.ip() {
             IpAddr::V4(_) => self.settings.source4.map(IpAddr::V4),
             IpAddr::V6(_) => self.settings.source6.map(IpAddr::V6),
@@ -582,7 +546,7 @@ impl Drop for FastPath {
 
 /// Whether `ip` is still an address of this host: a socket can be bound to it.
 fn is_local(ip: IpAddr) -> bool {
-    let family = crate::io::family(SocketAddr::new(ip, 0));
+    let family = super::family(SocketAddr::new(ip, 0));
     let Ok(probe) = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None) else {
         return true;
     };
@@ -643,7 +607,7 @@ fn closed(state: u32) -> bool {
 }
 
 fn sockaddr(s: &SockaddrStorage) -> std::io::Result<SocketAddr> {
-    crate::io::std_addr(s).ok_or_else(|| std::io::ErrorKind::InvalidData.into())
+    super::std_addr(s).ok_or_else(|| std::io::ErrorKind::InvalidData.into())
 }
 
 /// An [`Event`] from its bytes (`#[repr(C)]`: key 40 bytes, then the state, native order).

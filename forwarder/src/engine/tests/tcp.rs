@@ -5,12 +5,13 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use crate::config::{DEFAULT_MAC, Services};
+use crate::plan::DEFAULT_MAC;
+use crate::plan::testing::network;
+use crate::services::Switches;
 use crate::engine::fake::{FakeHost, FakeTcp};
 use crate::engine::{Engine, Settings};
-use crate::flow::FlowId;
+use crate::flow::{FlowId, tcp};
 use crate::policy::Policy;
-use crate::services::testing::network;
 use crate::wire::build::{self, Payload};
 use crate::wire::{self, EthernetAddress, L3, L4, TcpControl, TcpRepr, TcpSeqNumber};
 
@@ -46,9 +47,9 @@ impl T {
 
     fn with(settings: Settings) -> Self {
         let now = Instant::now();
-        let services = Services {
+        let services = Switches {
             ra: false,
-            ..Services::default()
+            ..Switches::default()
         };
         Self {
             e: Engine::new(network(), services, settings, now),
@@ -234,7 +235,7 @@ fn syn_waits_for_connect_then_synack_carries_options() {
     let out = t.out();
     assert_eq!(out[0].control, TcpControl::Syn);
     assert_eq!(out[0].mss, Some(1460), "min(guest MSS, tap MTU - 40)");
-    assert_eq!(out[0].wscale, Some(super::OUR_WINDOW_SHIFT));
+    assert_eq!(out[0].wscale, Some(tcp::OUR_WINDOW_SHIFT));
     assert_eq!(t.e.stats().tcp_connected, 1);
 }
 
@@ -426,7 +427,7 @@ fn data_beyond_stash_is_refused_with_immediate_ack() {
     t.send(&[t.frame(TcpControl::Psh, GUEST_ISN + 1, Some(first), &big)]);
     assert_eq!(t.out()[0].ack, Some(GUEST_ISN + 40_001));
     t.send(&[t.frame(TcpControl::Psh, GUEST_ISN + 40_001, Some(first), &big)]);
-    let taken = 10 + super::MAX_STASH;
+    let taken = 10 + tcp::MAX_STASH;
     let out = t.out();
     assert_eq!(
         out.len(),
@@ -530,13 +531,13 @@ fn lost_segments_are_resent_from_the_socket_on_timeout() {
     t.ready(true, false);
     assert_eq!(t.out().len(), 2);
     // Nothing acknowledged: after the RTO everything is resent, same bytes.
-    t.advance(super::RTO_MIN);
+    t.advance(tcp::RTO_MIN);
     let out = t.out();
     assert_eq!(out[0].seq, first);
     let got: Vec<u8> = out.iter().flat_map(|s| s.payload.clone()).collect();
     assert_eq!(got, b);
     // Backoff: not again after one more RTO_MIN.
-    t.advance(super::RTO_MIN);
+    t.advance(tcp::RTO_MIN);
     assert!(t.out().is_empty());
 }
 
@@ -571,7 +572,7 @@ fn zero_window_is_probed_until_it_opens() {
     t.sock().rx = data(100);
     t.ready(true, false);
     assert!(t.out().is_empty(), "nothing into a zero window");
-    t.advance(super::RTO_MIN);
+    t.advance(tcp::RTO_MIN);
     let out = t.out();
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].seq, first.wrapping_sub(1), "probe at snd_una - 1");
@@ -646,7 +647,7 @@ fn lost_fin_is_retransmitted() {
     t.sock().eof = true;
     t.ready(true, false);
     assert_eq!(t.out()[0].control, TcpControl::Fin);
-    t.advance(super::RTO_MIN);
+    t.advance(tcp::RTO_MIN);
     let out = t.out();
     assert_eq!(out[0].control, TcpControl::Fin);
     assert_eq!(out[0].seq, first);
@@ -709,16 +710,16 @@ fn unanswered_synack_gives_up_and_connect_timeout_resets() {
     t.send(&[t.frame(TcpControl::Syn, GUEST_ISN, None, &[])]);
     t.ready(false, true);
     assert_eq!(t.out().len(), 1);
-    t.advance(super::RTO_INITIAL);
+    t.advance(tcp::RTO_INITIAL);
     assert_eq!(t.out()[0].control, TcpControl::Syn, "SYN-ACK resent");
-    for _ in 0..=super::MAX_RETRIES {
-        t.advance(super::RTO_MAX);
+    for _ in 0..=tcp::MAX_RETRIES {
+        t.advance(tcp::RTO_MAX);
     }
     assert!(t.e.flows().is_empty(), "gave up after MAX_RETRIES");
 
     let mut t = T::new();
     t.send(&[t.frame(TcpControl::Syn, GUEST_ISN, None, &[])]);
-    t.advance(super::CONNECT_TIMEOUT);
+    t.advance(tcp::CONNECT_TIMEOUT);
     assert_eq!(t.out()[0].control, TcpControl::Rst);
     assert!(t.e.flows().is_empty());
 }
@@ -727,7 +728,7 @@ fn unanswered_synack_gives_up_and_connect_timeout_resets() {
 fn idle_established_flow_is_reset_after_the_idle_timeout() {
     let mut t = T::new();
     t.establish();
-    t.advance(super::IDLE_TIMEOUT - Duration::from_secs(1));
+    t.advance(tcp::IDLE_TIMEOUT - Duration::from_secs(1));
     assert!(!t.e.flows().is_empty());
     t.advance(Duration::from_secs(2));
     assert!(t.e.flows().is_empty());
@@ -744,10 +745,10 @@ fn drained_socket_reopens_the_window_on_the_recheck_timer() {
     assert_eq!(out[0].window, 0, "100 bytes free < 1 << 8");
     // The remote reads; a socket that never hit EAGAIN does not signal it.
     t.sock().drain_sent(2900);
-    t.advance(super::WINDOW_RECHECK_MIN);
+    t.advance(tcp::WINDOW_RECHECK_MIN);
     let out = t.out();
     assert_eq!(out.len(), 1, "window update from the timer");
-    assert_eq!(u32::from(out[0].window) << super::OUR_WINDOW_SHIFT, 2816);
+    assert_eq!(u32::from(out[0].window) << tcp::OUR_WINDOW_SHIFT, 2816);
 }
 
 #[test]
@@ -810,7 +811,7 @@ fn gateway_is_mapped_to_loopback() {
 fn bulk_flows_take_turns() {
     let mut t = T::new();
     let first_a = t.establish();
-    let turn = super::MAX_PUSH_SEGMENTS * 1460;
+    let turn = tcp::MAX_PUSH_SEGMENTS * 1460;
     // Flow A: a big window and more data than one turn.
     t.send(&[t.frame_win(TcpControl::None, GUEST_ISN + 1, Some(first_a), &[], 65535)]);
     t.sock().rx = data(3 * turn);
@@ -915,7 +916,7 @@ fn inbound_to_a_closed_guest_port_resets_the_client() {
         t.e.handle_inbound_tcp(t.now, t.port, client, &mut t.host)
             .unwrap();
     let _ = t.out();
-    t.advance(super::RTO_INITIAL);
+    t.advance(tcp::RTO_INITIAL);
     assert_eq!(t.out()[0].control, TcpControl::Syn);
     assert!(t.e.flows().get(flow).is_some());
 }
@@ -924,6 +925,7 @@ mod hostile {
     use proptest::prelude::*;
 
     use super::*;
+    use tcp::MAX_OOO;
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
@@ -972,7 +974,7 @@ mod hostile {
                 let _ = t.out();
                 for (_, f) in t.e.flows().iter() {
                     if let crate::engine::Detail::Tcp(c) = &f.ext {
-                        prop_assert!(c.held_bytes() <= super::super::MAX_OOO);
+                        prop_assert!(c.held_bytes() <= MAX_OOO);
                     }
                 }
                 prop_assert!(t.e.flows().len() <= 2);

@@ -32,8 +32,8 @@ use rtnetlink::packet_route::link::{LinkAttribute, LinkLayerType};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
-use crate::plan::Network;
 use crate::plan::HostInfo;
+use crate::plan::Network;
 
 /// Reads the host's default-route interfaces and resolvers.
 ///

@@ -9,7 +9,9 @@
 //! * a module of `lib.rs` is missing from the layer table, or the table names one that does
 //!   not exist;
 //! * the graph in the document differs from the code's (it prints the right one), so the
-//!   picture cannot drift.
+//!   picture cannot drift;
+//! * a sans-IO module (the `<!-- sans-io -->` list: STYLE A1) reads the clock or the OS's
+//!   randomness, or reaches a system call or file descriptor, outside its tests.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -51,6 +53,93 @@ fn every_import_points_down_the_layers() {
     );
 }
 
+/// What a sans-IO module may not name outside its tests: the clock, OS randomness, and
+/// the ways to a system call or a file descriptor (errno constants from `libc` are data).
+const IO_WORDS: &[&str] = &[
+    "Instant::now",
+    "SystemTime",
+    "RandomState",
+    "getrandom",
+    "std::fs",
+    "File::",
+    "nix::",
+    "libc::c_",
+    "libc::sys",
+    "std::process",
+    "std::thread",
+    "std::os::",
+    "mio::",
+    "tokio::",
+    "TcpStream",
+    "TcpListener",
+    "UdpSocket",
+    "unsafe",
+];
+
+#[test]
+fn the_sans_io_modules_read_no_clock_and_make_no_system_call() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("../docs/architecture.md")).unwrap();
+    let pure: BTreeSet<&str> = section(&doc, "sans-io")
+        .expect("docs/architecture.md: the sans-io list")
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .collect();
+    assert!(pure.contains("engine") && pure.contains("wire"), "{pure:?}");
+    let src = root.join("src");
+    let mut found = Vec::new();
+    for file in rust_files(&src) {
+        let rel = file
+            .strip_prefix(&src)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let top = rel.split('/').next().unwrap_or("").trim_end_matches(".rs");
+        if !pure.contains(top) || rel.starts_with("engine/tests/") || rel == "engine/fake.rs" {
+            continue;
+        }
+        let text = std::fs::read_to_string(&file).unwrap();
+        found.extend(io_words(&rel, &text));
+    }
+    assert!(
+        found.is_empty(),
+        "sans-IO code doing I/O:\n{}",
+        found.join("\n")
+    );
+}
+
+#[test]
+fn io_in_sans_io_code_is_caught_but_not_in_its_tests() {
+    let text = "let t = Instant::now();\n// Instant::now in a comment\n#[cfg(test)]\nmod tests {\n    fn t() { Instant::now(); }\n}\n";
+    assert_eq!(
+        io_words("engine/mod.rs", text),
+        ["engine/mod.rs:1: Instant::now"]
+    );
+}
+
+/// The I/O words of `text` before its test module.
+fn io_words(file: &str, text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut lines = text.lines().enumerate().peekable();
+    while let Some((n, raw)) = lines.next() {
+        if raw.trim() == "#[cfg(test)]"
+            && lines
+                .peek()
+                .is_some_and(|(_, l)| l.trim_start().starts_with("mod "))
+        {
+            break;
+        }
+        let line = raw.split("//").next().unwrap_or("");
+        for word in IO_WORDS {
+            if line.contains(word) {
+                out.push(format!("{file}:{}: {word}", n + 1));
+            }
+        }
+    }
+    out
+}
+
 /// The check itself fails on a back-arrow (so the test above can fail).
 #[test]
 fn a_back_arrow_is_caught() {
@@ -67,8 +156,14 @@ fn a_back_arrow_is_caught() {
     );
     let wrong = back_arrows(&layers, &imports);
     assert_eq!(wrong.len(), 2, "{wrong:?}");
-    assert!(wrong[0].contains("wire/mod.rs:1: wire -> frames"), "same layer: {wrong:?}");
-    assert!(wrong[1].contains("wire/mod.rs:3: wire -> engine"), "{wrong:?}");
+    assert!(
+        wrong[0].contains("wire/mod.rs:1: wire -> frames"),
+        "same layer: {wrong:?}"
+    );
+    assert!(
+        wrong[1].contains("wire/mod.rs:3: wire -> engine"),
+        "{wrong:?}"
+    );
 }
 
 /// Module → rank (0 = the top layer), from the table between the `layers` markers: one row
@@ -105,7 +200,11 @@ fn lib_modules(lib: &str) -> BTreeSet<String> {
 fn read_imports(src: &Path) -> Vec<Import> {
     let mut out = Vec::new();
     for file in rust_files(src) {
-        let rel = file.strip_prefix(src).unwrap().to_string_lossy().into_owned();
+        let rel = file
+            .strip_prefix(src)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
         let Some(top) = rel.split('/').next().map(|t| t.trim_end_matches(".rs")) else {
             continue;
         };
@@ -265,7 +364,11 @@ fn render_graph(layers: &BTreeMap<String, usize>, imports: &[Import]) -> String 
         let to = edges.get(m.as_str()).map_or_else(String::new, |s| {
             s.iter().copied().collect::<Vec<_>>().join(", ")
         });
-        let arrow = if to.is_empty() { "(no imports)".to_string() } else { format!("→ {to}") };
+        let arrow = if to.is_empty() {
+            "(no imports)".to_string()
+        } else {
+            format!("→ {to}")
+        };
         out.push_str(&format!("{m:<9} {arrow}\n"));
     }
     out.push_str("```");

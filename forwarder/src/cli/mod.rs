@@ -11,10 +11,10 @@ use clap::Parser;
 
 use crate::config::{Config, Target};
 use crate::flow::DEFAULT_MAX_FLOWS;
-use crate::services::Switches;
 use crate::forward::{Kind, PortMap, Spec};
 use crate::plan::{self, DEFAULT_MAC, DEFAULT_MTU, HostInfo, Overrides};
 use crate::policy::{Policy, Rule};
+use crate::services::Switches;
 use crate::wire::EthernetAddress;
 
 /// forwarder — give a network namespace full IPv4/IPv6 connectivity without privileges.
@@ -500,6 +500,7 @@ impl Args {
             max_flows: self.max_flows,
             policy,
             udp_idle: Duration::from_secs(self.udp_timeout),
+            iss_secret: iss_secret()?,
         })
     }
 
@@ -593,6 +594,13 @@ fn parse_mac(s: &str) -> Result<EthernetAddress, String> {
         return Err(format!("{s} is a multicast address"));
     }
     Ok(mac)
+}
+
+/// A fresh key for the engine's initial sequence numbers, from the OS's random source.
+fn iss_secret() -> Result<[u8; 16]> {
+    let mut key = [0; 16];
+    getrandom::fill(&mut key).map_err(|err| anyhow::anyhow!("read the OS random source: {err}"))?;
+    Ok(key)
 }
 
 fn parse_max_flows(s: &str) -> Result<usize, String> {

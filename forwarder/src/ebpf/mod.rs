@@ -54,8 +54,8 @@ use aya::maps::{Array, PerCpuArray};
 use aya::programs::tc::{SchedClassifier, SchedClassifierLinkId, TcAttachOptions, TcAttachType};
 use aya::programs::{LinkOrder, TestRun, TestRunOptions};
 use forwarder_ebpf::{
-    CONFIG_MAP, Config, Counter, EVENTS_MAP, FEAT_ARP, FEAT_FASTPATH, FEAT_NDP, FLOWS_MAP, FlowKey,
-    FP_HOST_INGRESS, FP_NS_INGRESS, REVERSE_MAP, STATS_MAP, TAP_EGRESS, UPLINK_INGRESS,
+    CONFIG_MAP, Config, Counter, EVENTS_MAP, FEAT_ARP, FEAT_FASTPATH, FEAT_NDP, FLOWS_MAP,
+    FP_HOST_INGRESS, FP_NS_INGRESS, FlowKey, REVERSE_MAP, STATS_MAP, TAP_EGRESS, UPLINK_INGRESS,
 };
 use tracing::{debug, info, warn};
 
@@ -952,17 +952,9 @@ mod tests {
         ((src, sp).into(), (dst, dp).into())
     }
 
-    fn key(
-        (src, dst): (IpAddr, IpAddr),
-        (sport, dport): (u16, u16),
-        tcp: bool,
-    ) -> FlowKey {
+    fn key((src, dst): (IpAddr, IpAddr), (sport, dport): (u16, u16), tcp: bool) -> FlowKey {
         forward_key(&Key {
-            protocol: if tcp {
-                Protocol::Tcp
-            } else {
-                Protocol::Udp
-            },
+            protocol: if tcp { Protocol::Tcp } else { Protocol::Udp },
             guest_addr: src,
             guest_port: sport,
             remote_addr: dst,
@@ -1054,12 +1046,7 @@ mod tests {
 
     /// An ICMP destination-unreachable from `remote` to `host`, quoting a packet `host`:`port`
     /// → `remote`:5201 (UDP, or TCP's first 8 bytes).
-    fn icmp_error(
-        host: IpAddr,
-        remote: IpAddr,
-        port: u16,
-        tcp: bool,
-    ) -> Vec<u8> {
+    fn icmp_error(host: IpAddr, remote: IpAddr, port: u16, tcp: bool) -> Vec<u8> {
         use crate::wire::build::{self, Payload};
         use crate::wire::{EthernetAddress, IpProtocol};
         let mut quote = [0u8; 8];

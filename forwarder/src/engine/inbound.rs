@@ -27,8 +27,7 @@ impl Engine {
             self.stats.inbound_refused += 1;
             return None;
         }
-        self.iss_counter = self.iss_counter.wrapping_add(1);
-        let conn = Conn::inbound(self.iss(&key), self.net.mtu, v6);
+        let conn = Conn::inbound(self.iss(now, &key), self.net.mtu, v6);
         let Ok(flow) = self.flows.insert(
             now,
             key,

@@ -75,9 +75,9 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, trace};
 
-use crate::plan::Network;
 use crate::flow::{self, FlowId, Key, Protocol, tcp, udp};
 use crate::frames;
+use crate::plan::Network;
 use crate::policy::Policy;
 use crate::services::{Switches, arp, dhcp, dhcpv6, ndp};
 use crate::wire::build::{self, BuildError, Payload};
@@ -202,6 +202,9 @@ pub struct Settings {
     pub policy: Policy,
     /// Idle timeout of UDP flows.
     pub udp_idle: Duration,
+    /// The key of the initial sequence numbers' hash (RFC 6528). The front end draws it
+    /// from the OS; tests fix it, so the same inputs give the same trace.
+    pub iss_secret: [u8; 16],
 }
 
 impl Default for Settings {
@@ -210,6 +213,7 @@ impl Default for Settings {
             max_flows: flow::DEFAULT_MAX_FLOWS,
             policy: Policy::default(),
             udp_idle: udp::DEFAULT_IDLE,
+            iss_secret: [0; 16],
         }
     }
 }
@@ -238,6 +242,7 @@ pub struct Engine {
     reassembled_now: bool,
     ooo_budget: usize,
     epoch: Instant,
+    iss_secret: [u8; 16],
     iss_counter: u32,
     ip_ident: u32,
 }
@@ -267,6 +272,7 @@ impl Engine {
             reassembled_now: false,
             ooo_budget: tcp::MAX_OOO_TOTAL,
             epoch: now,
+            iss_secret: settings.iss_secret,
             iss_counter: 0,
             ip_ident: 0,
         }

@@ -262,8 +262,7 @@ impl Engine {
             self.stats.fast_tcp_flows += 1;
             return;
         }
-        self.iss_counter = self.iss_counter.wrapping_add(1);
-        let iss = self.iss(&key);
+        let iss = self.iss(now, &key);
         let conn = Conn::new(now, seg, iss, self.net.mtu, dst.is_ipv6());
         let flow = match self
             .flows
@@ -494,19 +493,20 @@ impl Engine {
         self.flows.set_deadline(flow, deadline);
     }
 
-    /// An initial sequence number: a keyed hash of the connection (RFC 6528 in spirit:
-    /// unpredictable to other flows, different across reuse of the same ports) plus a
-    /// 4-µs clock.
-    pub(super) fn iss(&self, key: &Key) -> u32 {
-        use std::hash::{BuildHasher, Hash, Hasher};
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    /// An initial sequence number (RFC 6528 §3): SipHash-2-4 of the connection and a
+    /// counter, keyed with [`Settings::iss_secret`] — unpredictable to whoever does not know
+    /// the secret, different across reuse of the same ports — plus a 4-µs clock taken from
+    /// `now` (time since the engine started), never from the system.
+    pub(super) fn iss(&mut self, now: Instant, key: &Key) -> u32 {
+        use std::hash::{Hash, Hasher};
+        self.iss_counter = self.iss_counter.wrapping_add(1);
+        let mut h = siphasher::sip::SipHasher24::new_with_key(&self.iss_secret);
         key.hash(&mut h);
         self.iss_counter.hash(&mut h);
-        let clock = (self.epoch.elapsed().as_micros() / 4) & u128::from(u32::MAX);
-        let hash = h.finish() & u64::from(u32::MAX);
-        u32::try_from(hash)
-            .unwrap_or(0)
-            .wrapping_add(u32::try_from(clock).unwrap_or(0))
+        let ticks = now.saturating_duration_since(self.epoch).as_micros() / 4;
+        let clock = u32::try_from(ticks & u128::from(u32::MAX)).unwrap_or(0);
+        let hash = u32::try_from(h.finish() & u64::from(u32::MAX)).unwrap_or(0);
+        hash.wrapping_add(clock)
     }
 
     /// Sends an ICMP destination-unreachable to the guest about a datagram of `key`.

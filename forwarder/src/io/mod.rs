@@ -602,9 +602,7 @@ impl Dataplane {
                     .map(|t| t.saturating_duration_since(now));
                 match (&self.sockets.fast, engine) {
                     (Some(f), e) if !f.is_empty() => {
-                        Some(e.map_or(fastpath::SCAN_INTERVAL, |e| {
-                            e.min(fastpath::SCAN_INTERVAL)
-                        }))
+                        Some(e.map_or(fastpath::SCAN_INTERVAL, |e| e.min(fastpath::SCAN_INTERVAL)))
                     }
                     (_, e) => e,
                 }
@@ -655,8 +653,7 @@ impl Dataplane {
                         }
                     }
                     Token(t) if t >= fastpath::FIRST_TOKEN.0 => {
-                        let flow =
-                            FlowId(u64::try_from(t - fastpath::FIRST_TOKEN.0).unwrap_or(0));
+                        let flow = FlowId(u64::try_from(t - fastpath::FIRST_TOKEN.0).unwrap_or(0));
                         // A kernel UDP flow's reservation: drained like a UDP flow's socket.
                         self.drain_udp(now, flow);
                     }

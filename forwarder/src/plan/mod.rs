@@ -156,7 +156,6 @@ pub const DEFAULT_MTU: u16 = 65520;
 /// Default DHCP lease.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(24 * 3600);
 
-
 /// The test world's plan, shared by the unit tests of every layer above.
 #[cfg(test)]
 pub(crate) mod testing {

@@ -5,13 +5,13 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use crate::plan::DEFAULT_MAC;
-use crate::plan::testing::network;
-use crate::services::Switches;
 use crate::engine::fake::{FakeHost, FakeTcp};
 use crate::engine::{Engine, Settings};
 use crate::flow::{FlowId, tcp};
+use crate::plan::DEFAULT_MAC;
+use crate::plan::testing::network;
 use crate::policy::Policy;
+use crate::services::Switches;
 use crate::wire::build::{self, Payload};
 use crate::wire::{self, EthernetAddress, L3, L4, TcpControl, TcpRepr, TcpSeqNumber};
 
@@ -981,4 +981,34 @@ mod hostile {
             }
         }
     }
+}
+
+/// The engine's frames for three connections opened 7 ms apart, under `secret`.
+fn handshake_trace(secret: [u8; 16]) -> Vec<Vec<u8>> {
+    let mut t = T::with(Settings {
+        iss_secret: secret,
+        ..Settings::default()
+    });
+    let mut frames = Vec::new();
+    for port in 40000..40003 {
+        t.port = port;
+        t.send(&[t.frame(TcpControl::Syn, GUEST_ISN, None, &[])]);
+        t.ready(false, true);
+        frames.extend(std::iter::from_fn(|| t.e.poll_transmit()));
+        t.advance(Duration::from_millis(7));
+    }
+    frames
+}
+
+#[test]
+fn same_seed_same_trace_and_the_seed_decides_the_iss() {
+    let a = handshake_trace([7; 16]);
+    assert_eq!(a.len(), 3, "one SYN-ACK per connection");
+    assert_eq!(
+        a,
+        handshake_trace([7; 16]),
+        "same seed and clock, same bytes"
+    );
+    let b = handshake_trace([8; 16]);
+    assert_ne!(a, b, "another seed, other initial sequence numbers");
 }

@@ -13,6 +13,14 @@
 //! * a sans-IO module (the `<!-- sans-io -->` list: STYLE A1) reads the clock or the OS's
 //!   randomness, or reaches a system call or file descriptor, outside its tests.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "a test: a failure to read the sources is the test failing"
+)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 

@@ -65,8 +65,8 @@
 //! `uplink_ingress` translates ICMP errors that quote a fast-path flow and sends them to the
 //! guest. One it cannot parse (a quoted IPv4 header with options) reaches the host's stack:
 //! for UDP the reservation is a socket connected to the remote, so the kernel queues the
-//! error on it; the socket is registered with the poller ([`FIRST_TOKEN`] + the flow's
-//! number) and read like a userspace UDP flow's socket ([`FastPath::udp_socket`]): the
+//! error on it; the socket is registered with the poller (a reservation token of `io::token`, by
+//! flow) and read like a userspace UDP flow's socket ([`FastPath::udp_socket`]): the
 //! engine sends the guest the same ICMP error the userspace path would. A TCP reservation is not connected: such an
 //! error about a TCP flow is lost.
 //!
@@ -122,9 +122,6 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(60);
 pub const SCAN_INTERVAL: Duration = Duration::from_secs(1);
 
 const BPF_NOEXIST: u64 = 1;
-
-/// Poll token of the first fast-path UDP reservation (above every other range of `io`).
-pub const FIRST_TOKEN: mio::Token = mio::Token(1 << 43);
 
 /// The fast path's settings.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -207,10 +204,6 @@ fn monotonic_ns() -> u64 {
             .saturating_mul(1_000_000_000)
             .saturating_add(u64::try_from(t.tv_nsec()).unwrap_or(0))
     })
-}
-
-fn token(flow: FlowId) -> mio::Token {
-    mio::Token(FIRST_TOKEN.0 + usize::try_from(flow.0).unwrap_or(0))
 }
 
 impl FastPath {
@@ -319,7 +312,7 @@ impl FastPath {
             if let Some(r) = &self.registry
                 && let Err(err) = r.register(
                     &mut mio::unix::SourceFd(&reserve.as_raw_fd()),
-                    token(flow),
+                    super::token::reservation(flow),
                     mio::Interest::READABLE,
                 )
             {

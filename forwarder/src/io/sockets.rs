@@ -3,12 +3,13 @@
 //! sends, and the TCP socket operations the translation needs (see the theory of operation
 //! in `io`).
 
+use std::collections::HashMap;
 use std::io::IoSliceMut;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use mio::unix::SourceFd;
-use mio::{Interest, Token};
+use mio::{Interest, Registry};
 use nix::errno::Errno;
 use nix::sys::socket::{
     AddressFamily, MsgFlags, Shutdown, SockFlag, SockProtocol, SockType, SockaddrIn, SockaddrIn6,
@@ -16,10 +17,90 @@ use nix::sys::socket::{
     sockopt,
 };
 
-use super::{FIRST_FLOW_TOKEN, ListenSocket, Listener, Sock, Sockets, TCP_SNDBUF, TcpSock, family};
+use super::listen::{ListenSocket, Listener};
+use super::{Outbound, TCP_SNDBUF, family, fastpath, splice, token, udp_splice};
 use crate::engine::Host;
 use crate::flow::{FlowId, tcp};
 use crate::{sys, wire};
+
+/// The flows' host sockets: the engine's [`Host`](crate::engine::Host).
+pub struct Sockets {
+    pub(super) registry: Registry,
+    pub(super) map: HashMap<FlowId, Sock>,
+    pub(super) outbound: Outbound,
+    /// Forwarded-port sockets by key (see `token`), with the
+    /// forward each belongs to.
+    pub(super) listeners: HashMap<usize, (u32, Listener)>,
+    pub(super) next_listener: usize,
+    pub(super) accepted: Option<OwnedFd>,
+    pub(super) relays: HashMap<usize, splice::Relay>,
+    pub(super) next_relay: usize,
+    /// The kernel's fast path (`--ebpf`), when it runs.
+    pub(super) fast: Option<fastpath::FastPath>,
+    /// The frame being handled was claimed by the fast path: send it again.
+    pub(super) reinject: bool,
+}
+
+impl Sockets {
+    /// Registers the sockets of forward `id`.
+    pub(super) fn add_forward(&mut self, id: u32, listeners: Vec<Listener>) -> std::io::Result<()> {
+        for l in listeners {
+            let key = self.next_listener;
+            self.next_listener += 1;
+            self.registry.register(
+                &mut SourceFd(&l.raw_fd()),
+                token::listener(key),
+                Interest::READABLE,
+            )?;
+            self.listeners.insert(key, (id, l));
+        }
+        Ok(())
+    }
+
+    /// Closes the sockets of forward `id`.
+    pub(super) fn remove_forward(&mut self, id: u32) {
+        let keys: Vec<usize> = self
+            .listeners
+            .iter()
+            .filter(|(_, (f, _))| *f == id)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in keys {
+            if let Some((_, l)) = self.listeners.remove(&key) {
+                let _ = self.registry.deregister(&mut SourceFd(&l.raw_fd()));
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Sockets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sockets")
+            .field("sockets", &self.map.len())
+            .finish_non_exhaustive()
+    }
+}
+
+pub(super) enum Sock {
+    Echo {
+        fd: OwnedFd,
+        v6: bool,
+    },
+    Tcp(TcpSock),
+    Udp(OwnedFd),
+    /// An inbound UDP flow: replies leave through forwarded-port socket `listener`.
+    UdpVia {
+        listener: usize,
+        peer: SocketAddr,
+    },
+}
+
+pub(super) struct TcpSock {
+    fd: OwnedFd,
+    /// The kernel's `SO_PEEK_OFF`, or `None` when the kernel lacks it for TCP.
+    peek_off: Option<usize>,
+    scratch: Vec<u8>,
+}
 
 impl Sockets {
     /// `flow`'s connected UDP socket: a userspace flow's own, or a kernel flow's
@@ -38,41 +119,21 @@ impl Sockets {
         fd: &OwnedFd,
         interest: Interest,
     ) -> std::io::Result<()> {
-        let token = Token(
-            usize::try_from(flow.0)
-                .unwrap_or(usize::MAX)
-                .saturating_add(FIRST_FLOW_TOKEN.0),
-        );
         self.registry
-            .register(&mut SourceFd(&fd.as_raw_fd()), token, interest)
+            .register(&mut SourceFd(&fd.as_raw_fd()), token::flow(flow), interest)
     }
 
     pub(super) fn new_socket(&self, target: SocketAddr, ty: SockType) -> std::io::Result<OwnedFd> {
-        let fd = socket(
-            family(target),
-            ty,
-            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-            None,
-        )?;
-        if let Some(dev) = &self.outbound.iface {
-            setsockopt(&fd, sockopt::BindToDevice, &std::ffi::OsString::from(dev))?;
+        new_socket(&self.outbound, target, ty)
+    }
+
+    /// What the `-U` relays work with.
+    pub(super) fn relay_ends(&self) -> udp_splice::Ends<'_> {
+        udp_splice::Ends {
+            listeners: &self.listeners,
+            registry: &self.registry,
+            outbound: &self.outbound,
         }
-        match target {
-            SocketAddr::V4(_) => {
-                if let Some(a) = self.outbound.v4 {
-                    bind(fd.as_raw_fd(), &SockaddrIn::from(SocketAddrV4::new(a, 0)))?;
-                }
-            }
-            SocketAddr::V6(_) => {
-                if let Some(a) = self.outbound.v6 {
-                    bind(
-                        fd.as_raw_fd(),
-                        &SockaddrIn6::from(SocketAddrV6::new(a, 0, 0, 0)),
-                    )?;
-                }
-            }
-        }
-        Ok(fd)
     }
 
     /// Makes `fd` (connecting or accepted) `flow`'s TCP socket: buffers, peek offset,
@@ -270,6 +331,39 @@ impl tcp::HostSocket for TcpSock {
 }
 
 /// Makes the close of `fd` send a RST (`SO_LINGER {1, 0}`).
+/// A non-blocking socket toward `target`, bound as `outbound` says.
+pub(super) fn new_socket(
+    outbound: &Outbound,
+    target: SocketAddr,
+    ty: SockType,
+) -> std::io::Result<OwnedFd> {
+    let fd = socket(
+        family(target),
+        ty,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    if let Some(dev) = &outbound.iface {
+        setsockopt(&fd, sockopt::BindToDevice, &std::ffi::OsString::from(dev))?;
+    }
+    match target {
+        SocketAddr::V4(_) => {
+            if let Some(a) = outbound.v4 {
+                bind(fd.as_raw_fd(), &SockaddrIn::from(SocketAddrV4::new(a, 0)))?;
+            }
+        }
+        SocketAddr::V6(_) => {
+            if let Some(a) = outbound.v6 {
+                bind(
+                    fd.as_raw_fd(),
+                    &SockaddrIn6::from(SocketAddrV6::new(a, 0, 0, 0)),
+                )?;
+            }
+        }
+    }
+    Ok(fd)
+}
+
 pub(super) fn reset(fd: &OwnedFd) {
     let _ = setsockopt(
         fd,

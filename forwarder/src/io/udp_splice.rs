@@ -27,13 +27,15 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
-use mio::{Interest, Token};
+use mio::{Interest, Registry};
 use nix::sys::socket::{
     MsgFlags, MultiHeaders, SockType, SockaddrStorage, connect, recvmmsg, sendmmsg,
 };
 use tracing::debug;
 
-use super::{FIRST_UDP_RELAY_TOKEN, ListenSocket, Sockets, std_addr};
+use super::listen::{ListenSocket, Listener};
+use super::sockets::new_socket;
+use super::{Outbound, std_addr, token};
 
 /// Datagrams per `recvmmsg`/`sendmmsg`.
 pub const BATCH: usize = 32;
@@ -101,9 +103,18 @@ fn send_batch(fd: RawFd, datagrams: &[&[u8]], to: Option<SocketAddr>) -> nix::Re
     Ok(sent.count())
 }
 
-impl Sockets {
-    fn udp_bufs(&mut self) -> Vec<Vec<u8>> {
-        let mut bufs = std::mem::take(&mut self.udp_relays.bufs);
+/// What the relays use but do not own: the forwarded-port sockets (by key), the poller's
+/// registry and the outbound binding of host sockets.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Ends<'a> {
+    pub listeners: &'a HashMap<usize, (u32, Listener)>,
+    pub registry: &'a Registry,
+    pub outbound: &'a Outbound,
+}
+
+impl Relays {
+    fn take_bufs(&mut self) -> Vec<Vec<u8>> {
+        let mut bufs = std::mem::take(&mut self.bufs);
         if bufs.is_empty() {
             bufs = (0..BATCH).map(|_| vec![0; MAX_DATAGRAM]).collect();
         }
@@ -111,10 +122,10 @@ impl Sockets {
     }
 
     /// A `-U` socket in the namespace is readable: relay what it holds to the host.
-    pub(super) fn udp_from_namespace(&mut self, now: Instant, key: usize) {
-        let mut bufs = self.udp_bufs();
+    pub(super) fn handle_namespace(&mut self, ends: Ends<'_>, now: Instant, key: usize) {
+        let mut bufs = self.take_bufs();
         for _ in 0..(super::UDP_BATCH / BATCH).max(1) {
-            let Some((_, l)) = self.listeners.get(&key) else {
+            let Some((_, l)) = ends.listeners.get(&key) else {
                 break;
             };
             let ListenSocket::NsUdp(sock) = &l.socket else {
@@ -147,7 +158,7 @@ impl Sockets {
                     .zip(bufs.get(i..).unwrap_or_default())
                     .map(|((n, _), b)| b.get(..*n).unwrap_or_default())
                     .collect();
-                if let Some(fd) = self.udp_relay_for(now, key, peer, to)
+                if let Some(fd) = self.relay_for(ends, now, key, peer, to)
                     && let Err(err) = send_batch(fd, &datagrams, None)
                 {
                     debug!(%err, %peer, "-U: send to the host");
@@ -158,23 +169,24 @@ impl Sockets {
                 break;
             }
         }
-        self.udp_relays.bufs = bufs;
+        self.bufs = bufs;
     }
 
     /// The host socket of the relay for `peer` on listener `key`, opened on first use.
-    fn udp_relay_for(
+    fn relay_for(
         &mut self,
+        ends: Ends<'_>,
         now: Instant,
         key: usize,
         peer: SocketAddr,
         to: u16,
     ) -> Option<RawFd> {
-        if let Some(id) = self.udp_relays.by_peer.get(&(key, peer)) {
-            let relay = self.udp_relays.map.get_mut(id)?;
+        if let Some(id) = self.by_peer.get(&(key, peer)) {
+            let relay = self.map.get_mut(id)?;
             relay.last = now;
             return Some(relay.fd.as_raw_fd());
         }
-        if self.udp_relays.map.len() >= MAX_UDP_RELAYS {
+        if self.map.len() >= MAX_UDP_RELAYS {
             debug!(%peer, "-U: too many relays, dropping a datagram");
             return None;
         }
@@ -183,7 +195,7 @@ impl Sockets {
         } else {
             SocketAddr::from((Ipv4Addr::LOCALHOST, to))
         };
-        let fd = match self.new_socket(target, SockType::Datagram) {
+        let fd = match new_socket(ends.outbound, target, SockType::Datagram) {
             Ok(fd) => fd,
             Err(err) => {
                 debug!(%err, "-U: host socket");
@@ -194,11 +206,11 @@ impl Sockets {
             debug!(%err, %target, "-U: connect");
             return None;
         }
-        let id = self.udp_relays.next;
-        self.udp_relays.next = (id + 1) % (1 << 30);
-        if let Err(err) = self.registry.register(
+        let id = self.next;
+        self.next = (id + 1) % (1 << 30);
+        if let Err(err) = ends.registry.register(
             &mut SourceFd(&fd.as_raw_fd()),
-            Token(FIRST_UDP_RELAY_TOKEN.0 + id),
+            token::udp_relay(id),
             Interest::READABLE,
         ) {
             debug!(%err, "-U: register");
@@ -206,8 +218,8 @@ impl Sockets {
         }
         let raw = fd.as_raw_fd();
         debug!(relay = id, %peer, %target, "-U relay");
-        self.udp_relays.by_peer.insert((key, peer), id);
-        self.udp_relays.map.insert(
+        self.by_peer.insert((key, peer), id);
+        self.map.insert(
             id,
             Relay {
                 fd,
@@ -220,10 +232,10 @@ impl Sockets {
     }
 
     /// A relay's host socket is readable: pass the answers back to the namespace client.
-    pub(super) fn udp_relay_event(&mut self, now: Instant, id: usize) {
-        let mut bufs = self.udp_bufs();
+    pub(super) fn handle_host(&mut self, ends: Ends<'_>, now: Instant, id: usize) {
+        let mut bufs = self.take_bufs();
         for _ in 0..(super::UDP_BATCH / BATCH).max(2) {
-            let Some(relay) = self.udp_relays.map.get_mut(&id) else {
+            let Some(relay) = self.map.get_mut(&id) else {
                 break;
             };
             relay.last = now;
@@ -240,7 +252,7 @@ impl Sockets {
                 }
             };
             let full = got.len() == BATCH;
-            let Some((_, l)) = self.listeners.get(&key) else {
+            let Some((_, l)) = ends.listeners.get(&key) else {
                 break;
             };
             let ListenSocket::NsUdp(sock) = &l.socket else {
@@ -258,13 +270,13 @@ impl Sockets {
                 break;
             }
         }
-        self.udp_relays.bufs = bufs;
+        self.bufs = bufs;
     }
 
     /// Closes relays idle for longer than `--udp-timeout`, and those whose namespace socket
     /// was removed.
-    pub(super) fn expire_udp_relays(&mut self, now: Instant) {
-        let relays = &mut self.udp_relays;
+    pub(super) fn expire(&mut self, ends: Ends<'_>, now: Instant, idle: Duration) {
+        let relays = self;
         if relays.map.is_empty()
             || relays
                 .last_sweep
@@ -273,8 +285,7 @@ impl Sockets {
             return;
         }
         relays.last_sweep = Some(now);
-        let idle = self.udp_idle;
-        let listeners = &self.listeners;
+        let listeners = ends.listeners;
         let gone: Vec<usize> = relays
             .map
             .iter()
@@ -287,7 +298,7 @@ impl Sockets {
         for id in gone {
             if let Some(r) = relays.map.remove(&id) {
                 relays.by_peer.remove(&(r.listener, r.peer));
-                let _ = self.registry.deregister(&mut SourceFd(&r.fd.as_raw_fd()));
+                let _ = ends.registry.deregister(&mut SourceFd(&r.fd.as_raw_fd()));
                 debug!(relay = id, "-U relay closed");
             }
         }

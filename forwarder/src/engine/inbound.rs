@@ -9,7 +9,7 @@ use tracing::debug;
 
 use super::{Detail, Engine, Host};
 use crate::flow::tcp::{Conn, Verdict};
-use crate::flow::{FlowId, Interface, Key, Protocol, udp};
+use crate::flow::{FlowId, Key, Protocol, udp};
 
 impl Engine {
     /// A client connected to a forwarded TCP port: opens the flow toward `ns_port` in the
@@ -28,18 +28,13 @@ impl Engine {
             return None;
         }
         let conn = Conn::inbound(self.iss(now, &key), self.net.mtu, v6);
-        let Ok(flow) = self.flows.insert(
-            now,
-            key,
-            (key.remote_addr, key.remote_port),
-            Detail::Tcp(Box::new(conn)),
-        ) else {
+        let Ok(flow) = self
+            .flows
+            .insert_inbound(now, key, Detail::Tcp(Box::new(conn)))
+        else {
             self.stats.flow_table_full += 1;
             return None;
         };
-        if let Some(f) = self.flows.get_mut(flow) {
-            f.origin = Interface::Host;
-        }
         if host.tcp_accepted(flow).is_err() {
             self.flows.remove(flow);
             return None;
@@ -71,18 +66,13 @@ impl Engine {
         let flow = match self.flows.lookup(&key) {
             Some(flow) => flow,
             None => {
-                let Ok(flow) = self.flows.insert(
-                    now,
-                    key,
-                    (key.remote_addr, key.remote_port),
-                    Detail::Udp(udp::Conn::default()),
-                ) else {
+                let Ok(flow) =
+                    self.flows
+                        .insert_inbound(now, key, Detail::Udp(udp::Conn::default()))
+                else {
                     self.stats.flow_table_full += 1;
                     return;
                 };
-                if let Some(f) = self.flows.get_mut(flow) {
-                    f.origin = Interface::Host;
-                }
                 host.udp_reply_via(flow, listener, client);
                 debug!(flow = flow.0, %client, ns_port, "new inbound udp flow");
                 self.stats.inbound_udp += 1;

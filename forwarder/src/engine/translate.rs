@@ -12,7 +12,7 @@ use tracing::{debug, trace};
 use super::{DEFAULT_HOP_LIMIT, Detail, Engine, Host, HostOp};
 use crate::flow::tcp::{self, Conn, Cx, Verdict};
 use crate::flow::udp::{self, Unreachable};
-use crate::flow::{self, FlowId, Interface, Key, Protocol, State};
+use crate::flow::{self, FlowId, Interface, Key, Protocol};
 use crate::wire::build::{self, Payload};
 use crate::wire::{
     EthernetAddress, Icmpv4DstUnreachable, Icmpv4Repr, Icmpv6DstUnreachable, Icmpv6Repr,
@@ -95,7 +95,7 @@ impl Engine {
             self.stats.stale_host_events += 1;
             return;
         };
-        let key = f.key;
+        let key = f.key();
         self.flows.touch(flow, now);
         self.stats.udp_in += 1;
         let dst_mac = self.guest_mac.unwrap_or(EthernetAddress::BROADCAST);
@@ -138,10 +138,10 @@ impl Engine {
             return;
         };
         let (key, last_len) = match &f.ext {
-            Detail::Udp(c) => (f.key, c.last_len),
+            Detail::Udp(c) => (f.key(), c.last_len),
             // A kernel flow's reservation: the error about it (an ICMP error the programs
             // did not translate) quotes no length the engine knows.
-            Detail::Kernel(_) if f.key.protocol == Protocol::Udp => (f.key, 0),
+            Detail::Kernel(_) if f.key().protocol == Protocol::Udp => (f.key(), 0),
             _ => return,
         };
         self.flows.touch(flow, now);
@@ -384,7 +384,7 @@ impl Engine {
             guest_addr: planned,
             ..*key
         })?;
-        (self.flows.get(flow)?.origin == Interface::Host).then_some(flow)
+        (self.flows.get(flow)?.origin() == Interface::Host).then_some(flow)
     }
 
     /// Runs one flow's timer.
@@ -392,7 +392,7 @@ impl Engine {
         let Some(f) = self.flows.get(flow) else {
             return;
         };
-        let last_seen = f.last_seen;
+        let last_seen = f.last_seen();
         match &f.ext {
             Detail::Echo => {
                 if now.saturating_duration_since(last_seen) >= flow::ICMP_IDLE {
@@ -437,6 +437,7 @@ impl Engine {
         let Some(entry) = self.flows.get_mut(flow) else {
             return;
         };
+        let key = entry.key();
         let Detail::Tcp(conn) = &mut entry.ext else {
             return;
         };
@@ -447,7 +448,7 @@ impl Engine {
         };
         let mut cx = Cx {
             now,
-            key: &entry.key,
+            key: &key,
             macs,
             mtu,
             out: &mut self.tx,
@@ -455,13 +456,16 @@ impl Engine {
             ooo_budget: &mut self.ooo_budget,
         };
         let verdict = f(conn, &mut cx);
-        if conn.state != tcp::TcpState::Connecting && entry.state == State::Opening {
-            entry.state = State::Active;
+        let (connected, closing) = (conn.state != tcp::TcpState::Connecting, conn.is_closing());
+        let push = verdict == Verdict::Keep && conn.take_push_request();
+        let held = conn.held_bytes();
+        if connected {
+            entry.activate();
         }
-        if conn.is_closing() {
-            entry.state = State::Closing;
+        if closing {
+            entry.mark_closing();
         }
-        if verdict == Verdict::Keep && conn.take_push_request() {
+        if push {
             self.pushes.push_back(flow);
         }
         match verdict {
@@ -472,7 +476,7 @@ impl Engine {
                 if abort {
                     self.stats.tcp_resets += 1;
                 }
-                self.ooo_budget += conn.held_bytes();
+                self.ooo_budget += held;
                 self.flows.remove(flow);
                 host.close(flow, abort);
             }
@@ -485,9 +489,9 @@ impl Engine {
             return;
         };
         let deadline = match &f.ext {
-            Detail::Echo => Some(f.last_seen + flow::ICMP_IDLE),
-            Detail::Udp(_) => Some(f.last_seen + self.udp_idle),
-            Detail::Tcp(conn) => conn.deadline(f.last_seen),
+            Detail::Echo => Some(f.last_seen() + flow::ICMP_IDLE),
+            Detail::Udp(_) => Some(f.last_seen() + self.udp_idle),
+            Detail::Tcp(conn) => conn.deadline(f.last_seen()),
             Detail::Kernel(_) => None,
         };
         self.flows.set_deadline(flow, deadline);
@@ -532,7 +536,7 @@ impl Engine {
             Some(addr) => {
                 if let Some(f) = self.flows.get_mut(flow) {
                     f.ext = Detail::Kernel(addr);
-                    f.state = State::Active;
+                    f.activate();
                 }
                 true
             }
@@ -548,7 +552,7 @@ impl Engine {
     pub fn handle_kernel_flow(&mut self, flow: FlowId, event: super::KernelEvent) {
         match (event, self.flows.get_mut(flow)) {
             (super::KernelEvent::Closing, Some(f)) if matches!(f.ext, Detail::Kernel(_)) => {
-                f.state = State::Closing;
+                f.mark_closing();
             }
             (super::KernelEvent::Ended, Some(f)) if matches!(f.ext, Detail::Kernel(_)) => {
                 debug!(flow = flow.0, "kernel flow ended");

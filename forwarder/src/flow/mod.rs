@@ -12,7 +12,8 @@
 //!
 //! Common fields, owned here and nowhere else: the tap-side [`Key`], the two [`Side`]s, the
 //! lifecycle [`State`], the last time the flow carried traffic, and the flow's next
-//! deadline. Per-protocol state (the TCP translation's sequence space, a UDP flow's last
+//! deadline. They are private: others read them through accessors and move the state only
+//! by the transitions [`Flow::activate`] and [`Flow::mark_closing`]. Per-protocol state (the TCP translation's sequence space, a UDP flow's last
 //! datagram) is the type parameter `T`, owned by the protocol module (`flow::tcp`,
 //! `flow::udp`) through [`Flow::ext`]. Flows are found by their tap-side [`Key`] (what a
 //! frame from the guest names) and by their [`FlowId`] (what a host socket's event names).
@@ -141,24 +142,61 @@ impl State {
 /// A tracked flow: the common fields, plus the protocol module's own state `T`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Flow<T> {
-    /// The tap-side key.
-    pub key: Key,
-    /// The tap side ([`TAP`]) and the host side ([`HOST`]).
-    pub sides: [Side; 2],
-    /// The side that started the flow: the tap for what the namespace opens, the host for
-    /// inbound port forwards.
-    pub origin: Interface,
-    /// Lifecycle state.
-    pub state: State,
-    /// Last time traffic passed in either direction.
-    pub last_seen: Instant,
-    /// Per-protocol state.
+    key: Key,
+    sides: [Side; 2],
+    origin: Interface,
+    state: State,
+    last_seen: Instant,
+    /// Per-protocol state, owned by the protocol's module.
     pub ext: T,
     deadline: Option<Instant>,
     queued: Option<Instant>,
 }
 
 impl<T> Flow<T> {
+    /// The tap-side key.
+    #[must_use]
+    pub fn key(&self) -> Key {
+        self.key
+    }
+
+    /// The tap side ([`TAP`]) and the host side ([`HOST`]).
+    #[must_use]
+    pub fn sides(&self) -> &[Side; 2] {
+        &self.sides
+    }
+
+    /// The side that started the flow: the tap for what the namespace opens, the host for
+    /// inbound port forwards.
+    #[must_use]
+    pub fn origin(&self) -> Interface {
+        self.origin
+    }
+
+    /// Lifecycle state.
+    #[must_use]
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// Last time traffic passed in either direction.
+    #[must_use]
+    pub fn last_seen(&self) -> Instant {
+        self.last_seen
+    }
+
+    /// Both sides carry traffic: `Opening` becomes `Active` (a later state stays).
+    pub fn activate(&mut self) {
+        if self.state == State::Opening {
+            self.state = State::Active;
+        }
+    }
+
+    /// One side has finished: the flow is `Closing` until it is removed.
+    pub fn mark_closing(&mut self) {
+        self.state = State::Closing;
+    }
+
     /// The side that started the flow.
     #[must_use]
     pub fn initiator(&self) -> &Side {
@@ -232,6 +270,33 @@ impl<T> Table<T> {
         target: (IpAddr, u16),
         ext: T,
     ) -> Result<FlowId, Full> {
+        self.insert_from(now, key, target, Interface::Tap, ext)
+    }
+
+    /// Inserts a flow a host-side client started (an inbound port forward): its host side
+    /// is the client, the remote of `key`.
+    ///
+    /// # Errors
+    ///
+    /// [`Full`] when the table is at its bound.
+    pub fn insert_inbound(&mut self, now: Instant, key: Key, ext: T) -> Result<FlowId, Full> {
+        self.insert_from(
+            now,
+            key,
+            (key.remote_addr, key.remote_port),
+            Interface::Host,
+            ext,
+        )
+    }
+
+    fn insert_from(
+        &mut self,
+        now: Instant,
+        key: Key,
+        target: (IpAddr, u16),
+        origin: Interface,
+        ext: T,
+    ) -> Result<FlowId, Full> {
         if self.flows.len() >= self.max {
             return Err(Full(self.max));
         }
@@ -251,7 +316,7 @@ impl<T> Table<T> {
                     port: target.1,
                 },
             ],
-            origin: Interface::Tap,
+            origin,
             state: State::Opening,
             last_seen: now,
             ext,
@@ -278,9 +343,7 @@ impl<T> Table<T> {
     /// restarts.
     pub fn touch(&mut self, id: FlowId, now: Instant) {
         if let Some(flow) = self.flows.get_mut(&id) {
-            if flow.state == State::Opening {
-                flow.state = State::Active;
-            }
+            flow.activate();
             flow.last_seen = now;
         }
     }

@@ -161,16 +161,16 @@ impl Dataplane {
                 };
                 FlowRow {
                     id: id.0,
-                    protocol: f.key.protocol.name(),
-                    guest: SocketAddr::new(f.key.guest_addr, f.key.guest_port),
-                    remote: SocketAddr::new(f.key.remote_addr, f.key.remote_port),
+                    protocol: f.key().protocol.name(),
+                    guest: SocketAddr::new(f.key().guest_addr, f.key().guest_port),
+                    remote: SocketAddr::new(f.key().remote_addr, f.key().remote_port),
                     path: if kernel.is_some() {
                         "kernel"
                     } else {
                         "userspace"
                     },
                     host: kernel,
-                    state: f.state.name(),
+                    state: f.state().name(),
                     counters: kernel
                         .and(self.sockets.fast.as_ref())
                         .and_then(|fast| fast.counters_of(id)),

@@ -134,7 +134,7 @@ impl T {
         self.e
             .flows()
             .iter()
-            .find(|(_, f)| f.key.guest_port == port)
+            .find(|(_, f)| f.key().guest_port == port)
             .expect("a flow")
             .0
     }
@@ -302,7 +302,7 @@ fn a_syn_the_fast_path_claims_leaves_nothing_in_userspace() {
     // The shell reports it closing, then released: it leaves the table.
     t.e.handle_kernel_flow(flow, crate::engine::KernelEvent::Closing);
     assert_eq!(
-        t.e.flows().get(flow).unwrap().state,
+        t.e.flows().get(flow).unwrap().state(),
         crate::flow::State::Closing
     );
     t.e.handle_kernel_flow(flow, crate::engine::KernelEvent::Ended);

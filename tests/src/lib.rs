@@ -441,12 +441,37 @@ pub fn read(path: &std::path::Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
-/// The value of counter `name` in a stats line, 0 when absent.
+/// The value of counter `name` in a stats line (the log omits counters at zero, so absent
+/// is 0). Panics when `name` is no counter of the engine's: a renamed counter must fail the
+/// test that reads it, not turn it into one that reads 0 forever.
 #[must_use]
 pub fn counter(stats: &str, name: &str) -> u64 {
+    assert!(
+        forwarder::engine::Stats::default()
+            .iter()
+            .any(|(known, _)| known == name),
+        "{name} is not one of the engine's counters"
+    );
     stats
         .split_whitespace()
         .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::counter;
+
+    #[test]
+    fn counter_reads_a_value_and_zero_when_the_log_omits_it() {
+        assert_eq!(counter("tcp_flows=3 udp_flows=1", "tcp_flows"), 3);
+        assert_eq!(counter("udp_flows=1", "tcp_flows"), 0);
+    }
+
+    #[test]
+    #[should_panic(expected = "tcp_flowz is not one of the engine's counters")]
+    fn counter_refuses_a_name_the_engine_does_not_have() {
+        let _ = counter("tcp_flows=3", "tcp_flowz");
+    }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use super::Host;
 use crate::flow::{FlowId, tcp};
@@ -85,6 +85,8 @@ impl tcp::HostSocket for FakeTcp {
 /// The fake host.
 #[derive(Debug, Default)]
 pub struct FakeHost {
+    /// Echo operations asked for, in order.
+    pub echo: Vec<Echo>,
     /// TCP sockets by flow.
     pub tcp: HashMap<FlowId, FakeTcp>,
     /// UDP sockets by flow: target and datagrams sent.
@@ -101,6 +103,27 @@ pub struct FakeHost {
     pub via: Vec<(FlowId, usize)>,
     /// With `Some`, a fast path that claims every flow offered, recording its key.
     pub fast: Option<Vec<crate::flow::Key>>,
+}
+
+/// An echo operation the engine asked of the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Echo {
+    /// `echo_open`.
+    Open {
+        /// The flow.
+        flow: FlowId,
+        /// Where its requests go.
+        remote: IpAddr,
+    },
+    /// `echo_send`.
+    Send {
+        /// The flow.
+        flow: FlowId,
+        /// Sequence number.
+        seq: u16,
+        /// Payload.
+        data: Vec<u8>,
+    },
 }
 
 impl FakeHost {
@@ -154,6 +177,20 @@ impl Host for FakeHost {
         if let Some((_, sent)) = self.udp.get_mut(&flow) {
             sent.push(data.to_vec());
         }
+        Ok(())
+    }
+
+    fn echo_open(&mut self, flow: FlowId, remote: IpAddr) -> io::Result<()> {
+        self.echo.push(Echo::Open { flow, remote });
+        Ok(())
+    }
+
+    fn echo_send(&mut self, flow: FlowId, seq: u16, data: &[u8]) -> io::Result<()> {
+        self.echo.push(Echo::Send {
+            flow,
+            seq,
+            data: data.to_vec(),
+        });
         Ok(())
     }
 

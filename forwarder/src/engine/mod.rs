@@ -7,7 +7,6 @@
 //!
 //! * [`Engine::handle_frame`]: one Ethernet frame read from the tap.
 //! * [`Engine::handle_echo_reply`]: an echo reply a flow's ping socket received.
-//! * [`Engine::handle_host_error`]: a flow's ping socket failed (open or send).
 //! * `handle_tcp_ready`, `handle_udp_datagram`, `handle_udp_error`: readiness and data of
 //!   TCP and UDP host sockets (`engine::translate`); `handle_inbound_tcp`,
 //!   `handle_inbound_udp`: clients of forwarded ports (`engine::inbound`); `end_batch`: the
@@ -15,22 +14,40 @@
 //! * [`Engine::handle_timeout`]: the time [`Engine::poll_timeout`] named has come (also
 //!   where TCP connections that yielded with data left get their next turn).
 //!
-//! ## Outputs (`poll_*`)
+//! ## Outputs: one model
 //!
+//! * Host sockets are reached in place, during a `handle_*` call, through the [`Host`]
+//!   trait the caller passes in — TCP, UDP and echo alike. In place, not as a queue of
+//!   operations, because the TCP translation needs each answer (bytes taken, bytes peeked,
+//!   connect refused) before its next step, and one model for every protocol means one
+//!   fake for the tests. (Echo once used an operation queue; it is gone.)
 //! * [`Engine::poll_transmit`]: frames to write to the tap, in order. Buffers come from a
 //!   pool; the shell hands them back with [`Engine::recycle`] so steady-state traffic
 //!   allocates nothing per frame.
-//! * [`Engine::poll_host_op`]: operations on ping sockets ([`HostOp`]). TCP and UDP host
-//!   sockets are reached in place through the [`Host`] trait instead, because the TCP
-//!   translation needs each answer (bytes taken, bytes peeked) before its next step.
 //! * [`Engine::poll_timeout`]: when to call `handle_timeout` next.
+//!
+//! ## The shell's order, per wakeup
+//!
+//! 1. Each frame read from the tap: [`Engine::handle_frame`]; after the batch,
+//!    [`Engine::end_batch`] (the ACKs coalesced over it).
+//! 2. Each ready socket: `handle_tcp_ready`, `handle_udp_datagram` / `handle_udp_error`,
+//!    `handle_echo_reply`, `handle_inbound_tcp` / `handle_inbound_udp`; each fast-path
+//!    report: [`Engine::handle_kernel_flow`].
+//! 3. [`Engine::handle_timeout`] (it runs only what is due, so calling it every wakeup is
+//!    cheap, and it gives yielded TCP pushes their turn).
+//! 4. [`Engine::poll_transmit`] until `None`, writing each frame and recycling its buffer.
+//! 5. [`Engine::poll_timeout`] last, after every input: any input may move a deadline.
+//!
+//! Steps 1 and 2 may be interleaved as events arrive; 3 to 5 close each wakeup
+//! (`io::dataplane`).
 //!
 //! ## Data flow, namespace → host
 //!
 //! `wire::parse` → drop with a counted reason, or dispatch by protocol: ARP → `services::arp`;
 //! NS/RS → `services::ndp`; UDP to 67 → `services::dhcp`; UDP to 547 → `services::dhcpv6`;
 //! echo to forwarder's own addresses → answered here; other echo → the flow table, which
-//! asks the shell to open a ping socket (`HostOp::EchoOpen`) and send (`HostOp::EchoSend`);
+//! opens a ping socket ([`Host::echo_open`]; a failure removes the flow, `host_errors`) and
+//! sends on it ([`Host::echo_send`]);
 //! IPv4/IPv6 fragments → `engine::reassembly`, then dispatched whole; other TCP and UDP →
 //! the flow table, `policy` for new flows, and `flow::tcp` / `flow::udp`.
 //!
@@ -59,7 +76,7 @@
 //! ## Limits
 //!
 //! At most [`frames::MAX_QUEUED`] frames wait for the shell (more are dropped and counted
-//! `tx_queue_full`), and at most [`MAX_HOST_OPS`] host operations; the flow table is
+//! `tx_queue_full`); the flow table is
 //! bounded by `--max-flows`; out-of-order TCP data by `flow::tcp::MAX_OOO_TOTAL` in all;
 //! reassembly by `engine::reassembly`'s limits.
 
@@ -87,34 +104,9 @@ use crate::wire::dhcp::{
 use crate::wire::{self, EthernetAddress, Icmpv4Repr, Icmpv6Repr, L3, L4, NdiscRepr};
 pub use stats::Stats;
 
-/// An operation on the host the engine asks the shell to perform.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HostOp {
-    /// Open a ping socket for `flow`, connected to `remote`.
-    EchoOpen {
-        /// The flow.
-        flow: FlowId,
-        /// Where the echo requests go.
-        remote: IpAddr,
-    },
-    /// Send an echo request on `flow`'s ping socket (the kernel sets the identifier).
-    EchoSend {
-        /// The flow.
-        flow: FlowId,
-        /// Sequence number.
-        seq: u16,
-        /// Echo payload.
-        data: Vec<u8>,
-    },
-    /// Close `flow`'s host socket.
-    Close {
-        /// The flow.
-        flow: FlowId,
-    },
-}
-
-/// The host sockets of TCP and UDP flows, as the engine sees them. The I/O shell implements
-/// this with real non-blocking sockets; tests implement it in memory.
+/// The host sockets of the flows (TCP, UDP and echo), as the engine sees them: the engine's
+/// one way to reach the host. The I/O shell implements this with real non-blocking
+/// sockets; tests implement it in memory.
 pub trait Host {
     /// Starts a non-blocking `connect()` of a new TCP socket for `flow` to `target`.
     /// Completion is reported later as a writable event ([`Engine::handle_tcp_ready`]).
@@ -143,6 +135,20 @@ pub trait Host {
     ///
     /// The send failed, e.g. with a pending ICMP error (`ECONNREFUSED`).
     fn udp_send(&mut self, flow: FlowId, data: &[u8]) -> io::Result<()>;
+    /// Opens a ping socket for echo flow `flow`, connected to `remote`; its replies are
+    /// reported with [`Engine::handle_echo_reply`].
+    ///
+    /// # Errors
+    ///
+    /// The socket could not be created or registered.
+    fn echo_open(&mut self, flow: FlowId, remote: IpAddr) -> io::Result<()>;
+    /// Sends an echo request with `seq` and `data` on `flow`'s ping socket (the kernel sets
+    /// the identifier).
+    ///
+    /// # Errors
+    ///
+    /// The send failed.
+    fn echo_send(&mut self, flow: FlowId, seq: u16, data: &[u8]) -> io::Result<()>;
     /// Closes `flow`'s socket; `abort` resets a TCP connection (linger 0).
     fn close(&mut self, flow: FlowId, abort: bool);
     /// Makes the connection just accepted on a forwarded port `flow`'s TCP socket.
@@ -229,7 +235,6 @@ pub struct Engine {
     udp_idle: Duration,
     guest_mac: Option<EthernetAddress>,
     tx: frames::Queue,
-    ops: VecDeque<HostOp>,
     scratch: Vec<u8>,
     options: Vec<u8>,
     next_ra: Option<Instant>,
@@ -261,7 +266,6 @@ impl Engine {
             udp_idle: settings.udp_idle,
             guest_mac: None,
             tx: frames::Queue::default(),
-            ops: VecDeque::new(),
             scratch: Vec::new(),
             options: Vec::new(),
             next_ra,
@@ -343,10 +347,10 @@ impl Engine {
     }
 
     /// Handles a failure of `flow`'s echo socket: the flow is removed.
-    pub fn handle_host_error(&mut self, _now: Instant, flow: FlowId) {
+    fn handle_echo_error(&mut self, flow: FlowId, host: &mut dyn Host) {
         if self.flows.remove(flow).is_some() {
             self.stats.host_errors += 1;
-            self.push_op(HostOp::Close { flow });
+            host.close(flow, false);
         } else {
             self.stats.stale_host_events += 1;
         }
@@ -392,11 +396,6 @@ impl Engine {
         self.tx.recycle(buf);
     }
 
-    /// The next host operation.
-    pub fn poll_host_op(&mut self) -> Option<HostOp> {
-        self.ops.pop_front()
-    }
-
     fn handle_arp(&mut self, src_mac: EthernetAddress, request: &wire::ArpRepr) {
         if !self.services.arp {
             self.stats.ignored += 1;
@@ -439,11 +438,10 @@ impl Engine {
                 self.handle_echo(
                     now,
                     src_mac,
-                    IpAddr::V4(ip.src_addr),
-                    IpAddr::V4(ip.dst_addr),
-                    *ident,
-                    *seq_no,
+                    (IpAddr::V4(ip.src_addr), IpAddr::V4(ip.dst_addr)),
+                    (*ident, *seq_no),
                     data,
+                    host,
                 );
             }
             L4::Fragment(frag) => {
@@ -516,11 +514,10 @@ impl Engine {
                 self.handle_echo(
                     now,
                     src_mac,
-                    IpAddr::V6(ip.src_addr),
-                    IpAddr::V6(ip.dst_addr),
-                    *ident,
-                    *seq_no,
+                    (IpAddr::V6(ip.src_addr), IpAddr::V6(ip.dst_addr)),
+                    (*ident, *seq_no),
                     data,
+                    host,
                 );
             }
             L4::Udp { udp, payload } if udp.dst_port == DHCP6_SERVER_PORT => {
@@ -646,16 +643,14 @@ impl Engine {
         }
     }
 
-    #[expect(clippy::too_many_arguments, reason = "the fields of one echo request")]
     fn handle_echo(
         &mut self,
         now: Instant,
         src_mac: EthernetAddress,
-        src: IpAddr,
-        dst: IpAddr,
-        ident: u16,
-        seq: u16,
+        (src, dst): (IpAddr, IpAddr),
+        (ident, seq): (u16, u16),
         data: &[u8],
+        host: &mut dyn Host,
     ) {
         if !self.services.icmp {
             self.stats.ignored += 1;
@@ -683,7 +678,11 @@ impl Engine {
             None => match self.flows.insert(now, key, (dst, 0), Detail::Echo) {
                 Ok(flow) => {
                     debug!(flow = flow.0, %src, %dst, ident, "new echo flow");
-                    self.push_op(HostOp::EchoOpen { flow, remote: dst });
+                    if let Err(err) = host.echo_open(flow, dst) {
+                        debug!(%dst, %err, "open ping socket");
+                        self.handle_echo_error(flow, host);
+                        return;
+                    }
                     self.flows.set_deadline(flow, Some(now + flow::ICMP_IDLE));
                     flow
                 }
@@ -695,11 +694,10 @@ impl Engine {
             },
         };
         self.stats.echo_forwarded += 1;
-        self.push_op(HostOp::EchoSend {
-            flow,
-            seq,
-            data: data.to_vec(),
-        });
+        if let Err(err) = host.echo_send(flow, seq, data) {
+            // As on a real path: the request goes unanswered and the guest's ping says so.
+            debug!(flow = flow.0, %err, "echo send failed");
+        }
     }
 
     fn send_echo_reply(
@@ -829,14 +827,6 @@ impl Engine {
             }
         }
     }
-
-    fn push_op(&mut self, op: HostOp) {
-        if self.ops.len() < MAX_HOST_OPS {
-            self.ops.push_back(op);
-        } else {
-            self.stats.host_errors += 1;
-        }
-    }
 }
 
 /// The Ethernet multicast address for an IPv6 multicast address (RFC 2464 §7).
@@ -846,8 +836,6 @@ pub fn multicast_mac(addr: std::net::Ipv6Addr) -> EthernetAddress {
     EthernetAddress([0x33, 0x33, o[12], o[13], o[14], o[15]])
 }
 
-/// Host operations waiting for the shell beyond which new ones are refused.
-pub const MAX_HOST_OPS: usize = 4096;
 /// Hop limit of packets forwarder originates.
 pub const DEFAULT_HOP_LIMIT: u8 = 64;
 /// Hop limit NDP requires (RFC 4861 §7.1.1).

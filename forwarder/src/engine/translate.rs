@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use tracing::{debug, trace};
 
-use super::{DEFAULT_HOP_LIMIT, Detail, Engine, Host, HostOp};
+use super::{DEFAULT_HOP_LIMIT, Detail, Engine, Host};
 use crate::flow::tcp::{self, Conn, Cx, Verdict};
 use crate::flow::udp::{self, Unreachable};
 use crate::flow::{self, FlowId, Interface, Key, Protocol};
@@ -398,7 +398,7 @@ impl Engine {
                 if now.saturating_duration_since(last_seen) >= flow::ICMP_IDLE {
                     debug!(flow = flow.0, "echo flow idle, closing");
                     self.flows.remove(flow);
-                    self.push_op(HostOp::Close { flow });
+                    host.close(flow, false);
                 } else {
                     self.flows
                         .set_deadline(flow, Some(last_seen + flow::ICMP_IDLE));

@@ -1,7 +1,7 @@
 //! The data plane's loop (see the theory of operation in `io`): wait for readiness, read
-//! the tap and the ready sockets into the engine, run its timers and host operations, write
-//! what it queued. The order of the engine calls per iteration is the one
-//! [`Engine`]'s documentation prescribes.
+//! the tap and the ready sockets into the engine, run its timers, write what it queued. The
+//! order of the engine calls per iteration is the one [`Engine`]'s documentation
+//! prescribes.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -12,16 +12,14 @@ use anyhow::{Context, Result};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll};
 use nix::errno::Errno;
-use nix::sys::socket::{
-    MsgFlags, SockType, SockaddrStorage, connect, getsockopt, recv, send, sockopt,
-};
+use nix::sys::socket::{MsgFlags, SockType, SockaddrStorage, connect, getsockopt, recv, sockopt};
 use tracing::{debug, info, warn};
 
 use super::listen::{ACCEPT_BATCH, ListenSocket};
-use super::sockets::{Sock, Sockets, open_ping, reset};
+use super::sockets::{Sock, Sockets, reset};
 use super::token::{self, Source};
 use super::{Command, FlowRow, MAX_RELAYS, TAP_BATCH, UDP_BATCH, fastpath, splice, udp_splice};
-use crate::engine::{Engine, HostOp, Stats};
+use crate::engine::{Engine, Stats};
 use crate::flow::FlowId;
 use crate::wire;
 
@@ -44,7 +42,6 @@ pub(super) struct Dataplane {
 impl Dataplane {
     pub(super) fn run(mut self) -> Result<Stats> {
         let mut events = Events::with_capacity(1024);
-        let mut scratch = Vec::new();
         loop {
             let now = Instant::now();
             let timeout = if self.tap_pending {
@@ -128,7 +125,6 @@ impl Dataplane {
                 }
             }
             self.engine.handle_timeout(now, &mut self.sockets);
-            self.run_host_ops(now, &mut scratch);
             self.flush();
         }
     }
@@ -436,43 +432,6 @@ impl Dataplane {
                     debug!(flow = flow.0, %err, "ping socket error");
                     return;
                 }
-            }
-        }
-    }
-
-    fn run_host_ops(&mut self, now: Instant, scratch: &mut Vec<u8>) {
-        while let Some(op) = self.engine.poll_host_op() {
-            match op {
-                HostOp::EchoOpen { flow, remote } => match open_ping(remote) {
-                    Ok(fd) => {
-                        if let Err(err) = self.sockets.register(flow, &fd, Interest::READABLE) {
-                            debug!(%err, "register ping socket");
-                            self.engine.handle_host_error(now, flow);
-                            continue;
-                        }
-                        self.sockets.map.insert(
-                            flow,
-                            Sock::Echo {
-                                fd,
-                                v6: remote.is_ipv6(),
-                            },
-                        );
-                    }
-                    Err(err) => {
-                        debug!(%remote, %err, "open ping socket");
-                        self.engine.handle_host_error(now, flow);
-                    }
-                },
-                HostOp::EchoSend { flow, seq, data } => {
-                    let Some(Sock::Echo { fd, v6 }) = self.sockets.map.get(&flow) else {
-                        continue;
-                    };
-                    wire::build::echo_request(scratch, *v6, seq, &data);
-                    if let Err(err) = send(fd.as_raw_fd(), scratch, MsgFlags::MSG_DONTWAIT) {
-                        debug!(flow = flow.0, %err, "echo send failed");
-                    }
-                }
-                HostOp::Close { flow } => self.sockets.close(flow, false),
             }
         }
     }

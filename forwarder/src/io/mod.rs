@@ -24,7 +24,7 @@
 //! 3. Socket events: TCP readiness to `Engine::handle_tcp_ready`; readable UDP sockets are
 //!    drained (one `recv` per datagram) into `Engine::handle_udp_datagram`; ping sockets
 //!    into `Engine::handle_echo_reply`.
-//! 4. `Engine::handle_timeout`, then execute echo host operations and write queued frames.
+//! 4. `Engine::handle_timeout`, then write the queued frames (the order is `engine`'s).
 //!
 //! ## Host sockets ([`Sockets`], the engine's `Host`, in `io::sockets`)
 //!
@@ -280,6 +280,7 @@ pub fn spawn(
             next_relay: 0,
             fast,
             reinject: false,
+            echo_buf: Vec::new(),
         },
         buf: vec![0; MAX_FRAME],
         tap_pending: false,

@@ -39,6 +39,8 @@ pub struct Sockets {
     pub(super) fast: Option<fastpath::FastPath>,
     /// The frame being handled was claimed by the fast path: send it again.
     pub(super) reinject: bool,
+    /// Where echo requests are built before they are sent.
+    pub(super) echo_buf: Vec<u8>,
 }
 
 impl Sockets {
@@ -177,6 +179,28 @@ impl Sockets {
 }
 
 impl Host for Sockets {
+    fn echo_open(&mut self, flow: FlowId, remote: IpAddr) -> std::io::Result<()> {
+        let fd = open_ping(remote)?;
+        self.register(flow, &fd, Interest::READABLE)?;
+        self.map.insert(
+            flow,
+            Sock::Echo {
+                fd,
+                v6: remote.is_ipv6(),
+            },
+        );
+        Ok(())
+    }
+
+    fn echo_send(&mut self, flow: FlowId, seq: u16, data: &[u8]) -> std::io::Result<()> {
+        let Some(Sock::Echo { fd, v6 }) = self.map.get(&flow) else {
+            return Err(std::io::ErrorKind::NotFound.into());
+        };
+        wire::build::echo_request(&mut self.echo_buf, *v6, seq, data);
+        send(fd.as_raw_fd(), &self.echo_buf, MsgFlags::MSG_DONTWAIT)?;
+        Ok(())
+    }
+
     fn fast_path(
         &mut self,
         flow: FlowId,

@@ -18,7 +18,10 @@
 //! ## Limits
 //!
 //! Two sockets and two pipes (four descriptors) per connection; each pipe holds at most
-//! [`PIPE_SIZE`] bytes in flight. The number of relays is bounded by `--max-flows`.
+//! [`PIPE_SIZE`] bytes in flight. At most `io::MAX_RELAYS` (4096) relays at once, whatever
+//! `--max-flows` says (it bounds the engine's table, which relays never enter): the data
+//! plane closes a connection accepted beyond that at once (logged at debug), and the client
+//! sees it end before any byte.
 
 use std::os::fd::OwnedFd;
 

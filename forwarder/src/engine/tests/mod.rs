@@ -6,7 +6,7 @@ mod tcp;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
-use super::fake::FakeHost;
+use super::fake::{Echo, FakeHost};
 use super::*;
 use crate::plan::testing::network;
 use crate::services::Switches;
@@ -42,8 +42,9 @@ fn drain(e: &mut Engine) -> Vec<Vec<u8>> {
     std::iter::from_fn(|| e.poll_transmit()).collect()
 }
 
-fn ops(e: &mut Engine) -> Vec<HostOp> {
-    std::iter::from_fn(|| e.poll_host_op()).collect()
+/// What the engine asked `host` to do with echo sockets, in order; `host` forgets it.
+fn ops(host: &mut FakeHost) -> Vec<Echo> {
+    std::mem::take(&mut host.echo)
 }
 
 /// An ARP request from the guest for `target` (the captured request is for 198.51.100.1).
@@ -241,16 +242,9 @@ fn unsolicited_ras_follow_the_schedule() {
 fn echo_to_gateway_is_answered_locally() {
     let t0 = Instant::now();
     let mut e = engine(t0);
-    e.handle_frame(
-        t0,
-        &echo4("198.51.100.1".parse().unwrap(), 7, 3),
-        &mut FakeHost::new(),
-    );
-    e.handle_frame(
-        t0,
-        &echo6(network().ipv6.unwrap().router_ll, 8),
-        &mut FakeHost::new(),
-    );
+    let mut host = FakeHost::new();
+    e.handle_frame(t0, &echo4("198.51.100.1".parse().unwrap(), 7, 3), &mut host);
+    e.handle_frame(t0, &echo6(network().ipv6.unwrap().router_ll, 8), &mut host);
     let out = drain(&mut e);
     assert_eq!(out.len(), 2);
     let frame = wire::parse(&out[0]).unwrap();
@@ -268,7 +262,7 @@ fn echo_to_gateway_is_answered_locally() {
     };
     assert_eq!(ip.src_addr, Ipv4Addr::new(198, 51, 100, 1));
     assert_eq!(data, b"abcdefgh");
-    assert!(ops(&mut e).is_empty());
+    assert!(ops(&mut host).is_empty());
     assert_eq!(e.stats().echo_local, 2);
 }
 
@@ -277,20 +271,21 @@ fn echo_elsewhere_opens_a_flow_and_relays_the_reply_with_guest_ident() {
     let t0 = Instant::now();
     let mut e = engine(t0);
     let remote: Ipv4Addr = "203.0.113.1".parse().unwrap();
-    e.handle_frame(t0, &echo4(remote, 0x4242, 1), &mut FakeHost::new());
-    e.handle_frame(t0, &echo4(remote, 0x4242, 2), &mut FakeHost::new());
+    let mut host = FakeHost::new();
+    e.handle_frame(t0, &echo4(remote, 0x4242, 1), &mut host);
+    e.handle_frame(t0, &echo4(remote, 0x4242, 2), &mut host);
     assert!(
         drain(&mut e).is_empty(),
         "must not answer a forwarded echo itself"
     );
-    let ops = ops(&mut e);
-    let HostOp::EchoOpen { flow, remote: r } = ops[0].clone() else {
+    let ops = ops(&mut host);
+    let Echo::Open { flow, remote: r } = ops[0].clone() else {
         panic!("{ops:?}")
     };
     assert_eq!(r, IpAddr::V4(remote));
     assert_eq!(
         ops[1],
-        HostOp::EchoSend {
+        Echo::Send {
             flow,
             seq: 1,
             data: b"abcdefgh".to_vec()
@@ -298,7 +293,7 @@ fn echo_elsewhere_opens_a_flow_and_relays_the_reply_with_guest_ident() {
     );
     assert_eq!(
         ops[2],
-        HostOp::EchoSend {
+        Echo::Send {
             flow,
             seq: 2,
             data: b"abcdefgh".to_vec()
@@ -328,12 +323,9 @@ fn echo_elsewhere_opens_a_flow_and_relays_the_reply_with_guest_ident() {
 fn idle_echo_flow_is_closed_and_late_replies_are_stale() {
     let t0 = Instant::now();
     let mut e = engine(t0);
-    e.handle_frame(
-        t0,
-        &echo6("2001:db8:2::1".parse().unwrap(), 9),
-        &mut FakeHost::new(),
-    );
-    let HostOp::EchoOpen { flow, .. } = ops(&mut e)[0].clone() else {
+    let mut host = FakeHost::new();
+    e.handle_frame(t0, &echo6("2001:db8:2::1".parse().unwrap(), 9), &mut host);
+    let Echo::Open { flow, .. } = ops(&mut host)[0].clone() else {
         panic!()
     };
     let mut now = t0;
@@ -343,9 +335,10 @@ fn idle_echo_flow_is_closed_and_late_replies_are_stale() {
             "flow outlived its idle timeout"
         );
         now = due;
-        e.handle_timeout(now, &mut FakeHost::new());
+        e.handle_timeout(now, &mut host);
     }
-    assert_eq!(ops(&mut e), vec![HostOp::Close { flow }]);
+    assert!(ops(&mut host).is_empty());
+    assert_eq!(host.closed, vec![(flow, false)]);
     assert!(e.flows().is_empty());
     assert_eq!(e.poll_timeout(), None, "no timer once the table is empty");
     e.handle_echo_reply(now, flow, 1, b"late");
@@ -395,13 +388,10 @@ fn ping_sockets_forbidden_means_local_answers_counted_as_fallback() {
         },
         t0,
     );
-    e.handle_frame(
-        t0,
-        &echo4("203.0.113.1".parse().unwrap(), 1, 1),
-        &mut FakeHost::new(),
-    );
+    let mut host = FakeHost::new();
+    e.handle_frame(t0, &echo4("203.0.113.1".parse().unwrap(), 1, 1), &mut host);
     assert_eq!(drain(&mut e).len(), 1);
-    assert!(ops(&mut e).is_empty());
+    assert!(ops(&mut host).is_empty());
     assert_eq!(e.stats().echo_local_fallback, 1);
 }
 

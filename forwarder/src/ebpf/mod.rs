@@ -23,7 +23,7 @@
 //! answering IPv6 and the NDP service; the log names what is active. What the program does
 //! not answer, userspace still does.
 //!
-//! ## The fast path's set-up (part 2; `fastpath` runs it)
+//! ## The fast path's set-up (part 2; `io::fastpath` runs it)
 //!
 //! It needs TCX (6.6): netlink filters on the host's uplinks would outlive a killed
 //! forwarder and send replies of dead flows nowhere. In order: the veth pair is created
@@ -102,7 +102,7 @@ impl std::fmt::Debug for Kernel {
     }
 }
 
-/// What the data plane needs to run the fast path (see `fastpath`).
+/// What the data plane needs to run the fast path (see `io::fastpath`).
 #[derive(Debug)]
 pub struct FastMaps {
     /// `FLOWS`.

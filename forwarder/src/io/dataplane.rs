@@ -107,7 +107,7 @@ impl Dataplane {
                     Source::Reservation(flow) => self.drain_udp(now, flow),
                     Source::UdpRelay(id) => {
                         self.udp_relays
-                            .handle_host(self.sockets.relay_ends(), now, id);
+                            .handle_host(relay_ends(&self.sockets), now, id);
                     }
                     Source::Relay { id, side } => self.relay_event(id, side, event),
                     Source::Listener(key) => self.listener_event(now, key),
@@ -118,7 +118,7 @@ impl Dataplane {
                 self.read_tap(now);
             }
             self.udp_relays
-                .expire(self.sockets.relay_ends(), now, self.udp_idle);
+                .expire(relay_ends(&self.sockets), now, self.udp_idle);
             if let Some(f) = &mut self.sockets.fast {
                 for (flow, event) in f.poll(now) {
                     self.engine.handle_kernel_flow(flow, event);
@@ -227,7 +227,7 @@ impl Dataplane {
                 },
                 ListenSocket::NsUdp(_) => {
                     self.udp_relays
-                        .handle_namespace(self.sockets.relay_ends(), now, index);
+                        .handle_namespace(relay_ends(&self.sockets), now, index);
                     return;
                 }
                 ListenSocket::Udp(u) => match u.recv_from(&mut self.buf) {
@@ -445,5 +445,14 @@ impl Dataplane {
             }
             self.engine.recycle(frame);
         }
+    }
+}
+
+/// What the `-U` relays work with, from the sockets they do not own.
+fn relay_ends(sockets: &Sockets) -> udp_splice::Ends<'_> {
+    udp_splice::Ends {
+        listeners: &sockets.listeners,
+        registry: &sockets.registry,
+        outbound: &sockets.outbound,
     }
 }

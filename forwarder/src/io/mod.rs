@@ -82,7 +82,7 @@
 //! guest's TCP/ICMP retransmits).
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -90,7 +90,10 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use mio::unix::SourceFd;
 use mio::{Interest, Poll, Waker};
-use nix::sys::socket::{AddressFamily, SockFlag, SockProtocol, SockType, SockaddrStorage, socket};
+use nix::sys::socket::{
+    AddressFamily, SockFlag, SockProtocol, SockType, SockaddrIn, SockaddrIn6, SockaddrStorage,
+    bind, setsockopt, socket, sockopt,
+};
 use tracing::debug;
 
 mod dataplane;
@@ -177,6 +180,35 @@ pub(crate) fn std_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
     }
     a.as_sockaddr_in6()
         .map(|v6| SocketAddr::from((v6.ip(), v6.port())))
+}
+
+/// A non-blocking socket toward `target`, bound as `outbound` says.
+fn new_socket(outbound: &Outbound, target: SocketAddr, ty: SockType) -> std::io::Result<OwnedFd> {
+    let fd = socket(
+        family(target),
+        ty,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    if let Some(dev) = &outbound.iface {
+        setsockopt(&fd, sockopt::BindToDevice, &std::ffi::OsString::from(dev))?;
+    }
+    match target {
+        SocketAddr::V4(_) => {
+            if let Some(a) = outbound.v4 {
+                bind(fd.as_raw_fd(), &SockaddrIn::from(SocketAddrV4::new(a, 0)))?;
+            }
+        }
+        SocketAddr::V6(_) => {
+            if let Some(a) = outbound.v6 {
+                bind(
+                    fd.as_raw_fd(),
+                    &SockaddrIn6::from(SocketAddrV6::new(a, 0, 0, 0)),
+                )?;
+            }
+        }
+    }
+    Ok(fd)
 }
 
 /// Options of the data plane itself.

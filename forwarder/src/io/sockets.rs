@@ -13,12 +13,11 @@ use mio::{Interest, Registry};
 use nix::errno::Errno;
 use nix::sys::socket::{
     AddressFamily, MsgFlags, Shutdown, SockFlag, SockProtocol, SockType, SockaddrIn, SockaddrIn6,
-    SockaddrStorage, bind, connect, getsockopt, recvmsg, send, setsockopt, shutdown, socket,
-    sockopt,
+    SockaddrStorage, connect, getsockopt, recvmsg, send, setsockopt, shutdown, socket, sockopt,
 };
 
 use super::listen::{ListenSocket, Listener};
-use super::{Outbound, TCP_SNDBUF, family, fastpath, splice, token, udp_splice};
+use super::{Outbound, TCP_SNDBUF, fastpath, new_socket, splice, token};
 use crate::engine::Host;
 use crate::flow::{FlowId, tcp};
 use crate::{sys, wire};
@@ -127,15 +126,6 @@ impl Sockets {
 
     pub(super) fn new_socket(&self, target: SocketAddr, ty: SockType) -> std::io::Result<OwnedFd> {
         new_socket(&self.outbound, target, ty)
-    }
-
-    /// What the `-U` relays work with.
-    pub(super) fn relay_ends(&self) -> udp_splice::Ends<'_> {
-        udp_splice::Ends {
-            listeners: &self.listeners,
-            registry: &self.registry,
-            outbound: &self.outbound,
-        }
     }
 
     /// Makes `fd` (connecting or accepted) `flow`'s TCP socket: buffers, peek offset,
@@ -355,39 +345,6 @@ impl tcp::HostSocket for TcpSock {
 }
 
 /// Makes the close of `fd` send a RST (`SO_LINGER {1, 0}`).
-/// A non-blocking socket toward `target`, bound as `outbound` says.
-pub(super) fn new_socket(
-    outbound: &Outbound,
-    target: SocketAddr,
-    ty: SockType,
-) -> std::io::Result<OwnedFd> {
-    let fd = socket(
-        family(target),
-        ty,
-        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
-    if let Some(dev) = &outbound.iface {
-        setsockopt(&fd, sockopt::BindToDevice, &std::ffi::OsString::from(dev))?;
-    }
-    match target {
-        SocketAddr::V4(_) => {
-            if let Some(a) = outbound.v4 {
-                bind(fd.as_raw_fd(), &SockaddrIn::from(SocketAddrV4::new(a, 0)))?;
-            }
-        }
-        SocketAddr::V6(_) => {
-            if let Some(a) = outbound.v6 {
-                bind(
-                    fd.as_raw_fd(),
-                    &SockaddrIn6::from(SocketAddrV6::new(a, 0, 0, 0)),
-                )?;
-            }
-        }
-    }
-    Ok(fd)
-}
-
 pub(super) fn reset(fd: &OwnedFd) {
     let _ = setsockopt(
         fd,

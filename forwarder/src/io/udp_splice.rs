@@ -34,8 +34,7 @@ use nix::sys::socket::{
 use tracing::debug;
 
 use super::listen::{ListenSocket, Listener};
-use super::sockets::new_socket;
-use super::{Outbound, std_addr, token};
+use super::{Outbound, new_socket, std_addr, token};
 
 /// Datagrams per `recvmmsg`/`sendmmsg`.
 pub const BATCH: usize = 32;

@@ -1,547 +1,44 @@
-//! The native command line: pasta-compatible names (a superset), parsed by clap into
-//! [`Args`], then validated into a [`Config`] in one place. Errors name the option and value.
+//! # Theory of operation
+//!
+//! The front ends: each face of forwarder is one file here that turns its own command line
+//! into the one [`Config`](crate::config::Config); nothing below `cli` knows which face
+//! started the process (`../shared/DESIGN.md`, "One engine, several faces"). A face owns its
+//! grammar, its defaults and its messages; the value parsers they share (addresses, masks,
+//! MACs, port specs, rules, bounds) and the drawing of the engine's ISS key live here, so
+//! two faces cannot disagree about what `-a 198.51.100.2/24` means.
+//!
+//! | face | file | selected by |
+//! |---|---|---|
+//! | native (pasta's names, a superset) | `native.rs` | the `forwarder` binary |
+//!
+//! Errors name the option and the value; a usage error exits 2 (clap), a plan that cannot
+//! work is refused before anything is set up.
 
-use std::ffi::OsString;
+mod native;
+
 use std::net::IpAddr;
-use std::path::PathBuf;
-use std::time::Duration;
 
-use anyhow::{Result, bail};
-use clap::Parser;
+use anyhow::Result;
 
-use crate::config::{Config, Target};
-use crate::flow::DEFAULT_MAX_FLOWS;
-use crate::forward::{Kind, PortMap, Spec};
-use crate::plan::{self, DEFAULT_MAC, DEFAULT_MTU, HostInfo, Overrides};
-use crate::policy::{Policy, Rule};
-use crate::services::Switches;
+pub use native::Args;
+
+use crate::forward::Spec;
+use crate::policy::Rule;
 use crate::wire::EthernetAddress;
 
-/// forwarder — give a network namespace full IPv4/IPv6 connectivity without privileges.
-///
-/// Without --netns, forwarder creates a new user and network namespace, runs CMD (default:
-/// $SHELL) in it and exits with CMD's status. With --netns it serves an existing namespace
-/// until interrupted. The namespace sees the host's address, gateway and DNS (override with
-/// -a/-n/-g/-D) and can use DHCP, DHCPv6 and SLAAC against forwarder, or be configured
-/// directly with --config-net.
-#[derive(Debug, Parser)]
-#[command(name = "forwarder", version, max_term_width = 100)]
-#[expect(clippy::struct_excessive_bools, reason = "command-line switches")]
-pub struct Args {
-    /// Serve this existing network namespace: a path (/run/netns/NAME, /proc/PID/ns/net),
-    /// an `ip netns` name, or a PID.
-    #[arg(long, value_name = "PATH|NAME|PID")]
-    pub netns: Option<String>,
-
-    /// Join this user namespace before the network namespace (default for a PID: its own).
-    #[arg(long, value_name = "PATH", requires = "netns")]
-    pub userns: Option<PathBuf>,
-
-    /// Name of the tap device in the namespace (created if missing).
-    #[arg(short = 'I', long, value_name = "NAME", default_value = "tap0")]
-    pub ns_ifname: String,
-
-    /// Configure the namespace directly (lo and tap up, MTU, addresses, default routes).
-    #[arg(long)]
-    pub config_net: bool,
-
-    /// Address for the namespace, ADDR or ADDR/LEN; once per family. Default: the host's.
-    #[arg(short = 'a', long = "address", value_name = "ADDR[/LEN]", value_parser = parse_addr)]
-    pub addresses: Vec<(IpAddr, Option<u8>)>,
-
-    /// IPv4 netmask, dotted (255.255.255.0) or a prefix length (24).
-    #[arg(short = 'n', long, value_name = "MASK", value_parser = parse_netmask)]
-    pub netmask: Option<u8>,
-
-    /// Gateway for the namespace; once per family. Default: the host's.
-    #[arg(short = 'g', long = "gateway", value_name = "ADDR")]
-    pub gateways: Vec<IpAddr>,
-
-    /// MTU advertised to and set in the namespace (68-65520).
-    #[arg(short = 'm', long, value_name = "MTU", default_value_t = DEFAULT_MTU, value_parser = clap::value_parser!(u16).range(68..=65520))]
-    pub mtu: u16,
-
-    /// MAC address forwarder uses on the tap.
-    #[arg(short = 'M', long, value_name = "MAC", value_parser = parse_mac)]
-    pub mac_addr: Option<EthernetAddress>,
-
-    /// DNS server to advertise (repeatable). Default: the host's non-loopback resolvers.
-    #[arg(short = 'D', long = "dns", value_name = "ADDR")]
-    pub dns: Vec<IpAddr>,
-
-    /// IPv4 only.
-    #[arg(short = '4', long = "ipv4-only", conflicts_with = "ipv6_only")]
-    pub ipv4_only: bool,
-
-    /// IPv6 only.
-    #[arg(short = '6', long = "ipv6-only")]
-    pub ipv6_only: bool,
-
-    /// Do not answer ARP.
-    #[arg(long)]
-    pub no_arp: bool,
-    /// Do not answer neighbour solicitations.
-    #[arg(long)]
-    pub no_ndp: bool,
-    /// Do not send router advertisements.
-    #[arg(long)]
-    pub no_ra: bool,
-    /// Do not run the DHCPv4 server.
-    #[arg(long)]
-    pub no_dhcp: bool,
-    /// Do not run the DHCPv6 server.
-    #[arg(long)]
-    pub no_dhcpv6: bool,
-    /// Do not answer or forward ICMP/ICMPv6 echo.
-    #[arg(long)]
-    pub no_icmp: bool,
-
-    /// DHCP/DHCPv6 lease time in seconds.
-    #[arg(long, value_name = "SECONDS", default_value_t = 86400, value_parser = clap::value_parser!(u64).range(60..=u64::from(u32::MAX)))]
-    pub lease_time: u64,
-
-    /// Most flows tracked at once; new flows beyond it are refused.
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_FLOWS, value_parser = parse_max_flows)]
-    pub max_flows: usize,
-
-    /// Forward host TCP ports to the namespace (repeatable): none, PORT, A-B, HOST:NS,
-    /// A-B:C-D, ~EXCLUDED, comma lists, optionally ADDR/ in front to listen on one host
-    /// address; auto follows the ports bound in the namespace (every second; PORT and A-B
-    /// next to it restrict it). Connections arrive in the namespace from the real client's
-    /// address.
-    #[arg(short = 't', long = "tcp-ports", value_name = "SPEC", value_parser = parse_ports)]
-    pub tcp_ports: Vec<Spec>,
-
-    /// Forward host UDP ports to the namespace (same syntax as --tcp-ports).
-    #[arg(short = 'u', long = "udp-ports", value_name = "SPEC", value_parser = parse_ports)]
-    pub udp_ports: Vec<Spec>,
-
-    /// Forward TCP ports of the namespace's loopback to the host's loopback (repeatable; same
-    /// syntax, LISTEN:TO maps a namespace port to a host port; auto follows the host's bound
-    /// ports). Relayed with splice(2), no translation.
-    #[arg(short = 'T', long = "tcp-ns", value_name = "SPEC", value_parser = parse_ports)]
-    pub tcp_ns: Vec<Spec>,
-
-    /// Forward UDP ports of the namespace's loopback to the host's loopback (same syntax as
-    /// --tcp-ns). Relayed with recvmmsg/sendmmsg, no translation.
-    #[arg(short = 'U', long = "udp-ns", value_name = "SPEC", value_parser = parse_ports)]
-    pub udp_ns: Vec<Spec>,
-
-    /// Serve the runtime control API on this UNIX socket (JSON, see docs/api.md; used by
-    /// `forwarder ctl`): add, list and remove forwards, read the counters.
-    #[arg(long, value_name = "PATH")]
-    pub api_socket: Option<PathBuf>,
-
-    /// Load forwarder's eBPF programs (root in the initial user namespace): ARP and NDP
-    /// answered in the kernel, and TCP/UDP flows to the world carried by the kernel from
-    /// their first packet (a hidden veth, programs on the host's uplinks; the tap's MTU is
-    /// capped to the uplink's). Where that is not possible forwarder says why in one line
-    /// and works in userspace as without it.
-    #[arg(long)]
-    pub ebpf: bool,
-
-    /// With --ebpf: seconds a closed fast-path TCP flow keeps its kernel entries and its
-    /// reserved host port (the TIME_WAIT of its two ends) before they are released.
-    #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=3600))]
-    pub ebpf_grace: u64,
-
-    /// With --ebpf: at most N flows carried by the kernel at once (the maps hold 65536);
-    /// more go through userspace. Every flow, kernel or not, also counts in --max-flows.
-    #[arg(long, value_name = "N", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1..=65536))]
-    pub ebpf_max_flows: u32,
-
-    /// Carry the namespace's flows to GUESTIP:PORT to HOSTIP:HOSTPORT on the host
-    /// (repeatable): [tcp|udp://][GUESTIP:]PORT[:HOSTIP:HOSTPORT], IPv6 in brackets. GUESTIP
-    /// defaults to the gateway (IPv6 gateway if the spec holds an IPv6 address), HOSTIP to the
-    /// loopback, HOSTPORT to PORT. Not subject to --deny.
-    #[arg(long, value_name = "SPEC", value_parser = parse_remote)]
-    pub remote_forward: Vec<crate::forward::RemoteForward>,
-
-    /// Allow flows to RULE even if the blocklist or --enable-* would refuse them
-    /// (repeatable, comma lists): [tcp|udp://]ADDR[/LEN][:PORT[-PORT]], IPv6 in brackets.
-    #[arg(long, value_name = "RULE", value_delimiter = ',', value_parser = parse_rule)]
-    pub allow: Vec<Rule>,
-
-    /// Refuse flows to RULE (same syntax as --allow; checked first). Refused TCP gets a
-    /// RST, refused UDP an ICMP administratively-prohibited.
-    #[arg(long, value_name = "RULE", value_delimiter = ',', value_parser = parse_rule)]
-    pub deny: Vec<Rule>,
-
-    /// Allow destinations beyond the host. Without --enable-routing and --enable-host both
-    /// kinds are allowed; with either, only the kinds named are (slirpnetstack's semantics).
-    #[arg(long)]
-    pub enable_routing: bool,
-
-    /// Allow the host's own addresses and directly connected networks (see --enable-routing).
-    #[arg(long)]
-    pub enable_host: bool,
-
-    /// Connections to the gateway address reach the host's loopback (the default).
-    #[arg(long, overrides_with = "no_map_gw")]
-    pub map_gw: bool,
-
-    /// Do not map the gateway address to the host's loopback.
-    #[arg(long)]
-    pub no_map_gw: bool,
-
-    /// Connections to ADDR reach the host's own address that the namespace mirrors.
-    #[arg(long, value_name = "ADDR")]
-    pub map_guest_addr: Option<IpAddr>,
-
-    /// Relay DNS (UDP and TCP port 53) sent to ADDR to the host's first resolver from its
-    /// resolv.conf (a systemd-resolved stub on 127.0.0.53 works). ADDR is advertised as the
-    /// DNS server unless --dns is given.
-    #[arg(long, value_name = "ADDR")]
-    pub dns_forward: Option<IpAddr>,
-
-    /// Advertise no DNS server over DHCP, DHCPv6 and RA.
-    #[arg(long, conflicts_with = "dns")]
-    pub no_dns: bool,
-
-    /// The host's resolv.conf (resolvers advertised and used by --dns-forward).
-    #[arg(long, value_name = "PATH", default_value = "/etc/resolv.conf")]
-    pub resolv_conf: PathBuf,
-
-    /// Bind outbound sockets to ADDR (once per address family).
-    #[arg(long, value_name = "ADDR")]
-    pub outbound: Vec<IpAddr>,
-
-    /// Bind outbound sockets to the interface NAME (SO_BINDTODEVICE).
-    #[arg(long, value_name = "NAME")]
-    pub outbound_if: Option<String>,
-
-    /// Seconds a UDP flow may be idle before its socket is closed.
-    #[arg(long, value_name = "SECONDS", default_value_t = 180, value_parser = clap::value_parser!(u64).range(1..=86400))]
-    pub udp_timeout: u64,
-
-    /// Test hook: drop every Nth frame on the tap, each direction (deterministic loss).
-    #[arg(long, value_name = "N", hide = true, value_parser = clap::value_parser!(u32).range(2..))]
-    pub drop_every: Option<u32>,
-
-    /// Write forwarder's PID to FILE once the namespace is ready.
-    #[arg(short = 'P', long = "pid", value_name = "FILE")]
-    pub pid_file: Option<PathBuf>,
-
-    /// Log at debug level.
-    #[arg(short = 'd', long)]
-    pub debug: bool,
-    /// Log at trace level (per packet).
-    #[arg(long)]
-    pub trace: bool,
-    /// Log warnings and errors only.
-    #[arg(short = 'q', long, conflicts_with_all = ["debug", "trace"])]
-    pub quiet: bool,
-    /// Log to FILE instead of standard error.
-    #[arg(short = 'l', long, value_name = "FILE")]
-    pub log_file: Option<PathBuf>,
-
-    /// Command to run in a new namespace (default: $SHELL).
-    #[arg(last = true, value_name = "CMD")]
-    pub command: Vec<OsString>,
-}
-
-impl Args {
-    /// Builds the configuration, resolving the address plan against `host`.
-    ///
-    /// # Errors
-    ///
-    /// An error naming the option and value that cannot work.
-    pub fn into_config(self, host: &HostInfo) -> Result<Config> {
-        let target = match (&self.netns, self.command.is_empty()) {
-            (Some(_), false) => {
-                bail!("--netns and a command cannot be combined: a command gets a new namespace")
-            }
-            (Some(netns), true) => crate::ns::attach_target(netns, self.userns.clone())?,
-            (None, false) => Target::Spawn {
-                command: self.command.clone(),
-            },
-            (None, true) => {
-                let shell = std::env::var_os("SHELL")
-                    .filter(|s| !s.is_empty())
-                    .unwrap_or_else(|| "/bin/sh".into());
-                Target::Spawn {
-                    command: vec![shell],
-                }
-            }
-        };
-        let per_family = |v: IpAddr| (v.is_ipv4(), v.is_ipv6());
-        for (list, option) in [
-            (
-                self.addresses.iter().map(|(a, _)| *a).collect::<Vec<_>>(),
-                "--address",
-            ),
-            (self.gateways.clone(), "--gateway"),
-        ] {
-            let v4 = list.iter().filter(|a| per_family(**a).0).count();
-            let v6 = list.iter().filter(|a| per_family(**a).1).count();
-            if v4 > 1 || v6 > 1 {
-                bail!("{option} given more than once for one address family");
-            }
-        }
-        let overrides = Overrides {
-            addresses: self.addresses.clone(),
-            netmask: self.netmask,
-            gateways: self.gateways.clone(),
-            dns: self.dns.clone(),
-            mtu: self.mtu,
-            mac: self.mac_addr.unwrap_or(DEFAULT_MAC),
-            families: (!self.ipv6_only, !self.ipv4_only),
-            lease: Duration::from_secs(self.lease_time),
-        };
-        let mut host = host.clone();
-        if self.resolv_conf.as_os_str() != "/etc/resolv.conf" {
-            let text = std::fs::read_to_string(&self.resolv_conf).map_err(|e| {
-                anyhow::anyhow!("--resolv-conf {}: {e}", self.resolv_conf.display())
-            })?;
-            host.resolvers = crate::netconf::read_resolvers(&text);
-        }
-        let mut network = plan::resolve(&host, &overrides)?;
-        let translation = self.translation(&host, &mut network)?;
-        let io = self.io_options()?;
-        let mut auto = Vec::new();
-        let mut all = Vec::new();
-        let mut fixed = Vec::new();
-        for (kind, specs) in [
-            (Kind::Tcp, &self.tcp_ports),
-            (Kind::Udp, &self.udp_ports),
-            (Kind::TcpNs, &self.tcp_ns),
-            (Kind::UdpNs, &self.udp_ns),
-        ] {
-            let mut lists = Vec::new();
-            for spec in specs {
-                match spec {
-                    Spec::Ports(maps) => lists.push(maps.clone()),
-                    Spec::Auto(a) => {
-                        if auto.iter().any(|(k, _)| *k == kind) {
-                            bail!("{}: auto given twice", kind.option());
-                        }
-                        auto.push((kind, a.clone()));
-                    }
-                    Spec::All(a) => {
-                        if kind.in_namespace() {
-                            bail!("{}: all is for --tcp-ports and --udp-ports", kind.option());
-                        }
-                        if all.contains(&kind) {
-                            bail!("{}: all given twice", kind.option());
-                        }
-                        all.push(kind);
-                        let below = crate::netconf::ephemeral_start();
-                        lists.push(
-                            (1..below)
-                                .filter(|p| a.wants(*p))
-                                .map(|p| PortMap {
-                                    bind: None,
-                                    listen: p,
-                                    to: p,
-                                })
-                                .collect(),
-                        );
-                    }
-                }
-            }
-            let maps = crate::forward::join(&lists, all.contains(&kind))
-                .map_err(|e| anyhow::anyhow!("{}: {e}", kind.option()))?;
-            fixed.push(maps);
-        }
-        let mut fixed = fixed.into_iter();
-        let (tcp_forwards, udp_forwards, ns_tcp_forwards, ns_udp_forwards) = (
-            fixed.next().unwrap_or_default(),
-            fixed.next().unwrap_or_default(),
-            fixed.next().unwrap_or_default(),
-            fixed.next().unwrap_or_default(),
-        );
-        let sockets: usize = ns_tcp_forwards
-            .iter()
-            .chain(&ns_udp_forwards)
-            .map(|m| if m.bind.is_some() { 1 } else { 2 })
-            .sum();
-        if sockets >= crate::ns::MAX_PASSED_FDS {
-            bail!(
-                "--tcp-ns/--udp-ns: {} ports need {sockets} sockets in the namespace, at most {} fit at start (add more with the API)",
-                ns_tcp_forwards.len() + ns_udp_forwards.len(),
-                crate::ns::MAX_PASSED_FDS - 1
-            );
-        }
-        if let Some(path) = &self.api_socket
-            && path.as_os_str().len() >= 108
-        {
-            bail!(
-                "--api-socket {}: a UNIX socket path must be shorter than 108 bytes",
-                path.display()
-            );
-        }
-        let services = Switches {
-            arp: !self.no_arp,
-            ndp: !self.no_ndp,
-            ra: !self.no_ra,
-            dhcp: !self.no_dhcp,
-            dhcpv6: !self.no_dhcpv6,
-            icmp: !self.no_icmp,
-            echo_local_only: false,
-        };
-        Ok(Config {
-            target,
-            ifname: self.ns_ifname,
-            config_net: self.config_net,
-            network,
-            services,
-            pid_file: self.pid_file,
-            translation,
-            io,
-            tcp_forwards,
-            udp_forwards,
-            ns_tcp_forwards,
-            ns_udp_forwards,
-            auto,
-            all,
-            api_socket: self.api_socket,
-            ebpf: self.ebpf,
-            ebpf_grace: Duration::from_secs(self.ebpf_grace),
-            ebpf_max_flows: self.ebpf_max_flows as usize,
-        })
-    }
-
-    /// The policy and mappings; adjusts the advertised DNS for --dns-forward / --no-dns.
-    fn translation(
-        &self,
-        host: &HostInfo,
-        network: &mut plan::Network,
-    ) -> Result<crate::engine::Settings> {
-        let mut policy = Policy {
-            allow: self.allow.clone(),
-            deny: self.deny.clone(),
-            map_gw: !self.no_map_gw,
-            ..Policy::default()
-        };
-        if self.enable_routing || self.enable_host {
-            policy.routing = self.enable_routing;
-            policy.host = self.enable_host;
-        }
-        if policy.map_gw {
-            if let Some(v4) = &network.ipv4 {
-                policy.maps.push((
-                    IpAddr::V4(v4.gateway),
-                    IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
-                ));
-            }
-            if let Some(v6) = &network.ipv6 {
-                let lo = IpAddr::V6(std::net::Ipv6Addr::LOCALHOST);
-                policy.maps.push((IpAddr::V6(v6.gateway), lo));
-                policy.maps.push((IpAddr::V6(v6.router_ll), lo));
-            }
-        }
-        for r in &self.remote_forward {
-            let guest = match (r.guest, r.family_v6) {
-                (Some(a), _) => a,
-                (None, false) => match &network.ipv4 {
-                    Some(p) => IpAddr::V4(p.gateway),
-                    None => bail!("--remote-forward: IPv4 is off, name the guest-side address"),
-                },
-                (None, true) => match &network.ipv6 {
-                    Some(p) => IpAddr::V6(p.gateway),
-                    None => bail!("--remote-forward: IPv6 is off, name the guest-side address"),
-                },
-            };
-            if policy
-                .remote
-                .iter()
-                .any(|(p, a, n, _)| *p == r.protocol && *a == guest && *n == r.port)
-            {
-                bail!(
-                    "--remote-forward: {guest} port {} is forwarded twice",
-                    r.port
-                );
-            }
-            policy.remote.push((r.protocol, guest, r.port, r.host));
-        }
-        if let Some(addr) = self.map_guest_addr {
-            let to = match addr {
-                IpAddr::V4(_) => network.ipv4.as_ref().map(|p| IpAddr::V4(p.guest)),
-                IpAddr::V6(_) => network.ipv6.as_ref().map(|p| IpAddr::V6(p.guest)),
-            };
-            let Some(to) = to else {
-                bail!("--map-guest-addr {addr}: that address family is off");
-            };
-            policy.maps.insert(0, (addr, to));
-        }
-        if let Some(addr) = self.dns_forward {
-            let Some(resolver) = host.resolvers.first().copied() else {
-                bail!(
-                    "--dns-forward {addr}: no nameserver in {}",
-                    self.resolv_conf.display()
-                );
-            };
-            policy.dns_forward = Some(addr);
-            policy.resolver = Some(resolver);
-            if self.dns.is_empty() {
-                match addr {
-                    IpAddr::V4(a) => {
-                        if let Some(p) = &mut network.ipv4 {
-                            p.dns = vec![a];
-                        }
-                    }
-                    IpAddr::V6(a) => {
-                        if let Some(p) = &mut network.ipv6 {
-                            p.dns = vec![a];
-                        }
-                    }
-                }
-            }
-        }
-        if self.no_dns {
-            if let Some(p) = &mut network.ipv4 {
-                p.dns.clear();
-            }
-            if let Some(p) = &mut network.ipv6 {
-                p.dns.clear();
-            }
-        }
-        Ok(crate::engine::Settings {
-            max_flows: self.max_flows,
-            policy,
-            udp_idle: Duration::from_secs(self.udp_timeout),
-            iss_secret: iss_secret()?,
-        })
-    }
-
-    fn io_options(&self) -> Result<crate::io::Options> {
-        let mut outbound = crate::io::Outbound {
-            iface: self.outbound_if.clone(),
-            ..crate::io::Outbound::default()
-        };
-        for addr in &self.outbound {
-            match addr {
-                IpAddr::V4(a) if outbound.v4.is_none() => outbound.v4 = Some(*a),
-                IpAddr::V6(a) if outbound.v6.is_none() => outbound.v6 = Some(*a),
-                _ => bail!("--outbound given more than once for one address family"),
-            }
-        }
-        if let Some(name) = &self.outbound_if
-            && (name.is_empty() || name.len() >= 16)
-        {
-            bail!("--outbound-if {name:?}: interface names are 1-15 bytes");
-        }
-        Ok(crate::io::Options {
-            outbound,
-            udp_idle: Duration::from_secs(self.udp_timeout),
-            drop_every: self.drop_every,
-        })
-    }
-}
-
-fn parse_ports(s: &str) -> Result<Spec, String> {
+pub(super) fn parse_ports(s: &str) -> Result<Spec, String> {
     crate::forward::parse_spec(s).map_err(|e| e.to_string())
 }
 
-fn parse_remote(s: &str) -> Result<crate::forward::RemoteForward, String> {
+pub(super) fn parse_remote(s: &str) -> Result<crate::forward::RemoteForward, String> {
     crate::forward::parse_remote(s).map_err(|e| e.to_string())
 }
 
-fn parse_rule(s: &str) -> Result<Rule, String> {
+pub(super) fn parse_rule(s: &str) -> Result<Rule, String> {
     s.parse::<Rule>().map_err(|e| e.to_string())
 }
 
-fn parse_addr(s: &str) -> Result<(IpAddr, Option<u8>), String> {
+pub(super) fn parse_addr(s: &str) -> Result<(IpAddr, Option<u8>), String> {
     let (addr, len) = match s.split_once('/') {
         Some((a, l)) => (
             a,
@@ -562,7 +59,7 @@ fn parse_addr(s: &str) -> Result<(IpAddr, Option<u8>), String> {
     Ok((addr, len))
 }
 
-fn parse_netmask(s: &str) -> Result<u8, String> {
+pub(super) fn parse_netmask(s: &str) -> Result<u8, String> {
     if let Ok(len) = s.parse::<u8>() {
         return if len <= 32 {
             Ok(len)
@@ -580,7 +77,7 @@ fn parse_netmask(s: &str) -> Result<u8, String> {
     u8::try_from(bits.leading_ones()).map_err(|_| "bad mask".into())
 }
 
-fn parse_mac(s: &str) -> Result<EthernetAddress, String> {
+pub(super) fn parse_mac(s: &str) -> Result<EthernetAddress, String> {
     let bytes: Vec<u8> = s
         .split(':')
         .map(|p| u8::from_str_radix(p, 16))
@@ -597,13 +94,13 @@ fn parse_mac(s: &str) -> Result<EthernetAddress, String> {
 }
 
 /// A fresh key for the engine's initial sequence numbers, from the OS's random source.
-fn iss_secret() -> Result<[u8; 16]> {
+pub(super) fn iss_secret() -> Result<[u8; 16]> {
     let mut key = [0; 16];
     getrandom::fill(&mut key).map_err(|err| anyhow::anyhow!("read the OS random source: {err}"))?;
     Ok(key)
 }
 
-fn parse_max_flows(s: &str) -> Result<usize, String> {
+pub(super) fn parse_max_flows(s: &str) -> Result<usize, String> {
     let n: usize = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
     if (1..=MAX_MAX_FLOWS).contains(&n) {
         Ok(n)
@@ -614,62 +111,3 @@ fn parse_max_flows(s: &str) -> Result<usize, String> {
 
 /// The largest `--max-flows` accepted.
 pub const MAX_MAX_FLOWS: usize = 1 << 20;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
-        Args::try_parse_from(std::iter::once("forwarder").chain(args.iter().copied()))
-    }
-
-    #[test]
-    fn value_parsers() {
-        assert_eq!(parse_netmask("255.255.255.0"), Ok(24));
-        assert_eq!(parse_netmask("16"), Ok(16));
-        assert!(parse_netmask("255.0.255.0").is_err());
-        assert!(parse_mac("01:00:5e:00:00:01").is_err());
-        assert_eq!(
-            parse_mac("02:00:00:00:00:01").unwrap(),
-            EthernetAddress([2, 0, 0, 0, 0, 1])
-        );
-        assert_eq!(
-            parse_addr("10.0.2.100/24"),
-            Ok(("10.0.2.100".parse().unwrap(), Some(24)))
-        );
-        assert!(parse_addr("10.0.2.100/33").is_err());
-    }
-
-    #[test]
-    fn bad_values_are_rejected_by_clap() {
-        assert!(parse(&["--mtu", "70000"]).is_err());
-        assert!(parse(&["--mtu", "12"]).is_err());
-        assert!(parse(&["-4", "-6"]).is_err());
-        assert!(parse(&["--max-flows", "0"]).is_err());
-        assert!(parse(&["--bogus"]).is_err());
-    }
-
-    #[test]
-    fn command_after_double_dash() {
-        let args = parse(&["--config-net", "--", "sh", "-c", "true"]).unwrap();
-        let host = HostInfo::default();
-        let cfg = args.into_config(&host).unwrap();
-        assert_eq!(
-            cfg.target,
-            Target::Spawn {
-                command: vec!["sh".into(), "-c".into(), "true".into()]
-            }
-        );
-        assert!(cfg.config_net);
-    }
-
-    #[test]
-    fn duplicate_family_is_refused() {
-        let args = parse(&["-a", "10.0.0.2", "-a", "10.0.0.3", "--", "true"]).unwrap();
-        let err = args
-            .into_config(&HostInfo::default())
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("--address given more than once"), "{err}");
-    }
-}

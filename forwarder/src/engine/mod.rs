@@ -246,6 +246,7 @@ pub struct Engine {
     /// re-inject, so its flow stays in userspace.
     reassembled_now: bool,
     ooo_budget: usize,
+    tcp_counters: tcp::Counters,
     epoch: Instant,
     iss_secret: [u8; 16],
     iss_counter: u32,
@@ -275,6 +276,7 @@ impl Engine {
             reassembly: reassembly::Reassembler::default(),
             reassembled_now: false,
             ooo_budget: tcp::MAX_OOO_TOTAL,
+            tcp_counters: tcp::Counters::default(),
             epoch: now,
             iss_secret: settings.iss_secret,
             iss_counter: 0,
@@ -293,6 +295,9 @@ impl Engine {
             .filter(|(_, f)| matches!(f.ext, Detail::Kernel(_)))
             .count() as u64;
         s.tx_queue_full = self.tx.dropped;
+        s.tcp_in_window_dropped = self.tcp_counters.in_window_dropped;
+        s.tcp_window_updates = self.tcp_counters.window_updates;
+        s.tcp_zero_windows = self.tcp_counters.zero_windows;
         s.frames_out = self.tx.queued;
         s
     }

@@ -66,6 +66,13 @@ counters! {
     tcp_no_flow,
     /// TCP flows ended by a reset either way.
     tcp_resets,
+    /// Guest TCP segments with bytes inside the advertised window that were dropped (must
+    /// stay 0: `flow::tcp`, "Flow control").
+    tcp_in_window_dropped,
+    /// TCP window updates sent to the guest as host sockets drained.
+    tcp_window_updates,
+    /// Times a TCP window advertised to the guest closed to zero.
+    tcp_zero_windows,
     /// TCP host sockets that reported an error (reset by the remote).
     tcp_host_resets,
     /// Inbound TCP connections on forwarded ports relayed to the guest.

@@ -454,6 +454,7 @@ impl Engine {
             out: &mut self.tx,
             sock,
             ooo_budget: &mut self.ooo_budget,
+            counters: &mut self.tcp_counters,
         };
         let verdict = f(conn, &mut cx);
         let (connected, closing) = (conn.state != tcp::TcpState::Connecting, conn.is_closing());

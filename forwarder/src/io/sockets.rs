@@ -338,11 +338,39 @@ impl tcp::HostSocket for TcpSock {
     }
 
     fn send_space(&mut self) -> usize {
-        let size = getsockopt(&self.fd, sockopt::SndBuf).unwrap_or(0);
-        let queued = sys::outq(&self.fd).unwrap_or(size);
-        size.saturating_sub(queued)
+        let queued = sys::outq(&self.fd).unwrap_or(usize::MAX);
+        match sys::send_memory(&self.fd) {
+            Ok((limit, used)) => payload_space(limit, used, queued),
+            Err(_) => {
+                let size = getsockopt(&self.fd, sockopt::SndBuf).unwrap_or(0);
+                size.saturating_sub(queued) / 2
+            }
+        }
     }
 }
+
+/// The payload bytes a TCP socket will still take, from its send memory `limit` and `used`
+/// (`SO_MEMINFO`, in the kernel's accounting: whole buffers) and the payload it holds
+/// (`queued`, `SIOCOUTQ`). The kernel refuses a write once `used` reaches `limit`, and
+/// `used` grows faster than the payload by the buffers' overhead: the free memory is
+/// converted at the ratio the queue shows now (an empty queue at the kernel's own
+/// assumption, half, which is why it doubles `SO_SNDBUF`), less one segment's worth for a
+/// newer buffer that is emptier than the average. Never more than the truth, so what the
+/// window promises the socket takes (`flow::tcp`, "Flow control").
+fn payload_space(limit: usize, used: usize, queued: usize) -> usize {
+    let free = limit.saturating_sub(used);
+    let space = if used == 0 || queued == 0 {
+        free / 2
+    } else {
+        // free × queued / used, in 128 bits (each factor fits 64).
+        let scaled = (free as u128) * (queued.min(used) as u128) / (used as u128);
+        usize::try_from(scaled).unwrap_or(usize::MAX)
+    };
+    space.saturating_sub(SPACE_MARGIN)
+}
+
+/// What [`payload_space`] keeps back: one 64 KiB buffer's overhead and then some.
+const SPACE_MARGIN: usize = 64 << 10;
 
 /// Makes the close of `fd` send a RST (`SO_LINGER {1, 0}`).
 pub(super) fn reset(fd: &OwnedFd) {
@@ -382,5 +410,25 @@ pub(super) fn open_ping(remote: IpAddr) -> nix::Result<OwnedFd> {
             )?;
             Ok(fd)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{SPACE_MARGIN, payload_space};
+
+    #[test]
+    fn send_space_is_free_memory_at_the_queue_s_payload_ratio_less_a_margin() {
+        // An empty socket: half its memory, as the kernel itself assumes.
+        assert_eq!(payload_space(8 << 20, 0, 0), (4 << 20) - SPACE_MARGIN);
+        // 1 MiB of payload taking 1.5 MiB of memory: 6.5 MiB free is 4.33 MiB of payload.
+        let (limit, used, queued) = (8 << 20, 3 << 19, 1 << 20);
+        let want = (limit - used) * 2 / 3 - SPACE_MARGIN;
+        assert_eq!(payload_space(limit, used, queued), want);
+        // Full, or over its limit (the kernel lets one buffer overshoot): nothing.
+        assert_eq!(payload_space(8 << 20, 8 << 20, 5 << 20), 0);
+        assert_eq!(payload_space(8 << 20, 9 << 20, 5 << 20), 0);
+        // The old reading, limit − payload, would have promised 7 MiB here.
+        assert!(payload_space(8 << 20, 2 << 20, 1 << 20) < (7 << 20) / 2);
     }
 }

@@ -175,6 +175,47 @@ pub fn outq(fd: &impl AsRawFd) -> io::Result<usize> {
     }
 }
 
+/// A socket's send-side memory (`SO_MEMINFO`): its limit (`sk_sndbuf`) and what its queue
+/// takes now (`sk_wmem_queued`), both in the kernel's accounting, which counts each
+/// buffer's whole size, headers and slack included, not only the payload.
+///
+/// # Errors
+///
+/// `getsockopt`'s error.
+pub fn send_memory(fd: &impl AsRawFd) -> io::Result<(usize, usize)> {
+    let mut info = [0u32; SK_MEMINFO_VARS];
+    let mut len = libc::socklen_t::try_from(size_of_val(&info)).unwrap_or(0);
+    // SAFETY: the kernel writes at most `len` bytes (the array's size) through the pointer,
+    // which is live, aligned for u32 and not aliased, and updates `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let at = |i: libc::c_int| {
+        usize::try_from(i)
+            .ok()
+            .and_then(|i| info.get(i))
+            .map_or(0, |v| usize::try_from(*v).unwrap_or(usize::MAX))
+    };
+    Ok((
+        at(libc::SK_MEMINFO_SNDBUF),
+        at(libc::SK_MEMINFO_WMEM_QUEUED),
+    ))
+}
+
+/// `SO_MEMINFO` (asm-generic/socket.h; the same on x86 and arm).
+const SO_MEMINFO: libc::c_int = 55;
+/// `SK_MEMINFO_VARS`: the entries `SO_MEMINFO` returns (linux/sock_diag.h).
+const SK_MEMINFO_VARS: usize = 9;
+
 /// Discards up to `n` bytes from a TCP socket's receive queue without copying them
 /// (`recv` with `MSG_TRUNC`). Returns the bytes discarded.
 ///

@@ -974,7 +974,7 @@ mod hostile {
                 let _ = t.out();
                 for (_, f) in t.e.flows().iter() {
                     if let crate::engine::Detail::Tcp(c) = &f.ext {
-                        prop_assert!(c.held_bytes() <= MAX_OOO);
+                        prop_assert!(c.held_out_of_order() <= MAX_OOO);
                     }
                 }
                 prop_assert!(t.e.flows().len() <= 2);
@@ -1011,4 +1011,73 @@ fn same_seed_same_trace_and_the_seed_decides_the_iss() {
     );
     let b = handshake_trace([8; 16]);
     assert_ne!(a, b, "another seed, other initial sequence numbers");
+}
+
+/// Data segments of `len` bytes from the guest, in order from sequence `seq`, MSS-sized.
+fn segments(t: &T, seq: u32, ack: u32, all: &[u8]) -> Vec<Vec<u8>> {
+    all.chunks(1460)
+        .enumerate()
+        .map(|(i, c)| {
+            let at = seq.wrapping_add(u32::try_from(i * 1460).unwrap());
+            t.frame(TcpControl::Psh, at, Some(ack), c)
+        })
+        .collect()
+}
+
+#[test]
+fn bytes_inside_the_window_are_never_dropped_when_the_socket_shrinks() {
+    let mut t = T::new();
+    t.host.sndbuf = 256 << 10;
+    let first = t.establish();
+    let warmup = data(14_600);
+    t.send(&segments(&t, GUEST_ISN + 1, first, &warmup));
+    let ack = t.out().pop().expect("the batch's ACK");
+    let window = usize::from(ack.window) << tcp::OUR_WINDOW_SHIFT;
+    assert!(
+        window > tcp::MAX_STASH * 2,
+        "a window the stash alone could not cover"
+    );
+    // The socket takes less than it said: only 4 KiB of the window it offered.
+    let queued = t.sock().queued;
+    t.sock().sndbuf = queued + 4096;
+    let rest = data(window);
+    let seq = GUEST_ISN + 1 + u32::try_from(warmup.len()).unwrap();
+    t.send(&segments(&t, seq, first, &rest));
+    let acked = t.out().iter().filter_map(|s| s.ack).next_back();
+    let end = seq.wrapping_add(u32::try_from(window).unwrap());
+    assert_eq!(
+        acked,
+        Some(end),
+        "every byte inside the window is acknowledged"
+    );
+    assert_eq!(t.e.stats().tcp_in_window_dropped, 0);
+    // It drains and grows again: what the stash held reaches the host in order.
+    let sent = t.sock().sent.len();
+    t.sock().drain_sent(sent);
+    t.sock().sndbuf = 1 << 30;
+    t.ready(false, true);
+    let mut want = warmup.clone();
+    want.extend_from_slice(&rest);
+    assert_eq!(t.sock().sent, want, "in order, nothing lost");
+    assert!(t.out().iter().any(|s| s.window > 0), "the window reopens");
+}
+
+#[test]
+fn a_closed_window_reopens_a_millisecond_after_the_socket_drains() {
+    let mut t = T::new();
+    t.host.sndbuf = 65_536;
+    let first = t.establish();
+    // The SYN-ACK offered 65535 bytes (unscaled): the guest fills it, the socket is full.
+    let fill = data(65_535);
+    t.send(&segments(&t, GUEST_ISN + 1, first, &fill));
+    let ack = t.out().pop().expect("the batch's ACK");
+    assert_eq!(ack.window, 0, "nothing more fits");
+    assert_eq!(t.e.stats().tcp_zero_windows, 1);
+    t.sock().drain_sent(65_535);
+    t.advance(tcp::WINDOW_RECHECK_MIN);
+    let update = t.out();
+    assert_eq!(update.len(), 1, "one window update");
+    assert!(update[0].window > 0);
+    assert_eq!(t.e.stats().tcp_window_updates, 1);
+    assert_eq!(t.e.stats().tcp_in_window_dropped, 0);
 }

@@ -185,6 +185,21 @@ pub struct Cx<'a, S: HostSocket + ?Sized> {
     pub sock: &'a mut S,
     /// Bytes all flows may still hold out of order ([`MAX_OOO_TOTAL`] at start).
     pub ooo_budget: &'a mut usize,
+    /// The flow-control counters of all flows.
+    pub counters: &'a mut Counters,
+}
+
+/// What flow control did, over all flows (`forwarder ctl stats`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Guest segments of which bytes inside the window we advertised were dropped (the
+    /// socket and the stash were full, or the out-of-order queue at its bound). The rule is
+    /// that this stays 0.
+    pub in_window_dropped: u64,
+    /// Window updates sent because the socket drained.
+    pub window_updates: u64,
+    /// Times the window advertised to the guest closed to zero.
+    pub zero_windows: u64,
 }
 
 /// Per-connection translation state.
@@ -209,6 +224,8 @@ pub struct Conn {
     connect_by: Option<Instant>,
     wnd_check_at: Option<Instant>,
     wnd_backoff: Duration,
+    /// The last window advertised was zero (one zero-window episode until it opens).
+    wnd_closed: bool,
     guest_fin: bool,
     host_shut: bool,
     fin_sent: bool,
@@ -280,6 +297,7 @@ impl Conn {
             connect_by: None,
             wnd_check_at: None,
             wnd_backoff: WINDOW_RECHECK_MIN,
+            wnd_closed: false,
             guest_fin: false,
             host_shut: false,
             fin_sent: false,

@@ -20,6 +20,7 @@ impl Conn {
         let known = self.adv_edge.wrapping_sub(self.rcv_nxt);
         if space > known && (space - known >= u32::from(self.mss) || known <= space / 2) {
             self.wnd_backoff = WINDOW_RECHECK_MIN;
+            cx.counters.window_updates += 1;
             self.send_ack(cx, self.snd_nxt);
             true
         } else {
@@ -100,7 +101,8 @@ impl Conn {
     }
 
     /// Writes the part of a segment at `seq` that is new (at `rcv_nxt`) to the socket,
-    /// stashing what the socket refuses (up to [`MAX_STASH`]); then the FIN, if any.
+    /// stashing what the socket refuses (up to [`MAX_STASH`], and beyond it whatever lies
+    /// inside the advertised window, on the shared budget); then the FIN, if any.
     pub(super) fn deliver<S: HostSocket + ?Sized>(
         &mut self,
         cx: &mut Cx<'_, S>,
@@ -125,14 +127,29 @@ impl Conn {
                 }
             }
             let rest = data.get(taken..).unwrap_or_default();
-            let room = MAX_STASH.saturating_sub(self.stash.len());
-            let stashed = rest.len().min(room);
+            // Up to MAX_STASH of what the socket refused is always kept; beyond that, every
+            // byte inside the window we advertised is kept too, on the shared budget: the
+            // guest was told it fits (see "Flow control").
+            let at = self.rcv_nxt.wrapping_add(u32::try_from(taken).unwrap_or(0));
+            let in_window = if lt(at, self.adv_edge) {
+                self.adv_edge.wrapping_sub(at) as usize
+            } else {
+                0
+            };
+            let own = MAX_STASH.saturating_sub(self.stash.len());
+            let borrow = in_window.saturating_sub(own).min(*cx.ooo_budget);
+            let stashed = rest.len().min(own + borrow);
+            *cx.ooo_budget -= stashed.saturating_sub(own);
             self.stash
                 .extend_from_slice(rest.get(..stashed).unwrap_or_default());
             taken += stashed;
             self.rcv_nxt = self.rcv_nxt.wrapping_add(u32::try_from(taken).unwrap_or(0));
         }
         if taken < data.len() {
+            if lt(self.rcv_nxt, self.adv_edge) {
+                // Bytes we had said fit were refused: the rule this module keeps is broken.
+                cx.counters.in_window_dropped += 1;
+            }
             return Ok(Delivered::Refused);
         }
         if fin {
@@ -154,14 +171,19 @@ impl Conn {
         payload: &[u8],
         fin: bool,
     ) {
-        let held: usize = self.ooo.iter().map(|(_, d, _)| d.len()).sum();
+        let held = self.held_out_of_order();
         let ahead = seq.wrapping_sub(self.rcv_nxt) as usize + payload.len();
+        if self.ooo.iter().any(|(s, _, _)| *s == seq) {
+            return;
+        }
         if self.ooo.len() >= MAX_OOO_SEGMENTS
             || held + payload.len() > MAX_OOO
             || payload.len() > *cx.ooo_budget
             || ahead > MAX_OOO_AHEAD
-            || self.ooo.iter().any(|(s, _, _)| *s == seq)
         {
+            if lt(seq, self.adv_edge) {
+                cx.counters.in_window_dropped += 1;
+            }
             return;
         }
         *cx.ooo_budget -= payload.len();
@@ -193,14 +215,21 @@ impl Conn {
         blocks
     }
 
-    /// Bytes held out of order (returned to the global budget when the flow goes).
+    /// Bytes held on the shared budget: out of order, and stashed beyond [`MAX_STASH`]
+    /// (returned to the budget when the flow goes).
     #[must_use]
     pub fn held_bytes(&self) -> usize {
+        self.held_out_of_order() + self.stash.len().saturating_sub(MAX_STASH)
+    }
+
+    /// Bytes held out of order.
+    #[must_use]
+    pub fn held_out_of_order(&self) -> usize {
         self.ooo.iter().map(|(_, d, _)| d.len()).sum()
     }
 
     pub(super) fn release_ooo(&mut self, budget: &mut usize) {
-        *budget += self.held_bytes();
+        *budget += self.held_out_of_order();
         self.ooo.clear();
     }
 
@@ -209,8 +238,10 @@ impl Conn {
         cx: &mut Cx<'_, S>,
     ) -> io::Result<()> {
         if !self.stash.is_empty() {
+            let borrowed = self.stash.len().saturating_sub(MAX_STASH);
             let n = cx.sock.send(&self.stash)?;
             self.stash.drain(..n.min(self.stash.len()));
+            *cx.ooo_budget += borrowed - self.stash.len().saturating_sub(MAX_STASH);
         }
         if self.stash.is_empty() && self.guest_fin && !self.host_shut {
             cx.sock.shutdown_write();
@@ -230,6 +261,11 @@ impl Conn {
     pub(super) fn advertise<S: HostSocket + ?Sized>(&mut self, cx: &mut Cx<'_, S>) -> u16 {
         let space = if self.guest_fin { 0 } else { self.window(cx) };
         let field = u16::try_from(space >> self.our_shift).unwrap_or(u16::MAX);
+        let closed = field == 0 && !self.guest_fin;
+        if closed && !self.wnd_closed {
+            cx.counters.zero_windows += 1;
+        }
+        self.wnd_closed = closed;
         self.adv_edge = self
             .rcv_nxt
             .wrapping_add(u32::from(field) << self.our_shift);

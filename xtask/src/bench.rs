@@ -22,6 +22,11 @@
 //! * connection rate (`tests/scripts/crr.py`: connect, 1-byte exchange, close);
 //! * request/response latency over one TCP connection (`tests/scripts/rr.py`, 1 byte each
 //!   way, p50 and p99; Python's own cost is in every contender's figure alike);
+//! * uploads through a slower uplink ([`BOTTLENECKS`]: a `tbf` token bucket on the host's
+//!   veth toward the remote, 100 Mbit/s, 1 Gbit/s and 5 Gbit/s, 1 and 4 streams; at the
+//!   first MTU only): received Gbit/s, and the guest's retransmissions as a share of its
+//!   segments (iperf3's `retransmits`; the worst of the six). The kernel column routes the
+//!   guest through the same bucket, so it is the host's own upload;
 //! * the contender process's CPU time (utime + stime from `/proc/PID/stat`) during the
 //!   throughput runs, and its peak RSS (`VmHWM`).
 //!
@@ -92,7 +97,21 @@ struct Sample {
     rr_p99_us: f64,
     cpu_s: Option<f64>,
     rss_kib: Option<u64>,
+    /// Gbit/s through each of [`BOTTLENECKS`] (first MTU only).
+    bottleneck_gbps: [Option<f64>; 6],
+    /// The guest's retransmissions in % of its segments, the worst bottleneck run.
+    bottleneck_retr_pct: Option<f64>,
 }
+
+/// The uplink bottlenecks measured: `tbf` rate and iperf3 streams.
+const BOTTLENECKS: [(&str, u32); 6] = [
+    ("100mbit", 1),
+    ("100mbit", 4),
+    ("1gbit", 1),
+    ("1gbit", 4),
+    ("5gbit", 1),
+    ("5gbit", 4),
+];
 
 /// Runs the benchmark.
 pub fn run(args: &[String]) -> Result<()> {
@@ -132,7 +151,8 @@ pub fn run(args: &[String]) -> Result<()> {
                     rep + 1,
                     c.name()
                 );
-                match measure(c, mtu, secs, &forwarder, &root) {
+                let shaped = mtus.first() == Some(&mtu);
+                match measure(c, mtu, secs, shaped, &forwarder, &root) {
                     Ok(s) => samples.entry((mtu, c)).or_default().push(s),
                     Err(err) => {
                         eprintln!("bench: {} at MTU {mtu} cannot run: {err:#}", c.name());
@@ -167,7 +187,14 @@ pub fn run(args: &[String]) -> Result<()> {
 }
 
 /// One contender in one fresh world: throughput both ways, then latency.
-fn measure(c: Contender, mtu: u16, secs: u32, forwarder: &Path, root: &Path) -> Result<Sample> {
+fn measure(
+    c: Contender,
+    mtu: u16,
+    secs: u32,
+    bottlenecks: bool,
+    forwarder: &Path,
+    root: &Path,
+) -> Result<Sample> {
     let mut w = World::new()?;
     let pid = w.start(c, mtu, forwarder)?;
     let remote = w.remote.clone();
@@ -197,6 +224,18 @@ fn measure(c: Contender, mtu: u16, secs: u32, forwarder: &Path, root: &Path) -> 
     s.up4_gbps = w.iperf(secs, "-P 4")?;
     s.down4_gbps = w.iperf(secs, "-P 4 -R")?;
     lap("4 streams");
+    if bottlenecks {
+        let mut worst: f64 = 0.0;
+        for (slot, (rate, streams)) in s.bottleneck_gbps.iter_mut().zip(BOTTLENECKS) {
+            w.shape(Some(rate))?;
+            let (gbps, retr_pct) = w.iperf_retransmits(secs + 1, streams, mtu)?;
+            *slot = Some(gbps);
+            worst = worst.max(retr_pct);
+        }
+        w.shape(None)?;
+        s.bottleneck_retr_pct = Some(worst);
+        lap("bottlenecks");
+    }
     (s.udp_gbps, s.udp_loss_pct) = w.iperf_udp(secs)?;
     let guest = w.guest.clone();
     w.serve(&guest, "exec iperf3 -s -p 5202")?;
@@ -542,6 +581,35 @@ impl World {
     }
 }
 
+impl World {
+    /// Puts a `tbf` bucket of `rate` on the host's uplink toward the remote (`None`: takes
+    /// it off).
+    fn shape(&self, rate: Option<&str>) -> Result<()> {
+        let h = &self.host;
+        match rate {
+            Some(r) => sh(&format!(
+                "ip netns exec {h} tc qdisc replace dev up0 root tbf rate {r} burst 256kb latency 50ms"
+            )),
+            None => sh(&format!("ip netns exec {h} tc qdisc del dev up0 root")),
+        }
+    }
+
+    /// Receiver-side Gbit/s of a guest → remote iperf3 run with `streams` streams, and the
+    /// sender's retransmissions in % of the segments it sent (MSS from `mtu`).
+    fn iperf_retransmits(&self, secs: u32, streams: u32, mtu: u16) -> Result<(f64, f64)> {
+        let out = self.guest_output(&format!(
+            "iperf3 -c 203.0.113.1 -p 5201 -t {secs} -O 1 -P {streams} -J"
+        ))?;
+        let v: Value = serde_json::from_str(&out).context("iperf3 JSON")?;
+        let get = |path: &str| v.pointer(path).and_then(Value::as_f64).unwrap_or(0.0);
+        let bps = get("/end/sum_received/bits_per_second");
+        let sent = get("/end/sum_sent/bytes");
+        let retr = get("/end/sum_sent/retransmits");
+        let segments = (sent / f64::from(mtu.saturating_sub(40).max(536))).max(1.0);
+        Ok((bps / 1e9, 100.0 * retr / segments))
+    }
+}
+
 impl Drop for World {
     fn drop(&mut self) {
         for child in &mut self.children {
@@ -624,7 +692,7 @@ struct Report {
 
 /// The metrics, in table order: name, unit, higher is better, accessor.
 type Metric = (&'static str, &'static str, bool, fn(&Sample) -> Option<f64>);
-const METRICS: [Metric; 13] = [
+const METRICS: [Metric; 20] = [
     ("TCP guest → remote", "Gbit/s", true, |s| Some(s.up_gbps)),
     ("TCP remote → guest", "Gbit/s", true, |s| {
         Some(s.down_gbps)
@@ -656,6 +724,39 @@ const METRICS: [Metric; 13] = [
     ("TCP connections", "per s", true, |s| Some(s.crr_per_s)),
     ("RR p50", "µs", false, |s| Some(s.rr_p50_us)),
     ("RR p99", "µs", false, |s| Some(s.rr_p99_us)),
+    (
+        "TCP guest → remote via 100 Mbit/s uplink",
+        "Gbit/s",
+        true,
+        |s| s.bottleneck_gbps[0],
+    ),
+    ("… 4 streams via 100 Mbit/s", "Gbit/s", true, |s| {
+        s.bottleneck_gbps[1]
+    }),
+    (
+        "TCP guest → remote via 1 Gbit/s uplink",
+        "Gbit/s",
+        true,
+        |s| s.bottleneck_gbps[2],
+    ),
+    ("… 4 streams via 1 Gbit/s", "Gbit/s", true, |s| {
+        s.bottleneck_gbps[3]
+    }),
+    (
+        "TCP guest → remote via 5 Gbit/s uplink",
+        "Gbit/s",
+        true,
+        |s| s.bottleneck_gbps[4],
+    ),
+    ("… 4 streams via 5 Gbit/s", "Gbit/s", true, |s| {
+        s.bottleneck_gbps[5]
+    }),
+    (
+        "guest retransmissions via the uplinks, worst",
+        "% of segments",
+        false,
+        |s| s.bottleneck_retr_pct,
+    ),
     ("CPU during the single-stream runs", "s", false, |s| s.cpu_s),
     ("peak RSS", "MiB", false, |s| {
         s.rss_kib.map(|k| k as f64 / 1024.0)

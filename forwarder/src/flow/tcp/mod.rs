@@ -37,20 +37,49 @@
 //! ## Guest → host
 //!
 //! A segment at `rcv_nxt` (after trimming bytes already received) is written to the socket.
-//! If the socket takes only part, the rest goes to the stash (at most [`MAX_STASH`] bytes,
-//! written first when the socket is writable again); what fits neither is dropped and an
-//! ACK sent at once. This is the lesson of `research/passt-pasta.md` §4.3: in-window data
-//! is never silently thrown away while the guest believes it was accepted, and a refusal is
-//! signalled by an immediate duplicate ACK. A segment beyond `rcv_nxt` (a hole: loss on the
+//! If the socket takes only part, the rest goes to the stash (written first when the socket
+//! is writable again): up to [`MAX_STASH`] bytes always, and beyond that every byte that
+//! lies inside the window we advertised (see "Flow control"); what fits neither — bytes the
+//! guest sent beyond our window — is dropped and an ACK sent at once. A segment beyond `rcv_nxt` (a hole: loss on the
 //! tap) is kept in a bounded out-of-order queue ([`MAX_OOO`] per flow, [`MAX_OOO_TOTAL`]
 //! in all) and answered with an immediate duplicate ACK, so the guest fast-retransmits after
 //! three; when the retransmission fills the hole, what waited behind it is written at once
 //! and one cumulative ACK covers all of it. Beyond the bounds, segments are dropped and the
 //! guest retransmits them. This is the one place bytes are held here: only while a hole
-//! exists, and only what the guest already sent. The advertised window is the socket's free send space (`SO_SNDBUF` minus
-//! `SIOCOUTQ`) minus the stash, scaled by our window scale; when the socket drains
-//! (writable) and the window the guest knows is small, a window update is sent. ACKs for
-//! in-order data are coalesced: one per flow per batch of tap frames ([`Conn::flush_ack`]).
+//! exists, and only what the guest already sent. ACKs for in-order data are coalesced: one
+//! per flow per batch of tap frames ([`Conn::flush_ack`]).
+//!
+//! ## Flow control: no byte the window promised is dropped
+//!
+//! The rule: a byte inside the window we advertised is never thrown away. The guest's stack
+//! counts such a drop as congestion and, for a drop that leaves fewer than three duplicate
+//! ACKs behind it, waits for a retransmission timeout — the collapse `research/
+//! passt-pasta.md` §4.3 measured for pasta behind any link slower than the tap. So:
+//!
+//! 1. The window is what the socket takes now ([`HostSocket::send_space`]) less the stash,
+//!    scaled by our window scale. The shell must answer a *lower bound*: Linux refuses a
+//!    write once the socket's buffer memory, which counts each buffer's overhead, reaches
+//!    its limit, so `SO_SNDBUF − SIOCOUTQ` (payload) overstates the room by that overhead —
+//!    measured here behind a 1 Gbit/s uplink, 560 segments dropped in 6 s and 0.42× the
+//!    host's own upload. `io::sockets` converts the free memory (`SO_MEMINFO`) at the
+//!    queue's own payload ratio, less a margin.
+//! 2. Should a socket still take less than it said (its memory shrinks under pressure, an
+//!    estimate is off), the refused bytes inside the window go to the stash beyond
+//!    [`MAX_STASH`], drawing on the budget shared with the out-of-order queue
+//!    ([`MAX_OOO_TOTAL`]); only with that budget spent is an in-window byte dropped, and
+//!    then it is counted (`tcp_in_window_dropped`, which the tests hold at 0).
+//! 3. The window reopens as the socket drains. A socket that never filled signals no
+//!    writable edge (Linux wakes only a writer it refused: `SOCK_NOSPACE`), so while the
+//!    window the guest knows is below [`WINDOW_LOW`] its space is re-checked on a timer
+//!    from [`WINDOW_RECHECK_MIN`] (1 ms, reset by every update sent) backing off to
+//!    [`WINDOW_RECHECK_MAX`] while nothing changes; an update goes out as soon as the
+//!    space grew by an MSS or doubled ([`Conn::on_timer`]). A zero window is therefore
+//!    reopened within a millisecond of the socket draining, not by the guest's persist
+//!    probes (whose backoff starts at 200 ms). Behind a 100 Mbit/s uplink this costs a few
+//!    hundred window updates per second per flow and carries 1.00× the host's own upload.
+//!
+//! Counted: `tcp_in_window_dropped`, `tcp_window_updates`, `tcp_zero_windows` (episodes:
+//! a zero window advertised after a non-zero one).
 //!
 //! ## Host → guest
 //!
@@ -84,8 +113,10 @@
 //!
 //! ## Limits
 //!
-//! Per flow: the stash ([`MAX_STASH`]), the out-of-order queue ([`MAX_OOO`],
-//! [`MAX_OOO_SEGMENTS`]; all flows together [`MAX_OOO_TOTAL`]), [`MAX_PUSH_SEGMENTS`] segments per push, and
+//! Per flow: the stash ([`MAX_STASH`], beyond it at most the advertised window on the
+//! shared budget), the out-of-order queue ([`MAX_OOO`], [`MAX_OOO_SEGMENTS`]); the
+//! out-of-order queues and the stashes beyond [`MAX_STASH`] of all flows together
+//! [`MAX_OOO_TOTAL`]; [`MAX_PUSH_SEGMENTS`] segments per push, and
 //! [`MAX_RETRIES`]. The table bounds the number of flows.
 //!
 //! ## Files
@@ -574,7 +605,8 @@ pub const MAX_OOO: usize = 1024 * 1024;
 pub const MAX_OOO_SEGMENTS: usize = 256;
 /// How far beyond `rcv_nxt` a kept segment may end.
 pub const MAX_OOO_AHEAD: usize = 16 * 1024 * 1024;
-/// Out-of-order bytes kept across all flows.
+/// Bytes held across all flows beyond their sockets: out of order, and stashed past
+/// [`MAX_STASH`] inside a window a socket did not honour.
 pub const MAX_OOO_TOTAL: usize = 64 * 1024 * 1024;
 /// Segments built from one peek.
 pub const MAX_PUSH_SEGMENTS: usize = 64;

@@ -561,13 +561,19 @@ impl World {
         Ok((sent_bps * (100.0 - lost) / 100.0 / 1e9, lost))
     }
 
-    /// Receiver-side Gbit/s of one TCP iperf3 run (`extra`: `-R`, `-P 4`); 0 when nothing
-    /// arrived.
-    fn iperf(&self, secs: u32, extra: &str) -> Result<f64> {
+    /// The JSON report of one TCP iperf3 run from the guest to the remote (`extra`: `-R`,
+    /// `-P 4`).
+    fn iperf_json(&self, secs: u32, extra: &str) -> Result<Value> {
         let out = self.guest_output(&format!(
             "iperf3 -c 203.0.113.1 -p 5201 -t {secs} -O 1 {extra} -J"
         ))?;
-        let v: Value = serde_json::from_str(&out).context("iperf3 JSON")?;
+        serde_json::from_str(&out).context("iperf3 JSON")
+    }
+
+    /// Receiver-side Gbit/s of one TCP iperf3 run (`extra`: `-R`, `-P 4`); 0 when nothing
+    /// arrived.
+    fn iperf(&self, secs: u32, extra: &str) -> Result<f64> {
+        let v = self.iperf_json(secs, extra)?;
         let field = |name: &str| {
             v.pointer(&format!("/end/sum_received/{name}"))
                 .and_then(Value::as_f64)
@@ -579,9 +585,7 @@ impl World {
         }
         Ok(bps / 1e9)
     }
-}
 
-impl World {
     /// Puts a `tbf` bucket of `rate` on the host's uplink toward the remote (`None`: takes
     /// it off).
     fn shape(&self, rate: Option<&str>) -> Result<()> {
@@ -597,10 +601,7 @@ impl World {
     /// Receiver-side Gbit/s of a guest → remote iperf3 run with `streams` streams, and the
     /// sender's retransmissions in % of the segments it sent (MSS from `mtu`).
     fn iperf_retransmits(&self, secs: u32, streams: u32, mtu: u16) -> Result<(f64, f64)> {
-        let out = self.guest_output(&format!(
-            "iperf3 -c 203.0.113.1 -p 5201 -t {secs} -O 1 -P {streams} -J"
-        ))?;
-        let v: Value = serde_json::from_str(&out).context("iperf3 JSON")?;
+        let v = self.iperf_json(secs, &format!("-P {streams}"))?;
         let get = |path: &str| v.pointer(path).and_then(Value::as_f64).unwrap_or(0.0);
         let bps = get("/end/sum_received/bits_per_second");
         let sent = get("/end/sum_sent/bytes");

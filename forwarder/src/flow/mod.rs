@@ -160,12 +160,6 @@ impl<T> Flow<T> {
         self.key
     }
 
-    /// The tap side ([`TAP`]) and the host side ([`HOST`]).
-    #[must_use]
-    pub fn sides(&self) -> &[Side; 2] {
-        &self.sides
-    }
-
     /// The side that started the flow: the tap for what the namespace opens, the host for
     /// inbound port forwards.
     #[must_use]
@@ -444,9 +438,9 @@ impl<T> Table<T> {
 
 /// Default bound on the flow table (`--max-flows`).
 pub const DEFAULT_MAX_FLOWS: usize = 65536;
-/// Index of the tap side in [`Flow::sides`].
+/// Index of the tap side among a flow's two sides.
 pub const TAP: usize = 0;
-/// Index of the host side in [`Flow::sides`].
+/// Index of the host side among a flow's two sides.
 pub const HOST: usize = 1;
 /// Idle timeout of echo flows (Linux's ping socket lifetime is the process's; 60 s matches
 /// the conntrack default for ICMP, 30 s, doubled for slow `ping -i`).

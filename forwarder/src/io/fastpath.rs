@@ -1,10 +1,11 @@
 //! # Theory of operation
 //!
 //! The fast path's userspace half (`--ebpf`, eBPF part 2): it decides each new flow's first
-//! packet, owns the reserved host ports, and ends the kernel's entries. It lives in the data
-//! plane's thread, next to the engine's host sockets (`io::Sockets`), because the decision
-//! is taken while the engine handles the first packet. The kernel half is
-//! `forwarder-ebpf/src/programs.rs`; the set-up (veth, programs, uplinks) and the maps' key layout are `ebpf`.
+//! packet, owns the reserved host ports, and ends the kernel's entries. It lives in the
+//! data plane's thread, next to the engine's host sockets (`io::Sockets`), because the
+//! decision is taken while the engine handles the first packet. The kernel half is
+//! `forwarder-ebpf/src/programs.rs`; the set-up (veth, programs, uplinks) and the maps' key
+//! layout are `ebpf`.
 //!
 //! The flows themselves are the engine's: a kernel flow is an entry of the one flow table
 //! (`engine::Detail::Kernel`, same [`FlowId`]), the maps are its projection into the
@@ -62,13 +63,13 @@
 //!
 //! ## ICMP errors
 //!
-//! `uplink_ingress` translates ICMP errors that quote a fast-path flow and sends them to the
-//! guest. One it cannot parse (a quoted IPv4 header with options) reaches the host's stack:
-//! for UDP the reservation is a socket connected to the remote, so the kernel queues the
-//! error on it; the socket is registered with the poller (a reservation token of `io::token`, by
-//! flow) and read like a userspace UDP flow's socket ([`FastPath::udp_socket`]): the
-//! engine sends the guest the same ICMP error the userspace path would. A TCP reservation is not connected: such an
-//! error about a TCP flow is lost.
+//! `uplink_ingress` translates ICMP errors that quote a fast-path flow and sends them to
+//! the guest. One it cannot parse (a quoted IPv4 header with options) reaches the host's
+//! stack: for UDP the reservation is a socket connected to the remote, so the kernel queues
+//! the error on it; the socket is registered with the poller (a reservation token of
+//! `io::token`, by flow) and read like a userspace UDP flow's socket
+//! ([`FastPath::udp_socket`]): the engine sends the guest the same ICMP error the userspace
+//! path would. A TCP reservation is not connected: such an error about a TCP flow is lost.
 //!
 //! ## Fragments
 //!

@@ -28,15 +28,17 @@
 //!
 //! ## Host sockets ([`Sockets`], the engine's `Host`, in `io::sockets`)
 //!
-//! All non-blocking, registered edge-triggered with the flow's token (`io::token`). TCP: `connect()` in progress is completed by the writable edge (`SO_ERROR`);
-//! `TCP_NODELAY` (the guest's own stack already coalesced); `SO_PEEK_OFF` so a peek at
-//! offset N costs nothing for the N bytes before it (Linux ≥ 6.9; older kernels peek into a
-//! scratch prefix instead); acknowledged bytes are dropped with `recv(MSG_TRUNC)` without a
-//! copy; free send space is `SO_SNDBUF - SIOCOUTQ`; an abort sets `SO_LINGER {1, 0}` so the
-//! close sends a RST. UDP: one socket per flow, `connect()`ed. Echo: unprivileged ping
-//! sockets (`SOCK_DGRAM`, `IPPROTO_ICMP[V6]`); [`ping_sockets_allowed`] probes once at
-//! start-up whether `net.ipv4.ping_group_range` admits this process. `--outbound` /
-//! `--outbound-if` bind TCP and UDP sockets to an address or device.
+//! All non-blocking, registered edge-triggered with the flow's token (`io::token`). TCP:
+//! `connect()` in progress is completed by the writable edge (`SO_ERROR`); `TCP_NODELAY`
+//! (the guest's own stack already coalesced); `SO_PEEK_OFF` so a peek at offset N costs
+//! nothing for the N bytes before it (Linux ≥ 6.9; older kernels peek into a scratch prefix
+//! instead); acknowledged bytes are dropped with `recv(MSG_TRUNC)` without a copy; free
+//! send space is a lower bound from `SO_MEMINFO` and `SIOCOUTQ` (`io::sockets`); an abort
+//! sets `SO_LINGER {1, 0}` so the close sends a RST. UDP: one socket per flow,
+//! `connect()`ed. Echo: unprivileged ping sockets (`SOCK_DGRAM`, `IPPROTO_ICMP[V6]`);
+//! [`ping_sockets_allowed`] probes once at start-up whether `net.ipv4.ping_group_range`
+//! admits this process. `--outbound` / `--outbound-if` bind TCP and UDP sockets to an
+//! address or device.
 //!
 //! ## The kernel's fast path (`--ebpf`)
 //!

@@ -1,7 +1,9 @@
-//! The engine's [`Host`] over real sockets: [`Sockets`]' per-flow sockets (TCP with
-//! `SO_PEEK_OFF`/`SIOCOUTQ`, connected UDP, ping sockets), what a kernel flow's reservation
-//! sends, and the TCP socket operations the translation needs (see the theory of operation
-//! in `io`).
+//! The engine's [`Host`] over real sockets: [`Sockets`] (every `impl` of it is here) with
+//! its per-flow sockets (TCP with `SO_PEEK_OFF`, connected UDP, ping sockets), the
+//! forwarded-port sockets it serves, what a kernel flow's reservation sends, and the TCP
+//! socket operations the translation needs — among them the send space the window is built
+//! from, a lower bound read from `SO_MEMINFO` ([`payload_space`]; `flow::tcp`, "Flow
+//! control"). See the theory of operation in `io`.
 
 use std::collections::HashMap;
 use std::io::IoSliceMut;

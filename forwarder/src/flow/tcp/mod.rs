@@ -40,14 +40,14 @@
 //! If the socket takes only part, the rest goes to the stash (written first when the socket
 //! is writable again): up to [`MAX_STASH`] bytes always, and beyond that every byte that
 //! lies inside the window we advertised (see "Flow control"); what fits neither — bytes the
-//! guest sent beyond our window — is dropped and an ACK sent at once. A segment beyond `rcv_nxt` (a hole: loss on the
-//! tap) is kept in a bounded out-of-order queue ([`MAX_OOO`] per flow, [`MAX_OOO_TOTAL`]
-//! in all) and answered with an immediate duplicate ACK, so the guest fast-retransmits after
-//! three; when the retransmission fills the hole, what waited behind it is written at once
-//! and one cumulative ACK covers all of it. Beyond the bounds, segments are dropped and the
-//! guest retransmits them. This is the one place bytes are held here: only while a hole
-//! exists, and only what the guest already sent. ACKs for in-order data are coalesced: one
-//! per flow per batch of tap frames ([`Conn::flush_ack`]).
+//! guest sent beyond our window — is dropped and an ACK sent at once. A segment beyond
+//! `rcv_nxt` (a hole: loss on the tap) is kept in a bounded out-of-order queue ([`MAX_OOO`]
+//! per flow, [`MAX_OOO_TOTAL`] in all) and answered with an immediate duplicate ACK, so the
+//! guest fast-retransmits after three; when the retransmission fills the hole, what waited
+//! behind it is written at once and one cumulative ACK covers all of it. Beyond the bounds,
+//! segments are dropped and the guest retransmits them. This is the one place bytes are
+//! held here: only while a hole exists, and only what the guest already sent. ACKs for
+//! in-order data are coalesced: one per flow per batch of tap frames ([`Conn::flush_ack`]).
 //!
 //! ## Flow control: no byte the window promised is dropped
 //!

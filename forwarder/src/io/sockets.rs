@@ -340,12 +340,13 @@ impl tcp::HostSocket for TcpSock {
     }
 
     fn send_space(&mut self) -> usize {
-        let queued = sys::outq(&self.fd).unwrap_or(usize::MAX);
+        let queued = sys::outq(&self.fd).ok();
         match sys::send_memory(&self.fd) {
-            Ok((limit, used)) => payload_space(limit, used, queued),
+            // An unknown queue is converted at the kernel's own assumption (as if empty).
+            Ok((limit, used)) => payload_space(limit, used, queued.unwrap_or(0)),
             Err(_) => {
                 let size = getsockopt(&self.fd, sockopt::SndBuf).unwrap_or(0);
-                size.saturating_sub(queued) / 2
+                size.saturating_sub(queued.unwrap_or(size)) / 2
             }
         }
     }

@@ -87,6 +87,8 @@ impl tcp::HostSocket for FakeTcp {
 pub struct FakeHost {
     /// Echo operations asked for, in order.
     pub echo: Vec<Echo>,
+    /// Errno for the next `echo_open`.
+    pub echo_open_error: Option<i32>,
     /// TCP sockets by flow.
     pub tcp: HashMap<FlowId, FakeTcp>,
     /// UDP sockets by flow: target and datagrams sent.
@@ -181,6 +183,9 @@ impl Host for FakeHost {
     }
 
     fn echo_open(&mut self, flow: FlowId, remote: IpAddr) -> io::Result<()> {
+        if let Some(e) = self.echo_open_error.take() {
+            return Err(io::Error::from_raw_os_error(e));
+        }
         self.echo.push(Echo::Open { flow, remote });
         Ok(())
     }

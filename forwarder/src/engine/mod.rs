@@ -351,16 +351,6 @@ impl Engine {
         self.send_echo_reply(remote, guest, ident, seq, data, self.guest_mac);
     }
 
-    /// Handles a failure of `flow`'s echo socket: the flow is removed.
-    fn handle_echo_error(&mut self, flow: FlowId, host: &mut dyn Host) {
-        if self.flows.remove(flow).is_some() {
-            self.stats.host_errors += 1;
-            host.close(flow, false);
-        } else {
-            self.stats.stale_host_events += 1;
-        }
-    }
-
     /// Runs timers that are due.
     pub fn handle_timeout(&mut self, now: Instant, host: &mut dyn Host) {
         if self.next_ra.is_some_and(|t| t <= now) {
@@ -684,8 +674,10 @@ impl Engine {
                 Ok(flow) => {
                     debug!(flow = flow.0, %src, %dst, ident, "new echo flow");
                     if let Err(err) = host.echo_open(flow, dst) {
+                        // No socket, so nothing to close: the flow goes, the request is lost.
                         debug!(%dst, %err, "open ping socket");
-                        self.handle_echo_error(flow, host);
+                        self.flows.remove(flow);
+                        self.stats.host_errors += 1;
                         return;
                     }
                     self.flows.set_deadline(flow, Some(now + flow::ICMP_IDLE));

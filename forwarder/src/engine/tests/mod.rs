@@ -320,6 +320,21 @@ fn echo_elsewhere_opens_a_flow_and_relays_the_reply_with_guest_ident() {
 }
 
 #[test]
+fn a_ping_socket_that_cannot_open_removes_its_flow() {
+    let t0 = Instant::now();
+    let mut e = engine(t0);
+    let mut host = FakeHost::new();
+    host.echo_open_error = Some(libc::EACCES);
+    e.handle_frame(t0, &echo4("203.0.113.1".parse().unwrap(), 5, 1), &mut host);
+    assert!(e.flows().is_empty(), "no flow without its socket");
+    assert!(ops(&mut host).is_empty(), "nothing sent");
+    assert_eq!(e.stats().host_errors, 1);
+    // The next request tries again.
+    e.handle_frame(t0, &echo4("203.0.113.1".parse().unwrap(), 5, 2), &mut host);
+    assert_eq!(ops(&mut host).len(), 2, "open, send");
+}
+
+#[test]
 fn idle_echo_flow_is_closed_and_late_replies_are_stale() {
     let t0 = Instant::now();
     let mut e = engine(t0);

@@ -53,6 +53,24 @@ pub struct Config {
     pub ebpf_grace: Duration,
     /// `--ebpf-max-flows`: the kernel's share of the flow table.
     pub ebpf_max_flows: usize,
+    /// How the process runs: background, when it ends, its runtime sockets.
+    pub process: Process,
+}
+
+/// The process contract of the face that started forwarder.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Process {
+    /// Fork into the background once the namespace is served; the foreground exits 0 then
+    /// (pasta's contract; never with a spawned command).
+    pub background: bool,
+    /// Exit 0 when the attached namespace is gone.
+    pub netns_quit: bool,
+    /// pasta's `-c`: serve the pesto protocol on this socket.
+    pub conf_path: Option<PathBuf>,
+    /// Whether the pesto tables offer `auto` (SCAN) rules: the pasta face.
+    pub pesto_scan: bool,
+    /// `--stats DELAY`: log the counters this often.
+    pub stats_every: Option<Duration>,
 }
 
 /// The namespace forwarder serves.

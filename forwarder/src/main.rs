@@ -2,12 +2,12 @@
 //! supervise. See `docs/architecture.md` for the order of start-up and why it matters (the
 //! namespace helper is forked while the process still has one thread).
 
+use std::io::Write;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use clap::Parser;
-use forwarder::cli::Args;
+use forwarder::cli::{self as cli, Args, Face, Invocation};
 use forwarder::control::Control;
 use forwarder::engine::Engine;
 use forwarder::forward::Kind;
@@ -19,6 +19,26 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, info, warn};
 
 fn main() -> ExitCode {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let face = match Face::of(
+        argv.first()
+            .map_or(std::ffi::OsStr::new(""), |a| a.as_os_str()),
+    ) {
+        Invocation::Face(face) => face,
+        Invocation::NotYet(name) => {
+            eprintln!(
+                "{name}: forwarder has no {name} face yet (docs/faces.md); start it as forwarder or pasta"
+            );
+            return ExitCode::from(1);
+        }
+    };
+    let program = match face {
+        Face::Native => "forwarder",
+        Face::Pasta => "pasta",
+    };
+    if face == Face::Pasta {
+        return face_main(program, cli::parse(face, argv));
+    }
     if std::env::args_os().nth(1).is_some_and(|a| a == "ctl") {
         return forwarder::ctl::main(std::env::args_os().skip(1));
     }
@@ -31,21 +51,97 @@ fn main() -> ExitCode {
     if std::env::args_os().nth(1).is_some_and(|a| a == "reap-link") {
         return forwarder::ebpf::reap_main(std::env::args_os().skip(1));
     }
-    let args = Args::parse();
+    face_main(program, cli::parse(face, argv))
+}
+
+/// Runs one face's parsed command line: into the background first if the face asks for
+/// it (see [`Background`]), then [`run`].
+fn face_main(program: &str, args: Args) -> ExitCode {
+    let mut ready = if args.runs_in_background() {
+        match Background::fork() {
+            Ok(ready) => Some(ready),
+            Err(err) => {
+                eprintln!("{program}: {err:#}");
+                return ExitCode::from(1);
+            }
+        }
+    } else {
+        None
+    };
     if let Err(err) = init_logging(&args) {
-        eprintln!("forwarder: {err:#}");
+        eprintln!("{program}: {err:#}");
         return ExitCode::from(1);
     }
-    match run(args) {
+    if args.stderr && args.face == Face::Pasta {
+        warn!("--stderr will be dropped soon (it has no effect)");
+    }
+    if args.no_copy_routes || args.no_copy_addrs {
+        warn!(
+            "--no-copy-routes/--no-copy-addrs will be dropped soon (forwarder sets up one address and the default route)"
+        );
+    }
+    match run(args, &mut ready) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("forwarder: {err:#}");
+            eprintln!("{program}: {err:#}");
             ExitCode::from(1)
         }
     }
 }
 
-fn run(args: Args) -> Result<ExitCode> {
+/// pasta's process contract (`../shared/research/pesto.md`, §4): the foreground process
+/// returns 0 once the namespace is served, and nothing the supervisor waits on stays open.
+///
+/// The fork happens first, while the process has one thread: the parent only waits on a
+/// pipe. The child (the daemon) starts a new session and does all the work; once ready it
+/// points its standard streams at /dev/null and writes `ready` into the pipe, so the parent
+/// exits 0 and the supervisor's pipes reach EOF. If the child fails first, its message goes
+/// to the inherited standard error, the pipe closes empty and the parent exits with the
+/// child's status (1).
+struct Background {
+    pipe: Option<std::os::fd::OwnedFd>,
+}
+
+impl Background {
+    /// Forks; returns in the child only.
+    fn fork() -> Result<Self> {
+        use std::io::Read;
+        let (read, write) = nix::unistd::pipe().context("pipe for the background fork")?;
+        match forwarder::sys::fork_single_threaded().context("fork into the background")? {
+            nix::unistd::ForkResult::Child => {
+                drop(read);
+                nix::unistd::setsid().context("setsid")?;
+                Ok(Self { pipe: Some(write) })
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                drop(write);
+                let mut word = Vec::new();
+                let _ = std::fs::File::from(read).read_to_end(&mut word);
+                if word == b"ready" {
+                    std::process::exit(0);
+                }
+                let code = match waitpid(child, None) {
+                    Ok(WaitStatus::Exited(_, code)) => code.clamp(1, 255),
+                    _ => 1,
+                };
+                std::process::exit(code);
+            }
+        }
+    }
+
+    /// The daemon is serving: release the standard streams and the waiting parent.
+    fn ready(&mut self) {
+        let Some(pipe) = self.pipe.take() else {
+            return;
+        };
+        if let Err(err) = forwarder::sys::stdio_to_null() {
+            warn!("releasing the standard streams: {err}");
+        }
+        let _ = std::fs::File::from(pipe).write_all(b"ready");
+    }
+}
+
+fn run(args: Args, background: &mut Option<Background>) -> Result<ExitCode> {
     let host = netconf::host_info().context("read the host's routes")?;
     debug!(?host, "host network");
     let mut cfg = args.into_config(&host)?;
@@ -198,11 +294,26 @@ fn run(args: Args) -> Result<ExitCode> {
     let plane = io::spawn(tap, engine, cfg.io.clone(), forwards, fast)?;
     let child = command.map(ns::PendingCommand::release).transpose()?;
     info!(tap = %cfg.ifname, "forwarding");
+    let watch = cfg
+        .process
+        .netns_quit
+        .then(|| NamespaceWatch::new(&netns))
+        .flatten();
+    if let Some(b) = background {
+        b.ready();
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("start the control runtime")?;
-    let outcome = runtime.block_on(supervise(child, &plane, &mut control, api));
+    let outcome = runtime.block_on(supervise(
+        child,
+        &plane,
+        &mut control,
+        api,
+        watch,
+        cfg.process.stats_every,
+    ));
     if let Some(path) = &cfg.api_socket {
         let _ = std::fs::remove_file(path);
     }
@@ -286,12 +397,53 @@ async fn api_connection(
     }
 }
 
+/// The namespace an attached forwarder serves, as it was at start: it is gone when its
+/// path no longer names that namespace — deleted (`ip netns del`, podman removing its bind
+/// mount), unmounted, or its process exited (`/proc/PID/ns/net`). Polled every
+/// [`NamespaceWatch::EVERY`]: a `stat` is cheap and, unlike pasta's inotify watch on the
+/// directory, also works on procfs and sees an unmount before the file goes.
+struct NamespaceWatch {
+    path: std::path::PathBuf,
+    ident: (u64, u64),
+}
+
+impl NamespaceWatch {
+    const EVERY: Duration = Duration::from_millis(250);
+
+    fn new(path: &std::path::Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(path) {
+            Ok(m) => Some(Self {
+                path: path.to_owned(),
+                ident: (m.dev(), m.ino()),
+            }),
+            Err(err) => {
+                warn!(path = %path.display(), %err, "cannot watch the namespace; it will not be noticed when it goes");
+                None
+            }
+        }
+    }
+
+    fn gone(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(&self.path) {
+            Ok(m) => (m.dev(), m.ino()) != self.ident,
+            Err(err) => err.kind() != std::io::ErrorKind::PermissionDenied,
+        }
+    }
+}
+
 async fn supervise(
     child: Option<Pid>,
     plane: &io::Handle,
     control: &mut Control,
     api: Option<std::os::unix::net::UnixListener>,
+    watch: Option<NamespaceWatch>,
+    stats_every: Option<Duration>,
 ) -> Result<ExitCode> {
+    let mut watch_tick = tokio::time::interval(NamespaceWatch::EVERY);
+    let mut stats_tick = tokio::time::interval(stats_every.unwrap_or(Duration::from_secs(3600)));
+    stats_tick.tick().await;
     let api = api
         .map(tokio::net::UnixListener::from_std)
         .transpose()
@@ -368,6 +520,13 @@ async fn supervise(
                     }
                 }
             }
+            _ = watch_tick.tick(), if watch.is_some() => {
+                if let Some(w) = &watch && w.gone() {
+                    info!(namespace = %w.path.display(), "the namespace is gone, exiting");
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
+            _ = stats_tick.tick(), if stats_every.is_some() => plane.send(io::Command::LogStats),
             _ = tick.tick() => {
                 if plane.is_finished() {
                     anyhow::bail!("the data plane stopped");

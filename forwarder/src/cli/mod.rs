@@ -10,17 +10,80 @@
 //! | face | file | selected by |
 //! |---|---|---|
 //! | native (pasta's names, a superset) | `native.rs` | the `forwarder` binary |
+//! | pasta | `pasta.rs` | argv\[0\] `pasta` (podman 5, rootlesskit 2) |
+//!
+//! argv\[0\]'s file name picks the face ([`Face::of`]); `slirp4netns`, `slirpnetstack` and
+//! `passt` are recognised and refused with a message until their faces exist, rather than
+//! being parsed with the wrong grammar. The pasta face shares the native parser (its names
+//! are the native ones) and differs in its defaults: `auto` for each of `-t/-u/-T/-U`, DNS
+//! not advertised unless `--dhcp-dns`, the background process of pasta's contract, and
+//! pasta's `--version` text. Options of pasta that forwarder cannot honour yet are parsed
+//! so that they are refused by name (`native::Unsupported`), never silently ignored.
 //!
 //! Errors name the option and the value; a usage error exits 2 (clap), a plan that cannot
 //! work is refused before anything is set up.
 
 mod native;
+mod pasta;
 
 use std::net::IpAddr;
 
 use anyhow::Result;
 
 pub use native::Args;
+pub use pasta::VERSION_TEXT as PASTA_VERSION_TEXT;
+
+/// Which tool's command line this process speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Face {
+    /// `forwarder`.
+    #[default]
+    Native,
+    /// `pasta`.
+    Pasta,
+}
+
+/// What argv\[0\] asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Invocation {
+    /// A face this binary speaks.
+    Face(Face),
+    /// A tool whose face does not exist yet (its name).
+    NotYet(&'static str),
+}
+
+impl Face {
+    /// The face argv\[0\]'s file name selects: `pasta` (also `pasta.avx2`), the names of
+    /// faces still to come, or the native one for anything else.
+    #[must_use]
+    pub fn of(argv0: &std::ffi::OsStr) -> Invocation {
+        let name = std::path::Path::new(argv0)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("");
+        let stem = name.split('.').next().unwrap_or(name);
+        match stem {
+            "pasta" => Invocation::Face(Self::Pasta),
+            "passt" => Invocation::NotYet("passt"),
+            "slirp4netns" => Invocation::NotYet("slirp4netns"),
+            "slirpnetstack" => Invocation::NotYet("slirpnetstack"),
+            _ => Invocation::Face(Self::Native),
+        }
+    }
+}
+
+/// Parses the command line as `face` speaks it; `--help`, `--version` and usage errors
+/// end the process the way that tool does.
+#[must_use]
+pub fn parse(face: Face, argv: Vec<std::ffi::OsString>) -> Args {
+    match face {
+        Face::Native => {
+            use clap::Parser;
+            Args::parse_from(argv)
+        }
+        Face::Pasta => pasta::parse(argv),
+    }
+}
 
 use crate::forward::Spec;
 use crate::policy::Rule;

@@ -208,7 +208,7 @@ pub struct Args {
     pub resolv_conf: PathBuf,
 
     /// Bind outbound sockets to ADDR (once per address family).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(short = 'o', long, value_name = "ADDR")]
     pub outbound: Vec<IpAddr>,
 
     /// Bind outbound sockets to the interface NAME (SO_BINDTODEVICE).
@@ -240,9 +240,242 @@ pub struct Args {
     #[arg(short = 'l', long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
 
-    /// Command to run in a new namespace (default: $SHELL).
-    #[arg(last = true, value_name = "CMD")]
+    /// Stay in the foreground. The pasta face otherwise forks into the background once
+    /// the namespace is served (the foreground exits 0 then, or 1 with the reason); the
+    /// native face and a spawned command always stay in the foreground.
+    #[arg(short = 'f', long)]
+    pub foreground: bool,
+
+    /// Deprecated in pasta; accepted and ignored (messages go to standard error until
+    /// forwarder is in the background, as without it).
+    #[arg(short = 'e', long = "stderr")]
+    pub stderr: bool,
+
+    /// Serve pasta's runtime forwarding protocol (pesto(1), protocol v2) on this UNIX
+    /// socket: list, add, delete and replace -t/-u/-T/-U forwards while running.
+    #[arg(short = 'c', long = "conf-path", value_name = "PATH")]
+    pub conf_path: Option<PathBuf>,
+
+    /// Keep running when the namespace served is gone (its bind mount or file removed,
+    /// its process exited). Default: exit 0 within a quarter of a second.
+    #[arg(long)]
+    pub no_netns_quit: bool,
+
+    /// Join only the network namespace of a PID, not its user namespace.
+    #[arg(long, conflicts_with = "userns")]
+    pub netns_only: bool,
+
+    /// Connections to a host loopback address forwarded with -t reach the same loopback
+    /// address in the namespace, not the namespace's address over the tap.
+    #[arg(long, conflicts_with = "no_splice")]
+    pub host_lo_to_ns_lo: bool,
+
+    /// Accepted for pasta: forwarder has no loopback bypass for -t/-u unless
+    /// --host-lo-to-ns-lo asks for one.
+    #[arg(long)]
+    pub no_splice: bool,
+
+    /// Accepted for pasta (deprecated there): with --config-net forwarder sets up the
+    /// default route only.
+    #[arg(long)]
+    pub no_copy_routes: bool,
+
+    /// Accepted for pasta (deprecated there): with --config-net forwarder sets up one
+    /// address per family.
+    #[arg(long)]
+    pub no_copy_addrs: bool,
+
+    /// Bind IPv4 outbound sockets to the interface NAME.
+    #[arg(long, value_name = "NAME")]
+    pub outbound_if4: Option<String>,
+
+    /// Bind IPv6 outbound sockets to the interface NAME.
+    #[arg(long, value_name = "NAME")]
+    pub outbound_if6: Option<String>,
+
+    /// The host resolver --dns-forward relays to (once per family). Default: the first
+    /// nameserver of the host's resolv.conf.
+    #[arg(long, value_name = "ADDR")]
+    pub dns_host: Vec<IpAddr>,
+
+    /// Connections to ADDR reach the host's loopback (instead of the gateway address);
+    /// `none` maps nothing (like --no-map-gw). Once per family.
+    #[arg(long, value_name = "ADDR|none")]
+    pub map_host_loopback: Vec<String>,
+
+    /// Advertise the DNS servers over DHCP, DHCPv6 and RA (the pasta face's default is
+    /// not to: its namespaces use the host's resolv.conf).
+    #[arg(long, overrides_with = "no_dhcp_dns")]
+    pub dhcp_dns: bool,
+
+    /// Do not advertise DNS servers over DHCP, DHCPv6 and RA.
+    #[arg(long)]
+    pub no_dhcp_dns: bool,
+
+    /// Drop the namespace's TCP (and refuse -t forwards).
+    #[arg(long)]
+    pub no_tcp: bool,
+
+    /// Drop the namespace's UDP (and refuse -u forwards).
+    #[arg(long)]
+    pub no_udp: bool,
+
+    /// With the pasta face and --foreground: log the counters every DELAY seconds.
+    #[arg(long, value_name = "DELAY", value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub stats: Option<u64>,
+
+    /// Log file size limit in bytes (with -l): when full, the oldest half is dropped.
+    #[arg(long, value_name = "SIZE", default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(4096..))]
+    pub log_size: u64,
+
+    /// Options of passt and of later issues that forwarder does not serve yet; refused
+    /// with the reason, never ignored.
+    #[command(flatten)]
+    pub unsupported: Unsupported,
+
+    /// A PID to serve (its network namespace, and its user namespace unless
+    /// --netns-only), or a command to run in a new namespace (default: $SHELL); put `--`
+    /// before a command that starts with `-`.
+    #[arg(value_name = "PID|CMD", trailing_var_arg = true)]
     pub command: Vec<OsString>,
+
+    /// Which face parsed this command line (set by the face, not an option).
+    #[arg(skip)]
+    pub face: super::Face,
+}
+
+/// Whether `--runas UID[:GID]` names the user and group the process already runs as
+/// (pasta run as root is told `--runas 0:0` to stay root): a change of nothing.
+fn runas_is_self(spec: &str) -> bool {
+    let (user, group) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let uid = user.parse::<u32>().ok().or_else(|| {
+        nix::unistd::User::from_name(user)
+            .ok()
+            .flatten()
+            .map(|u| u.uid.as_raw())
+    });
+    let gid = group.map(|g| {
+        g.parse::<u32>().ok().or_else(|| {
+            nix::unistd::Group::from_name(g)
+                .ok()
+                .flatten()
+                .map(|g| g.gid.as_raw())
+        })
+    });
+    uid == Some(nix::unistd::geteuid().as_raw())
+        && gid.is_none_or(|g| g == Some(nix::unistd::getegid().as_raw()))
+}
+
+/// pasta/passt options forwarder parses so that it can refuse them by name.
+#[derive(Debug, Default, clap::Args)]
+pub struct Unsupported {
+    /// Not served: a UNIX socket for a VM (passt, vhost-user).
+    #[arg(
+        short = 's',
+        long = "socket",
+        visible_alias = "socket-path",
+        value_name = "PATH",
+        hide = true
+    )]
+    pub socket: Option<PathBuf>,
+    /// Not served: an inherited tap or VM socket.
+    #[arg(short = 'F', long = "fd", value_name = "FD", hide = true)]
+    pub fd: Option<String>,
+    /// Not served: passt's one-off mode.
+    #[arg(short = '1', long = "one-off", hide = true)]
+    pub one_off: bool,
+    /// Not served: vhost-user's capabilities.
+    #[arg(long, hide = true)]
+    pub print_capabilities: bool,
+    /// Not served yet: a pcap capture of the tap.
+    #[arg(short = 'p', long = "pcap", value_name = "FILE", hide = true)]
+    pub pcap: Option<PathBuf>,
+    /// Not served yet: derive addresses from this host interface.
+    #[arg(short = 'i', long = "interface", value_name = "NAME", hide = true)]
+    pub interface: Option<String>,
+    /// Not served yet: the DNS search list.
+    #[arg(short = 'S', long = "search", value_name = "LIST", hide = true)]
+    pub search: Option<String>,
+    /// Not served yet: DHCP's hostname option.
+    #[arg(short = 'H', long = "hostname", value_name = "NAME", hide = true)]
+    pub hostname: Option<String>,
+    /// Not served yet: DHCP's client FQDN option.
+    #[arg(long, value_name = "NAME", hide = true)]
+    pub fqdn: Option<String>,
+    /// Not served yet: send the search list.
+    #[arg(long, hide = true)]
+    pub dhcp_search: bool,
+    /// Do not send a DNS search list (forwarder never sends one).
+    #[arg(long, hide = true)]
+    pub no_dhcp_search: bool,
+    /// Not served yet: no tap at all.
+    #[arg(long, hide = true)]
+    pub splice_only: bool,
+    /// Not served yet: IP_FREEBIND on listeners.
+    #[arg(long, hide = true)]
+    pub freebind: bool,
+    /// Not served yet: the tap's MAC in the namespace.
+    #[arg(long, value_name = "MAC", hide = true)]
+    pub ns_mac_addr: Option<String>,
+    /// Not served yet: change user after set-up.
+    #[arg(long, value_name = "UID[:GID]", hide = true)]
+    pub runas: Option<String>,
+}
+
+impl Unsupported {
+    /// The first option given that forwarder cannot honour, with the reason.
+    fn refusal(&self, face: super::Face) -> Option<String> {
+        let vm = |o: &str| {
+            if face == super::Face::Pasta {
+                format!("{o} is for passt / vhost-user mode only")
+            } else {
+                format!("{o}: VM mode (passt's sockets) is not supported yet")
+            }
+        };
+        let later = |o: &str, why: &str| format!("{o}: not supported yet ({why})");
+        [
+            self.socket.is_some().then(|| vm("-s")),
+            self.one_off.then(|| vm("--one-off")),
+            self.print_capabilities.then(|| vm("--print-capabilities")),
+            self.fd
+                .is_some()
+                .then(|| later("--fd", "forwarder opens the tap itself")),
+            self.pcap
+                .is_some()
+                .then(|| later("--pcap", "no capture writer")),
+            self.interface
+                .is_some()
+                .then(|| later("--interface", "the default route's interface is used")),
+            self.search
+                .is_some()
+                .then(|| later("--search", "no DNS search list is sent")),
+            self.dhcp_search
+                .then(|| later("--dhcp-search", "no DNS search list is sent")),
+            self.hostname
+                .is_some()
+                .then(|| later("--hostname", "no DHCP hostname option")),
+            self.fqdn
+                .is_some()
+                .then(|| later("--fqdn", "no DHCP FQDN option")),
+            self.splice_only
+                .then(|| later("--splice-only", "the tap is always created")),
+            self.freebind
+                .then(|| later("--freebind", "listeners bind existing addresses")),
+            self.ns_mac_addr
+                .is_some()
+                .then(|| later("--ns-mac-addr", "the tap keeps the kernel's address")),
+            self.runas
+                .as_deref()
+                .filter(|r| !runas_is_self(r))
+                .map(|_| later("--runas", "forwarder keeps the user it was started as")),
+        ]
+        .into_iter()
+        .flatten()
+        .next()
+    }
 }
 
 impl Args {
@@ -252,15 +485,36 @@ impl Args {
     ///
     /// An error naming the option and value that cannot work.
     pub fn into_config(self, host: &HostInfo) -> Result<Config> {
-        let target = match (&self.netns, self.command.is_empty()) {
-            (Some(_), false) => {
+        if let Some(why) = self.unsupported.refusal(self.face) {
+            bail!("{why}");
+        }
+        // pasta's `PID` operand: one number, no --netns.
+        let pid = match self.command.as_slice() {
+            [one] if self.netns.is_none() => one
+                .to_str()
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .map(str::to_owned),
+            _ => None,
+        };
+        let netns = self.netns.clone().or(pid.clone());
+        let command_given = !self.command.is_empty() && pid.is_none();
+        let target = match (&netns, command_given) {
+            (Some(_), true) => {
                 bail!("--netns and a command cannot be combined: a command gets a new namespace")
             }
-            (Some(netns), true) => crate::ns::attach_target(netns, self.userns.clone())?,
-            (None, false) => Target::Spawn {
+            (Some(netns), false) => {
+                let mut t = crate::ns::attach_target(netns, self.userns.clone())?;
+                if self.netns_only
+                    && let Target::Attach { userns, .. } = &mut t
+                {
+                    *userns = None;
+                }
+                t
+            }
+            (None, true) => Target::Spawn {
                 command: self.command.clone(),
             },
-            (None, true) => {
+            (None, false) => {
                 let shell = std::env::var_os("SHELL")
                     .filter(|s| !s.is_empty())
                     .unwrap_or_else(|| "/bin/sh".into());
@@ -313,6 +567,24 @@ impl Args {
             (Kind::UdpNs, &self.udp_ns),
         ] {
             let mut lists = Vec::new();
+            // pasta's default for each of -t/-u/-T/-U is auto; the native face's is none.
+            let pasta_default = [Spec::Auto(crate::forward::Auto::default())];
+            let specs = if specs.is_empty() && self.face == super::Face::Pasta {
+                &pasta_default[..]
+            } else {
+                &specs[..]
+            };
+            let disabled = (kind.is_udp() && self.no_udp) || (!kind.is_udp() && self.no_tcp);
+            if disabled && specs.iter().any(|s| *s != Spec::Ports(Vec::new())) {
+                if self.face == super::Face::Pasta && specs == pasta_default {
+                    fixed.push(Vec::new());
+                    continue;
+                }
+                bail!(
+                    "{}: forwards of a protocol turned off by --no-tcp/--no-udp",
+                    kind.option()
+                );
+            }
             for spec in specs {
                 match spec {
                     Spec::Ports(maps) => lists.push(maps.clone()),
@@ -375,6 +647,26 @@ impl Args {
                 path.display()
             );
         }
+        if let Some(path) = &self.conf_path
+            && path.as_os_str().len() >= 108
+        {
+            bail!(
+                "--conf-path {}: a UNIX socket path must be shorter than 108 bytes",
+                path.display()
+            );
+        }
+        let spawned = matches!(target, Target::Spawn { .. });
+        let background = self.runs_in_background();
+        if self.stats.is_some() && background {
+            bail!("--stats: can't display statistics if not running in foreground (-f)");
+        }
+        let process = crate::config::Process {
+            background,
+            netns_quit: !self.no_netns_quit && !spawned,
+            conf_path: self.conf_path.clone(),
+            pesto_scan: self.face == super::Face::Pasta,
+            stats_every: self.stats.map(Duration::from_secs),
+        };
         let services = Switches {
             arp: !self.no_arp,
             ndp: !self.no_ndp,
@@ -403,7 +695,19 @@ impl Args {
             ebpf: self.ebpf,
             ebpf_grace: Duration::from_secs(self.ebpf_grace),
             ebpf_max_flows: self.ebpf_max_flows as usize,
+            process,
         })
+    }
+
+    /// Whether this process forks into the background once ready: the pasta face serving
+    /// an existing namespace (`--netns` or a PID), without `-f`. Decided from the arguments
+    /// alone so that the fork can happen first, while the process has one thread.
+    #[must_use]
+    pub fn runs_in_background(&self) -> bool {
+        let pid_operand = matches!(self.command.as_slice(), [one]
+            if one.to_str().is_some_and(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())));
+        let attach = self.netns.is_some() || pid_operand;
+        self.face == super::Face::Pasta && !self.foreground && attach
     }
 
     /// The policy and mappings; adjusts the advertised DNS for --dns-forward / --no-dns.
@@ -418,18 +722,49 @@ impl Args {
             map_gw: !self.no_map_gw,
             ..Policy::default()
         };
+        // --map-host-loopback ADDR takes the gateway's place for its family; `none` maps
+        // nothing.
+        let mut loopback_at: Vec<IpAddr> = Vec::new();
+        for value in &self.map_host_loopback {
+            if value == "none" {
+                policy.map_gw = false;
+                loopback_at.clear();
+                continue;
+            }
+            let addr: IpAddr = value.parse().map_err(|_| {
+                anyhow::anyhow!("--map-host-loopback {value:?}: not an IP address or none")
+            })?;
+            loopback_at.retain(|a| a.is_ipv4() != addr.is_ipv4());
+            loopback_at.push(addr);
+        }
+        for addr in &loopback_at {
+            let lo = if addr.is_ipv4() {
+                IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+            } else {
+                IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
+            };
+            policy.maps.push((*addr, lo));
+        }
         if self.enable_routing || self.enable_host {
             policy.routing = self.enable_routing;
             policy.host = self.enable_host;
         }
         if policy.map_gw {
-            if let Some(v4) = &network.ipv4 {
+            if let Some(v4) = network
+                .ipv4
+                .as_ref()
+                .filter(|_| !loopback_at.iter().any(IpAddr::is_ipv4))
+            {
                 policy.maps.push((
                     IpAddr::V4(v4.gateway),
                     IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
                 ));
             }
-            if let Some(v6) = &network.ipv6 {
+            if let Some(v6) = network
+                .ipv6
+                .as_ref()
+                .filter(|_| !loopback_at.iter().any(IpAddr::is_ipv6))
+            {
                 let lo = IpAddr::V6(std::net::Ipv6Addr::LOCALHOST);
                 policy.maps.push((IpAddr::V6(v6.gateway), lo));
                 policy.maps.push((IpAddr::V6(v6.router_ll), lo));
@@ -470,7 +805,7 @@ impl Args {
             policy.maps.insert(0, (addr, to));
         }
         if let Some(addr) = self.dns_forward {
-            let Some(resolver) = host.resolvers.first().copied() else {
+            let Some(resolver) = self.dns_host.first().or(host.resolvers.first()).copied() else {
                 bail!(
                     "--dns-forward {addr}: no nameserver in {}",
                     self.resolv_conf.display()
@@ -493,7 +828,13 @@ impl Args {
                 }
             }
         }
-        if self.no_dns {
+        // pasta does not advertise resolvers unless --dhcp-dns: its namespaces read the
+        // host's resolv.conf. The native face advertises them unless --no-dhcp-dns.
+        let advertise = match self.face {
+            super::Face::Pasta => self.dhcp_dns,
+            super::Face::Native => !self.no_dhcp_dns,
+        };
+        if self.no_dns || !advertise {
             if let Some(p) = &mut network.ipv4 {
                 p.dns.clear();
             }
@@ -510,8 +851,20 @@ impl Args {
     }
 
     fn io_options(&self) -> Result<crate::io::Options> {
+        let mut iface = self.outbound_if.clone();
+        for name in [&self.outbound_if4, &self.outbound_if6]
+            .into_iter()
+            .flatten()
+        {
+            match &iface {
+                Some(have) if have != name => bail!(
+                    "--outbound-if4/--outbound-if6 {name}: forwarder binds both families to one interface ({have})"
+                ),
+                _ => iface = Some(name.clone()),
+            }
+        }
         let mut outbound = crate::io::Outbound {
-            iface: self.outbound_if.clone(),
+            iface,
             ..crate::io::Outbound::default()
         };
         for addr in &self.outbound {
@@ -521,7 +874,7 @@ impl Args {
                 _ => bail!("--outbound given more than once for one address family"),
             }
         }
-        if let Some(name) = &self.outbound_if
+        if let Some(name) = &outbound.iface
             && (name.is_empty() || name.len() >= 16)
         {
             bail!("--outbound-if {name:?}: interface names are 1-15 bytes");
@@ -580,6 +933,30 @@ mod tests {
             }
         );
         assert!(cfg.config_net);
+    }
+
+    #[test]
+    fn a_command_without_double_dash_and_a_pid_operand() {
+        let args = parse(&["sh", "-c", "true"]).unwrap();
+        assert_eq!(args.command, vec!["sh", "-c", "true"]);
+        assert!(!args.runs_in_background());
+        let cfg = parse(&["--config-net", "1"])
+            .unwrap()
+            .into_config(&HostInfo::default())
+            .unwrap();
+        assert!(
+            matches!(cfg.target, Target::Attach { ref netns, .. } if netns == std::path::Path::new("/proc/1/ns/net"))
+        );
+    }
+
+    #[test]
+    fn options_not_served_are_refused_by_name() {
+        let err = parse(&["--pcap", "/tmp/x", "--", "true"])
+            .unwrap()
+            .into_config(&HostInfo::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--pcap"), "{err}");
     }
 
     #[test]

@@ -252,8 +252,10 @@ impl Engine {
                 return;
             }
         };
-        if self.net.is_own(target.0) {
-            // The guest's own or forwarder's address, unmapped: nothing listens there.
+        if self.net.is_router_ll(target.0) {
+            // forwarder's own link-local address, unmapped: nothing listens there. An
+            // unmapped gateway (`--no-map-gw`) is an ordinary destination, as in pasta: the
+            // host's real gateway when the plan mirrors it.
             self.stats.tcp_denied += 1;
             refuse(self);
             return;
@@ -310,7 +312,7 @@ impl Engine {
             Some(flow) => flow,
             None => {
                 let target = match self.policy.route(Protocol::Udp, dst, dport) {
-                    Ok(t) if !self.net.is_own(t.0) => t,
+                    Ok(t) if !self.net.is_router_ll(t.0) => t,
                     Ok(_) => {
                         self.stats.udp_denied += 1;
                         self.send_unreachable(&key, last_len, Unreachable::Port);

@@ -83,6 +83,13 @@ impl Ipv6Plan {
 }
 
 impl Network {
+    /// Whether `addr` is forwarder's IPv6 router link-local address, which exists only on
+    /// the tap (the gateways may be real hosts: see `is_own`).
+    #[must_use]
+    pub fn is_router_ll(&self, addr: IpAddr) -> bool {
+        matches!(addr, IpAddr::V6(a) if self.ipv6.as_ref().is_some_and(|p| a == p.router_ll))
+    }
+
     /// Whether `addr` is one of forwarder's own addresses on the tap: the IPv4 gateway, the
     /// IPv6 gateway or the router link-local address. NDP defends these, and echo requests
     /// to them are answered locally instead of being forwarded.

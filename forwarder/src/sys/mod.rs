@@ -121,6 +121,28 @@ pub fn fork_single_threaded() -> io::Result<ForkResult> {
     unsafe { nix::unistd::fork() }.map_err(io::Error::from)
 }
 
+/// Points standard input, output and error at `/dev/null` (a daemon releasing the
+/// streams its supervisor waits on).
+///
+/// # Errors
+///
+/// Opening `/dev/null` or `dup2` failing.
+pub fn stdio_to_null() -> io::Result<()> {
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
+    for fd in 0..=2 {
+        // SAFETY: dup2 onto a standard descriptor number: it closes what that number held
+        // (a standard stream, which nothing in the process owns as an `OwnedFd`) and makes
+        // it a copy of `null`, which stays open for the call.
+        if unsafe { libc::dup2(null.as_raw_fd(), fd) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// Takes ownership of a descriptor received in an `SCM_RIGHTS` control message.
 #[must_use]
 pub fn adopt_received_fd(fd: RawFd) -> OwnedFd {

@@ -116,7 +116,9 @@ impl Background {
             nix::unistd::ForkResult::Parent { child } => {
                 drop(write);
                 let mut word = Vec::new();
-                let _ = std::fs::File::from(read).read_to_end(&mut word);
+                // Up to the word, not to EOF: helpers forked later (the namespace agent)
+                // hold copies of the pipe for as long as they live.
+                let _ = std::fs::File::from(read).take(5).read_to_end(&mut word);
                 if word == b"ready" {
                     std::process::exit(0);
                 }

@@ -250,6 +250,21 @@ fn enter(path: &Path, kind: CloneFlags) -> Result<()> {
     };
     let fd = open(path, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
         .with_context(|| format!("open {what} namespace {}", path.display()))?;
+    // setns(2) refuses (EINVAL) to join the user namespace the process is already in, which
+    // is what `--userns /proc/PID/ns/user` names when the caller and PID share it.
+    if kind == CloneFlags::CLONE_NEWUSER {
+        let ident = |p: &Path| {
+            std::fs::metadata(p).ok().map(|m| {
+                (
+                    std::os::unix::fs::MetadataExt::dev(&m),
+                    std::os::unix::fs::MetadataExt::ino(&m),
+                )
+            })
+        };
+        if ident(path).is_some() && ident(path) == ident(Path::new("/proc/self/ns/user")) {
+            return Ok(());
+        }
+    }
     setns(&fd, kind).with_context(|| format!("join {what} namespace {}", path.display()))
 }
 
@@ -467,6 +482,10 @@ impl Agent {
                     .and_then(|()| enter(netns, CloneFlags::CLONE_NEWNET));
                 match joined {
                     Ok(()) => {
+                        // The agent answers over its socket only. It must not hold the
+                        // standard streams: a supervisor waiting for EOF on them (pasta's
+                        // background contract) would wait for the agent too.
+                        let _ = sys::stdio_to_null();
                         let _ = nix::unistd::write(&theirs, b"R");
                         agent_main(&theirs);
                         sys::exit_now(0)

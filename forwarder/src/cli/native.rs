@@ -265,9 +265,9 @@ pub struct Args {
     #[arg(long, conflicts_with = "userns")]
     pub netns_only: bool,
 
-    /// Connections to a host loopback address forwarded with -t reach the same loopback
-    /// address in the namespace, not the namespace's address over the tap.
-    #[arg(long, conflicts_with = "no_splice")]
+    /// pasta's: host loopback clients of -t reach the namespace's loopback. Not served yet:
+    /// refused with the reason.
+    #[arg(long, conflicts_with = "no_splice", hide = true)]
     pub host_lo_to_ns_lo: bool,
 
     /// Accepted for pasta: forwarder has no loopback bypass for -t/-u unless
@@ -487,6 +487,11 @@ impl Args {
     pub fn into_config(self, host: &HostInfo) -> Result<Config> {
         if let Some(why) = self.unsupported.refusal(self.face) {
             bail!("{why}");
+        }
+        if self.host_lo_to_ns_lo {
+            bail!(
+                "--host-lo-to-ns-lo: not supported yet (host loopback clients of -t reach the namespace's address over the tap)"
+            );
         }
         // pasta's `PID` operand: one number, no --netns.
         let pid = match self.command.as_slice() {

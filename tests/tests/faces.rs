@@ -1,0 +1,308 @@
+//! The pasta face, driven as podman 5 and rootlesskit 2 drive pasta (`../shared/COMPAT.md`).
+//!
+//! The binary under test is a link named `pasta` to forwarder. Set `FACES_PASTA` to another
+//! pasta (the upstream build in `../shared/peers/`, through a link named `pasta`) to run the
+//! same tests against it as the control; `docs/faces.md` lists where they differ.
+//!
+//! Every test adds `--runas 0:0` (upstream pasta run as root otherwise drops to nobody; for
+//! forwarder it names the user it already is) and `--dns-host` in the test world (so that
+//! no query goes to this machine's own resolver).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use forwarder_tests::{World, forwarder_bin, privileged, read, scripts, text};
+
+/// The `pasta` under test.
+fn pasta(w: &World) -> PathBuf {
+    if let Some(p) = std::env::var_os("FACES_PASTA") {
+        return PathBuf::from(p);
+    }
+    let link = w.dir.join("pasta");
+    if !link.exists() {
+        std::os::unix::fs::symlink(forwarder_bin(), &link).expect("link pasta");
+    }
+    link
+}
+
+/// Kills the daemon named by a PID file when the test ends, passed or not.
+struct Daemon(PathBuf);
+
+impl Daemon {
+    fn pid(&self) -> Option<u32> {
+        std::fs::read_to_string(&self.0).ok()?.trim().parse().ok()
+    }
+
+    fn alive(&self) -> bool {
+        self.pid()
+            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists() && !zombie(pid))
+    }
+}
+
+fn zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(true)
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+    }
+}
+
+/// Starts a DNS server for `test.example` on the remote's 203.0.113.1.
+fn dns_server(w: &mut World) {
+    let remote = w.remote.clone();
+    w.serve(
+        &remote,
+        "exec dnsmasq --no-daemon --no-resolv --no-hosts --user=root --port=53 \
+         --listen-address=203.0.113.1 --bind-interfaces --address=/test.example/203.0.113.7",
+    );
+    w.wait_listening(&remote, 53, true);
+}
+
+/// Runs the pasta under test in the host namespace the way a supervisor does
+/// (`out=$(pasta …)`): returns once the foreground exits *and* both of its output pipes
+/// reached EOF, with how long that took.
+fn start(w: &World, args: &[&str]) -> (std::process::Output, Duration) {
+    let started = Instant::now();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &w.host])
+        .arg(pasta(w))
+        .args(["--runas", "0:0"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run pasta");
+    (out, started.elapsed())
+}
+
+#[test]
+fn podman_5_argv_backgrounds_serves_and_ends_with_the_namespace() {
+    if !privileged() {
+        return;
+    }
+    let mut w = World::new();
+    let guest = w.add_guest();
+    dns_server(&mut w);
+    let pid_file = w.dir.join("pasta.pid");
+    let daemon = Daemon(pid_file.clone());
+    let log = w.dir.join("pasta.log");
+    let netns = format!("/run/netns/{guest}");
+    let (out, took) = start(
+        &w,
+        &[
+            "--config-net",
+            "-t",
+            "8080",
+            "-u",
+            "none",
+            "-T",
+            "none",
+            "-U",
+            "none",
+            "--dns-forward",
+            "169.254.1.1",
+            "--no-map-gw",
+            "--quiet",
+            "--netns",
+            &netns,
+            "--map-guest-addr",
+            "169.254.1.2",
+            "--dns-host",
+            "203.0.113.1",
+            "--pid",
+            pid_file.to_str().unwrap(),
+            "-l",
+            log.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    println!("foreground returned with its pipes closed after {took:?}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert!(
+        daemon.alive(),
+        "no daemon behind {}: {}",
+        pid_file.display(),
+        read(&log)
+    );
+    // The namespace has the host's address and default routes.
+    let addrs = w.run_ok(&guest, "ip -o addr show; ip route; ip -6 route", &log);
+    assert!(addrs.contains("198.51.100.2/24"), "{addrs}");
+    assert!(addrs.contains("default via 198.51.100.1"), "{addrs}");
+    // The published port reaches a server inside from the remote.
+    w.tcp_echo(&guest, 8080);
+    w.assert_echoes(
+        &w.remote.clone(),
+        "published",
+        "TCP:198.51.100.2:8080",
+        &log,
+    );
+    // DNS to the --dns-forward address is answered by the host's resolver.
+    let answer = w.run_ok(
+        &guest,
+        &format!(
+            "python3 {} 169.254.1.1 test.example udp",
+            scripts().join("dns_query.py").display()
+        ),
+        &log,
+    );
+    assert_eq!(answer.trim(), "203.0.113.7");
+    // --map-guest-addr reaches the host's own address.
+    let host = w.host.clone();
+    w.tcp_echo(&host, 7005);
+    w.assert_echoes(&guest, "to-host", "TCP:169.254.1.2:7005", &log);
+    // --no-map-gw: the gateway address is the real gateway (a server on the remote's .1).
+    let remote = w.remote.clone();
+    w.tcp_echo(&remote, 7006);
+    w.assert_echoes(&guest, "to-gateway", "TCP:198.51.100.1:7006", &log);
+    // Deleting the namespace ends the daemon within a second.
+    let deleted = Instant::now();
+    assert!(
+        Command::new("ip")
+            .args(["netns", "del", &guest])
+            .status()
+            .unwrap()
+            .success()
+    );
+    while daemon.alive() {
+        assert!(
+            deleted.elapsed() < Duration::from_secs(1),
+            "still running 1 s after the namespace was deleted: {}",
+            read(&log)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "daemon exited {:?} after the namespace went",
+        deleted.elapsed()
+    );
+    w.guest = None;
+}
+
+#[test]
+fn rootlesskit_argv_with_a_pid_and_with_namespace_paths() {
+    if !privileged() {
+        return;
+    }
+    for form in ["pid", "paths"] {
+        let mut w = World::new();
+        let guest = w.add_guest();
+        // A process of the test's own guest namespace, as rootlesskit's child is.
+        w.serve(&guest, "exec sleep 600");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let child = loop {
+            let pids = text(
+                &Command::new("ip")
+                    .args(["netns", "pids", &guest])
+                    .output()
+                    .unwrap()
+                    .stdout,
+            );
+            if let Some(pid) = pids.lines().next() {
+                break pid.trim().to_string();
+            }
+            assert!(Instant::now() < deadline, "no process in {guest}");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let theirs = std::fs::read_link(format!("/proc/{child}/ns/net")).unwrap();
+        let ours = std::fs::metadata(format!("/run/netns/{guest}")).unwrap();
+        assert_eq!(
+            theirs.to_string_lossy(),
+            format!("net:[{}]", std::os::unix::fs::MetadataExt::ino(&ours)),
+            "PID {child} is not in the test's namespace"
+        );
+        let pid_file = w.dir.join("pasta.pid");
+        let daemon = Daemon(pid_file.clone());
+        let log = w.dir.join("pasta.log");
+        let mut args = vec![
+            "--stderr".to_string(),
+            "--ns-ifname=tap0".into(),
+            "--mtu=65520".into(),
+            "--config-net".into(),
+            "--address=10.0.2.100".into(),
+            "--netmask=24".into(),
+            "--gateway=10.0.2.2".into(),
+            "--dns-forward=10.0.2.3".into(),
+            "--tcp-ports=none".into(),
+            "--udp-ports=none".into(),
+            "--pid".into(),
+            pid_file.display().to_string(),
+            "-l".into(),
+            log.display().to_string(),
+        ];
+        if form == "pid" {
+            args.push(child.clone());
+        } else {
+            args.push(format!("--userns=/proc/{child}/ns/user"));
+            args.push(format!("--netns=/proc/{child}/ns/net"));
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (out, took) = start(&w, &refs);
+        assert!(
+            out.status.success(),
+            "{form}: exit {:?}: {}{}",
+            out.status,
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        println!("{form}: foreground returned after {took:?}");
+        assert!(daemon.alive(), "{form}: no daemon: {}", read(&log));
+        let addrs = w.run_ok(&guest, "ip -o addr show tap0; ip route", &log);
+        assert!(addrs.contains("10.0.2.100/24"), "{form}: {addrs}");
+        assert!(addrs.contains("default via 10.0.2.2"), "{form}: {addrs}");
+        let remote = w.remote.clone();
+        w.tcp_echo(&remote, 7007);
+        w.assert_echoes(&guest, "kit", "TCP:198.51.100.1:7007", &log);
+        // The PID's process exits: the daemon follows.
+        w.kill_guest_processes();
+        let killed = Instant::now();
+        while daemon.alive() {
+            assert!(
+                killed.elapsed() < Duration::from_secs(2),
+                "{form}: still running after its PID exited: {}",
+                read(&log)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        println!("{form}: daemon exited {:?} after the PID", killed.elapsed());
+    }
+}
+
+#[test]
+fn a_failing_start_returns_non_zero_with_the_reason() {
+    if !privileged() {
+        return;
+    }
+    let w = World::new();
+    let (out, _) = start(&w, &["--netns", "/run/netns/fwt-no-such-namespace"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("fwt-no-such-namespace"),
+        "{}",
+        text(&out.stderr)
+    );
+    let (out, _) = start(&w, &["--version"]);
+    assert!(out.status.success());
+    assert!(
+        text(&out.stdout).starts_with("pasta "),
+        "{}",
+        text(&out.stdout)
+    );
+}

@@ -65,10 +65,6 @@ pub struct Process {
     pub background: bool,
     /// Exit 0 when the attached namespace is gone.
     pub netns_quit: bool,
-    /// pasta's `-c`: serve the pesto protocol on this socket.
-    pub conf_path: Option<PathBuf>,
-    /// Whether the pesto tables offer `auto` (SCAN) rules: the pasta face.
-    pub pesto_scan: bool,
     /// `--stats DELAY`: log the counters this often.
     pub stats_every: Option<Duration>,
 }

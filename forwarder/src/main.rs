@@ -573,12 +573,18 @@ fn init_logging(args: &Args) -> Result<()> {
         Some(path) => {
             let file = std::fs::OpenOptions::new()
                 .create(true)
-                .append(true)
+                .read(true)
+                .write(true)
+                .truncate(true)
                 .open(path)
                 .with_context(|| format!("open log file {}", path.display()))?;
             builder
                 .with_ansi(false)
-                .with_writer(std::sync::Mutex::new(file))
+                .with_writer(std::sync::Mutex::new(CappedLog {
+                    file,
+                    written: 0,
+                    limit: args.log_size,
+                }))
                 .init();
         }
         None => {
@@ -590,4 +596,80 @@ fn init_logging(args: &Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The `-l` log file, kept under `--log-size` bytes: a write that would pass the limit first
+/// drops the oldest half of the file (whole lines), as pasta makes room by removing old
+/// entries at the beginning.
+struct CappedLog {
+    file: std::fs::File,
+    written: u64,
+    limit: u64,
+}
+
+impl CappedLog {
+    fn shrink(&mut self) -> std::io::Result<()> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut text = Vec::new();
+        self.file.seek(SeekFrom::Start(0))?;
+        self.file.read_to_end(&mut text)?;
+        let half = usize::try_from(self.limit / 2).unwrap_or(usize::MAX);
+        let from = text.len().saturating_sub(half);
+        let start = text
+            .get(from..)
+            .and_then(|t| t.iter().position(|b| *b == b'\n'))
+            .map_or(text.len(), |p| from + p + 1);
+        let tail = text.get(start..).unwrap_or_default();
+        self.file.set_len(0)?;
+        self.file.seek(SeekFrom::Start(0))?;
+        self.file.write_all(tail)?;
+        self.written = tail.len() as u64;
+        Ok(())
+    }
+}
+
+impl Write for CappedLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.written + buf.len() as u64 > self.limit {
+            self.shrink()?;
+        }
+        let n = self.file.write(buf)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_log_file_stays_under_its_limit_and_keeps_the_newest_lines() {
+        let path = std::env::temp_dir().join(format!("fw-capped-{}.log", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .read(true)
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let mut log = CappedLog {
+            file,
+            written: 0,
+            limit: 4096,
+        };
+        for i in 0..1000 {
+            writeln!(log, "line {i:04} of the log").unwrap();
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert!(text.len() <= 4096, "{} bytes", text.len());
+        assert!(text.ends_with("line 0999 of the log\n"));
+        assert!(text.starts_with("line "), "cut mid-line: {:?}", &text[..20]);
+        assert!(!text.contains("line 0000 "));
+    }
 }

@@ -8,6 +8,12 @@
 //! forwarder it names the user it already is) and `--dns-host` in the test world (so that
 //! no query goes to this machine's own resolver).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test helpers: a panic is a test failure"
+)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

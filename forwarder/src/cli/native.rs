@@ -251,11 +251,6 @@ pub struct Args {
     #[arg(short = 'e', long = "stderr")]
     pub stderr: bool,
 
-    /// Serve pasta's runtime forwarding protocol (pesto(1), protocol v2) on this UNIX
-    /// socket: list, add, delete and replace -t/-u/-T/-U forwards while running.
-    #[arg(short = 'c', long = "conf-path", value_name = "PATH")]
-    pub conf_path: Option<PathBuf>,
-
     /// Keep running when the namespace served is gone (its bind mount or file removed,
     /// its process exited). Default: exit 0 within a quarter of a second.
     #[arg(long)]
@@ -324,7 +319,8 @@ pub struct Args {
     #[arg(long, value_name = "DELAY", value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub stats: Option<u64>,
 
-    /// Log file size limit in bytes (with -l): when full, the oldest half is dropped.
+    /// Log file size limit in bytes (with -l, which truncates the file at start): when
+    /// full, the oldest half of the entries is dropped.
     #[arg(long, value_name = "SIZE", default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(4096..))]
     pub log_size: u64,
 
@@ -390,6 +386,9 @@ pub struct Unsupported {
     /// Not served: vhost-user's capabilities.
     #[arg(long, hide = true)]
     pub print_capabilities: bool,
+    /// Not served yet: pasta's runtime forwarding protocol (pesto).
+    #[arg(short = 'c', long = "conf-path", value_name = "PATH", hide = true)]
+    pub conf_path: Option<PathBuf>,
     /// Not served yet: a pcap capture of the tap.
     #[arg(short = 'p', long = "pcap", value_name = "FILE", hide = true)]
     pub pcap: Option<PathBuf>,
@@ -443,6 +442,12 @@ impl Unsupported {
             self.fd
                 .is_some()
                 .then(|| later("--fd", "forwarder opens the tap itself")),
+            self.conf_path.is_some().then(|| {
+                later(
+                    "--conf-path",
+                    "no pesto protocol server; forwarder's JSON API is --api-socket",
+                )
+            }),
             self.pcap
                 .is_some()
                 .then(|| later("--pcap", "no capture writer")),
@@ -652,14 +657,6 @@ impl Args {
                 path.display()
             );
         }
-        if let Some(path) = &self.conf_path
-            && path.as_os_str().len() >= 108
-        {
-            bail!(
-                "--conf-path {}: a UNIX socket path must be shorter than 108 bytes",
-                path.display()
-            );
-        }
         let spawned = matches!(target, Target::Spawn { .. });
         let background = self.runs_in_background();
         if self.stats.is_some() && background {
@@ -668,8 +665,6 @@ impl Args {
         let process = crate::config::Process {
             background,
             netns_quit: !self.no_netns_quit && !spawned,
-            conf_path: self.conf_path.clone(),
-            pesto_scan: self.face == super::Face::Pasta,
             stats_every: self.stats.map(Duration::from_secs),
         };
         let services = Switches {

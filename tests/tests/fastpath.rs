@@ -194,10 +194,13 @@ fn tcp_and_udp_to_the_remote_ride_the_kernel_v4_and_v6() {
     let done = iperf.wait_with_output().unwrap();
     assert!(done.status.success(), "{}", text(&done.stderr));
     // Gigabytes crossed; userspace read a handful of frames (the first packets, ARP/NDP
-    // left to it, router solicitations).
+    // left to it, router solicitations). `bpf_fast_out` counts packets, GSO-aggregated, so
+    // the same seconds of iperf give 48 000 to over 100 000 of them depending on the load
+    // beside the test (47 816 seen with another test running): the bound is what no
+    // userspace path could be, not a rate.
     let (tap_frames, fast) = (stat(&api, "frames_in"), stat(&api, "bpf_fast_out"));
     assert!(
-        fast > 50_000 && tap_frames < 200,
+        fast > 20_000 && tap_frames < 200,
         "userspace read {tap_frames} frames, the kernel carried {fast}"
     );
 

@@ -307,11 +307,12 @@ pub struct Args {
     #[arg(long)]
     pub no_dhcp_dns: bool,
 
-    /// Drop the namespace's TCP (and refuse -t forwards).
+    /// Drop the namespace's TCP silently (counted as ignored) and refuse -t/-T forwards.
     #[arg(long)]
     pub no_tcp: bool,
 
-    /// Drop the namespace's UDP (and refuse -u forwards).
+    /// Drop the namespace's UDP silently (DHCP and DHCPv6, forwarder's own services, still
+    /// answered) and refuse -u/-U forwards.
     #[arg(long)]
     pub no_udp: bool,
 
@@ -675,6 +676,8 @@ impl Args {
             dhcpv6: !self.no_dhcpv6,
             icmp: !self.no_icmp,
             echo_local_only: false,
+            tcp: !self.no_tcp,
+            udp: !self.no_udp,
         };
         Ok(Config {
             target,

@@ -189,6 +189,8 @@ impl Engine {
         host: &mut dyn Host,
     ) {
         match l4 {
+            crate::wire::L4::Tcp(_) if !self.services.tcp => self.stats.ignored += 1,
+            crate::wire::L4::Udp { .. } if !self.services.udp => self.stats.ignored += 1,
             crate::wire::L4::Tcp(seg) => self.handle_tcp(now, src_mac, addrs, seg, host),
             crate::wire::L4::Udp { udp, payload } => {
                 self.handle_udp(now, addrs, (udp.src_port, udp.dst_port), payload, host);

@@ -63,6 +63,11 @@ pub struct Switches {
     /// Answer every echo request locally instead of through ping sockets (set at start-up
     /// when `net.ipv4.ping_group_range` forbids ping sockets).
     pub echo_local_only: bool,
+    /// Translate the namespace's TCP; off (pasta's `--no-tcp`), its segments are dropped
+    /// and counted as `ignored`.
+    pub tcp: bool,
+    /// Translate the namespace's UDP; off (`--no-udp`), as for `tcp`.
+    pub udp: bool,
 }
 
 impl Default for Switches {
@@ -75,6 +80,8 @@ impl Default for Switches {
             dhcpv6: true,
             icmp: true,
             echo_local_only: false,
+            tcp: true,
+            udp: true,
         }
     }
 }

@@ -421,6 +421,8 @@ fn disabled_services_stay_silent() {
         dhcpv6: false,
         icmp: false,
         echo_local_only: false,
+        tcp: false,
+        udp: false,
     };
     let mut e = Engine::new(network(), off, Settings::default(), t0);
     for frame in [

@@ -240,6 +240,21 @@ fn syn_waits_for_connect_then_synack_carries_options() {
 }
 
 #[test]
+fn no_tcp_drops_the_guests_segments_silently() {
+    let mut t = T::new();
+    let off = Switches {
+        ra: false,
+        tcp: false,
+        ..Switches::default()
+    };
+    t.e = Engine::new(network(), off, Settings::default(), t.now);
+    t.send(&[t.frame(TcpControl::Syn, GUEST_ISN, None, &[])]);
+    assert!(t.host.tcp.is_empty(), "no socket opened");
+    assert!(t.out().is_empty(), "no RST, no SYN-ACK");
+    assert_eq!(t.e.stats().ignored, 1);
+}
+
+#[test]
 fn refused_connect_gets_rst_and_flow_goes() {
     let mut t = T::new();
     t.send(&[t.frame(TcpControl::Syn, GUEST_ISN, None, &[])]);

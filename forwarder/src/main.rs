@@ -39,6 +39,13 @@ fn main() -> ExitCode {
     if face == Face::Pasta {
         return face_main(program, cli::parse(face, argv));
     }
+    if std::env::args_os().nth(1).is_some_and(|a| a == "man") {
+        // `forwarder man | man -l -`: the manual, generated from this command line.
+        return match cli::man_page() {
+            Ok(page) if std::io::stdout().write_all(&page).is_ok() => ExitCode::SUCCESS,
+            _ => ExitCode::from(1),
+        };
+    }
     if std::env::args_os().nth(1).is_some_and(|a| a == "ctl") {
         return forwarder::ctl::main(std::env::args_os().skip(1));
     }

@@ -72,6 +72,48 @@ impl Face {
     }
 }
 
+/// The `forwarder(1)` man page, generated from the native command line (every option's
+/// help as `--help` shows it) with a FACES section: what `forwarder man` prints.
+///
+/// # Errors
+///
+/// Rendering failing (an I/O error of the in-memory buffer).
+pub fn man_page() -> std::io::Result<Vec<u8>> {
+    use clap::CommandFactory;
+    let man = clap_mangen::Man::new(Args::command());
+    let mut out = Vec::new();
+    man.render_title(&mut out)?;
+    man.render_name_section(&mut out)?;
+    man.render_synopsis_section(&mut out)?;
+    man.render_description_section(&mut out)?;
+    man.render_options_section(&mut out)?;
+    out.extend_from_slice(FACES_SECTION.as_bytes());
+    man.render_version_section(&mut out)?;
+    Ok(out)
+}
+
+/// The man page's FACES section (roff).
+const FACES_SECTION: &str = r#".SH FACES
+The name forwarder is started as selects the command line it speaks.
+.TP
+\fBforwarder\fR
+The native face: pasta's option names, as a superset (this page).
+.TP
+\fBpasta\fR
+A link named pasta (as podman 5 and rootlesskit 2 start it): the same options with pasta's
+defaults (\-t, \-u, \-T, \-U default to auto; DNS servers are not advertised unless
+\-\-dhcp\-dns), pasta's \-\-version, and pasta's process contract: serving an existing
+namespace without \-f, forwarder forks into the background once the namespace is served; the
+foreground exits 0 (or 1 with the reason), the daemon keeps no standard stream, \-\-pid names
+it, and it exits when the namespace is gone unless \-\-no\-netns\-quit.
+.TP
+\fBslirp4netns\fR, \fBslirpnetstack\fR, \fBpasst\fR
+Recognised and refused with a message until their faces exist.
+.PP
+Options of pasta that forwarder cannot honour yet are refused by name with the reason, never
+ignored. docs/faces.md lists what each face serves and every known difference.
+"#;
+
 /// Parses the command line as `face` speaks it; `--help`, `--version` and usage errors
 /// end the process the way that tool does.
 #[must_use]
@@ -174,3 +216,25 @@ pub(super) fn parse_max_flows(s: &str) -> Result<usize, String> {
 
 /// The largest `--max-flows` accepted.
 pub const MAX_MAX_FLOWS: usize = 1 << 20;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_man_page_has_the_options_and_the_faces() {
+        let page = String::from_utf8(super::man_page().unwrap()).unwrap();
+        assert!(
+            page.starts_with(".ie") || page.contains(".TH forwarder"),
+            "{}",
+            &page[..200]
+        );
+        for needle in [
+            ".SH OPTIONS",
+            ".SH FACES",
+            "netns\\-only",
+            "tcp\\-ports",
+            "pasta",
+        ] {
+            assert!(page.contains(needle), "{needle} missing");
+        }
+    }
+}

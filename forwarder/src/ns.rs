@@ -242,6 +242,15 @@ pub fn ns_bind_addrs(m: &crate::forward::PortMap) -> Vec<std::net::SocketAddr> {
     }
 }
 
+/// This process's user namespace.
+const OWN_USERNS: &str = "/proc/self/ns/user";
+
+/// What names a namespace file: its device and inode (`None` if it cannot be read).
+fn identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
 fn enter(path: &Path, kind: CloneFlags) -> Result<()> {
     let what = if kind == CloneFlags::CLONE_NEWUSER {
         "user"
@@ -253,15 +262,8 @@ fn enter(path: &Path, kind: CloneFlags) -> Result<()> {
     // setns(2) refuses (EINVAL) to join the user namespace the process is already in, which
     // is what `--userns /proc/PID/ns/user` names when the caller and PID share it.
     if kind == CloneFlags::CLONE_NEWUSER {
-        let ident = |p: &Path| {
-            std::fs::metadata(p).ok().map(|m| {
-                (
-                    std::os::unix::fs::MetadataExt::dev(&m),
-                    std::os::unix::fs::MetadataExt::ino(&m),
-                )
-            })
-        };
-        if ident(path).is_some() && ident(path) == ident(Path::new("/proc/self/ns/user")) {
+        let ours = identity(Path::new(OWN_USERNS));
+        if ours.is_some() && identity(path) == ours {
             return Ok(());
         }
     }
@@ -395,12 +397,7 @@ pub fn attach_target(netns: &str, userns: Option<PathBuf>) -> Result<Target> {
         }
         let userns = userns.or_else(|| {
             let theirs = proc_dir.join("ns/user");
-            let differs = std::fs::metadata(&theirs)
-                .ok()
-                .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-                != std::fs::metadata("/proc/self/ns/user")
-                    .ok()
-                    .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+            let differs = identity(&theirs) != identity(Path::new(OWN_USERNS));
             (differs && !nix::unistd::geteuid().is_root()).then_some(theirs)
         });
         return Ok(Target::Attach {

@@ -93,6 +93,17 @@ fn start(w: &World, args: &[&str]) -> (std::process::Output, Duration) {
     (out, started.elapsed())
 }
 
+/// Asserts that the foreground of `what` exited 0, showing what it printed if not.
+fn assert_started(out: &std::process::Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what}: exit {:?}: {}{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
 #[test]
 fn podman_5_argv_backgrounds_serves_and_ends_with_the_namespace() {
     if !privileged() {
@@ -133,13 +144,7 @@ fn podman_5_argv_backgrounds_serves_and_ends_with_the_namespace() {
             log.to_str().unwrap(),
         ],
     );
-    assert!(
-        out.status.success(),
-        "exit {:?}: {}{}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    assert_started(&out, "podman");
     println!("foreground returned with its pipes closed after {took:?}");
     assert!(took < Duration::from_secs(1), "took {took:?}");
     assert!(
@@ -261,13 +266,7 @@ fn rootlesskit_argv_with_a_pid_and_with_namespace_paths() {
         }
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let (out, took) = start(&w, &refs);
-        assert!(
-            out.status.success(),
-            "{form}: exit {:?}: {}{}",
-            out.status,
-            text(&out.stdout),
-            text(&out.stderr)
-        );
+        assert_started(&out, form);
         println!("{form}: foreground returned after {took:?}");
         assert!(daemon.alive(), "{form}: no daemon: {}", read(&log));
         let addrs = w.run_ok(&guest, "ip -o addr show tap0; ip route", &log);

@@ -288,8 +288,8 @@ pub struct Args {
     #[arg(long, value_name = "NAME")]
     pub outbound_if6: Option<String>,
 
-    /// The host resolver --dns-forward relays to (once per family). Default: the first
-    /// nameserver of the host's resolv.conf.
+    /// The host resolver --dns-forward relays to (forwarder relays to one: the first given
+    /// is used). Default: the first nameserver of the host's resolv.conf.
     #[arg(long, value_name = "ADDR")]
     pub dns_host: Vec<IpAddr>,
 
@@ -499,15 +499,8 @@ impl Args {
                 "--host-lo-to-ns-lo: not supported yet (host loopback clients of -t reach the namespace's address over the tap)"
             );
         }
-        // pasta's `PID` operand: one number, no --netns.
-        let pid = match self.command.as_slice() {
-            [one] if self.netns.is_none() => one
-                .to_str()
-                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                .map(str::to_owned),
-            _ => None,
-        };
-        let netns = self.netns.clone().or(pid.clone());
+        let pid = self.pid_operand();
+        let netns = self.netns.clone().or(pid.map(str::to_owned));
         let command_given = !self.command.is_empty() && pid.is_none();
         let target = match (&netns, command_given) {
             (Some(_), true) => {
@@ -580,17 +573,19 @@ impl Args {
             let mut lists = Vec::new();
             // pasta's default for each of -t/-u/-T/-U is auto; the native face's is none.
             let pasta_default = [Spec::Auto(crate::forward::Auto::default())];
-            let specs = if specs.is_empty() && self.face == super::Face::Pasta {
+            let defaulted = specs.is_empty() && self.face == super::Face::Pasta;
+            let specs = if defaulted {
                 &pasta_default[..]
             } else {
                 &specs[..]
             };
             let disabled = (kind.is_udp() && self.no_udp) || (!kind.is_udp() && self.no_tcp);
+            if disabled && defaulted {
+                // A protocol turned off has no default forwards.
+                fixed.push(Vec::new());
+                continue;
+            }
             if disabled && specs.iter().any(|s| *s != Spec::Ports(Vec::new())) {
-                if self.face == super::Face::Pasta && specs == pasta_default {
-                    fixed.push(Vec::new());
-                    continue;
-                }
                 bail!(
                     "{}: forwards of a protocol turned off by --no-tcp/--no-udp",
                     kind.option()
@@ -707,10 +702,18 @@ impl Args {
     /// alone so that the fork can happen first, while the process has one thread.
     #[must_use]
     pub fn runs_in_background(&self) -> bool {
-        let pid_operand = matches!(self.command.as_slice(), [one]
-            if one.to_str().is_some_and(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())));
-        let attach = self.netns.is_some() || pid_operand;
+        let attach = self.netns.is_some() || self.pid_operand().is_some();
         self.face == super::Face::Pasta && !self.foreground && attach
+    }
+
+    /// pasta's `PID` operand: the only operand, all digits, and no `--netns`.
+    fn pid_operand(&self) -> Option<&str> {
+        match self.command.as_slice() {
+            [one] if self.netns.is_none() => one
+                .to_str()
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())),
+            _ => None,
+        }
     }
 
     /// The policy and mappings; adjusts the advertised DNS for --dns-forward / --no-dns.

@@ -43,7 +43,10 @@
 //! Work needed inside the namespace after start-up — binding `-T`/`-U` ports added through
 //! the API, listing its sockets for `auto` — is done by [`Agent`], a second child forked
 //! while the process still has one thread, which joins the namespace and serves requests on
-//! its own socketpair for the whole run (see its documentation for the messages).
+//! its own socketpair for the whole run (see its documentation for the messages). It
+//! reports everything over that socket and points its standard streams at `/dev/null`, so
+//! that a supervisor waiting for EOF on them (pasta's background contract) does not wait
+//! for the agent.
 
 use std::ffi::CString;
 use std::io::IoSlice;

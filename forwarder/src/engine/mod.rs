@@ -49,7 +49,10 @@
 //! opens a ping socket ([`Host::echo_open`]; a failure removes the flow, `host_errors`) and
 //! sends on it ([`Host::echo_send`]);
 //! IPv4/IPv6 fragments → `engine::reassembly`, then dispatched whole; other TCP and UDP →
-//! the flow table, `policy` for new flows, and `flow::tcp` / `flow::udp`.
+//! the flow table, `policy` for new flows, and `flow::tcp` / `flow::udp` (a protocol switched
+//! off, `--no-tcp`/`--no-udp`, is dropped as `ignored`). A new flow to forwarder's router
+//! link-local address is refused; an unmapped gateway is an ordinary destination (pasta's
+//! `--no-map-gw`: the host's real gateway).
 //!
 //! With `--ebpf`, the first packet of a new flow whose policy target is its destination
 //! unmapped (a TCP SYN, a UDP datagram that was not reassembled) is first offered to the

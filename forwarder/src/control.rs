@@ -298,6 +298,7 @@ impl Control {
                 continue;
             };
             let want: BTreeSet<u16> = bound.into_iter().filter(|p| state.spec.wants(*p)).collect();
+            let bind = state.spec.bind;
             let gone: Vec<(u16, u32)> = state
                 .ports
                 .iter()
@@ -322,7 +323,7 @@ impl Control {
             }
             for port in new {
                 let map = PortMap {
-                    bind: None,
+                    bind,
                     listen: port,
                     to: port,
                 };

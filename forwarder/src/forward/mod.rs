@@ -51,6 +51,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::flow::Protocol;
 
+pub mod pesto;
+pub mod rule;
+
 /// A `--remote-forward`: the namespace's flows to `guest`:`port` go to `host`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RemoteForward {
@@ -234,6 +237,8 @@ pub struct Auto {
     pub include: Vec<(u16, u16)>,
     /// Never these.
     pub exclude: Vec<(u16, u16)>,
+    /// Listen on this address only (`ADDR/auto`); `None`: every address.
+    pub bind: Option<IpAddr>,
 }
 
 impl Auto {

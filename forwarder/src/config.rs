@@ -55,6 +55,20 @@ pub struct Config {
     pub ebpf_max_flows: usize,
     /// How the process runs: background, when it ends, its runtime sockets.
     pub process: Process,
+    /// pasta's rule tables, served to pesto on `-c/--conf-path`; with them, the forwards
+    /// above are empty and the rules are what is forwarded.
+    pub rules: Option<Rules>,
+}
+
+/// pasta's forwarding rules and the socket pesto changes them on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rules {
+    /// The control socket's path.
+    pub path: PathBuf,
+    /// What the server can do (reported to pesto; checks every rule).
+    pub caps: forward::rule::Caps,
+    /// The tables from the command line, in order.
+    pub tables: forward::rule::Tables,
 }
 
 /// The process contract of the face that started forwarder.

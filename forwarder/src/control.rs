@@ -46,7 +46,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde_json::{Value, json};
 use tracing::{debug, info, warn};
 
-use crate::forward::{self, Auto, Kind, MAX_FORWARDS, PortMap};
+use crate::forward::rule::{Caps, Pif, Realize, Rule};
+use crate::forward::{self, Auto, Kind, MAX_FORWARDS, PortMap, pesto};
 use crate::{io, ns};
 
 /// Largest request accepted (slirp4netns' limit).
@@ -61,6 +62,8 @@ pub enum Origin {
     Api,
     /// `auto` found the port bound.
     Auto,
+    /// A pasta rule (`-c/--conf-path`: pesto changes it).
+    Rule,
 }
 
 impl Origin {
@@ -69,6 +72,7 @@ impl Origin {
             Self::Cli => "cli",
             Self::Api => "api",
             Self::Auto => "auto",
+            Self::Rule => "rule",
         }
     }
 }
@@ -94,6 +98,27 @@ struct AutoState {
     ports: BTreeMap<u16, u32>,
     /// Ports that could not be bound (logged once).
     failed: BTreeSet<u16>,
+    /// The pasta rule it serves (`None`: the command line's `auto`).
+    rule: Option<u32>,
+}
+
+/// What serves one pasta rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Served {
+    /// A forward of the table.
+    Entry(u32),
+    /// An `auto` state, by its rule tag.
+    Scan(u32),
+    /// Nothing: a best-effort rule none of whose ports could be bound.
+    Nothing,
+}
+
+/// pasta's rule tables, when `-c/--conf-path` serves them: each rule with what serves it.
+#[derive(Debug)]
+struct RuleTables {
+    caps: Caps,
+    tables: Vec<(Pif, Vec<(Rule, Served)>)>,
+    next_tag: u32,
 }
 
 /// The forward table and what changes it.
@@ -105,6 +130,7 @@ pub struct Control {
     auto: Vec<AutoState>,
     guest: Vec<IpAddr>,
     kernel: Option<crate::ebpf::Kernel>,
+    rules: Option<RuleTables>,
 }
 
 /// The data plane, as the control plane sees it (a trait so the table is testable without
@@ -154,10 +180,12 @@ impl Control {
                     spec,
                     ports: BTreeMap::new(),
                     failed: BTreeSet::new(),
+                    rule: None,
                 })
                 .collect(),
             guest,
             kernel: None,
+            rules: None,
         }
     }
 
@@ -273,6 +301,9 @@ impl Control {
             None => bail!("no forward has id {id}"),
             Some(e) if e.origin == Origin::Auto => {
                 bail!("forward {id} follows auto: it goes when its port closes")
+            }
+            Some(e) if e.origin == Origin::Rule => {
+                bail!("forward {id} serves a pasta rule: change it with pesto")
             }
             Some(_) => {}
         }
@@ -391,6 +422,228 @@ impl Control {
             .collect())
     }
 
+    /// Serves pasta's rule tables (`-c/--conf-path`), empty until [`Self::apply_rules`],
+    /// with the capabilities reported to pesto.
+    pub fn serve_rules(&mut self, caps: Caps) {
+        self.rules = Some(RuleTables {
+            caps,
+            tables: Pif::ALL.iter().map(|p| (*p, Vec::new())).collect(),
+            next_tag: 1,
+        });
+    }
+
+    /// The capabilities and tables an update is read against (`None`: no rules served).
+    #[must_use]
+    pub fn rule_reader(&self) -> Option<pesto::Update> {
+        let r = self.rules.as_ref()?;
+        let served: Vec<Pif> = r.tables.iter().map(|(p, _)| *p).collect();
+        Some(pesto::Update::new(r.caps, &served))
+    }
+
+    /// What a pesto client reads on connecting: the greeting and the tables.
+    #[must_use]
+    pub fn rule_dump(&self) -> Vec<u8> {
+        let mut out = pesto::hello();
+        if let Some(r) = &self.rules {
+            let tables: Vec<(Pif, Vec<Rule>)> = r
+                .tables
+                .iter()
+                .map(|(p, rules)| (*p, rules.iter().map(|(rule, _)| *rule).collect()))
+                .collect();
+            let refs: Vec<(Pif, &[Rule])> = tables
+                .iter()
+                .map(|(p, rules)| (*p, rules.as_slice()))
+                .collect();
+            out.extend(pesto::dump(r.caps, &refs));
+        }
+        out
+    }
+
+    /// Replaces the rule tables with `new` (checked already: [`pesto::Update`]), all or
+    /// nothing: rules in both stay as they are (their sockets are not touched), rules gone
+    /// are closed, new rules are bound; when one of those cannot be bound, the new ones
+    /// are closed, the old ones bound again, and the error is returned with the tables as
+    /// they were.
+    ///
+    /// # Errors
+    ///
+    /// The rule that could not be served, and why.
+    pub fn apply_rules(&mut self, plane: &dyn Plane, new: &[(Pif, Vec<Rule>)]) -> Result<()> {
+        let Some(mut tables) = self.rules.take() else {
+            bail!("no rule tables are served");
+        };
+        let old: Vec<(Pif, Rule, Served)> = tables
+            .tables
+            .iter()
+            .flat_map(|(p, rules)| rules.iter().map(|(r, s)| (*p, *r, *s)))
+            .collect();
+        let is_new = |pif: Pif, rule: &Rule| {
+            new.iter()
+                .any(|(p, rules)| *p == pif && rules.contains(rule))
+        };
+        let gone: Vec<&(Pif, Rule, Served)> =
+            old.iter().filter(|(p, r, _)| !is_new(*p, r)).collect();
+        for (_, _, served) in &gone {
+            self.unserve(plane, *served);
+        }
+        let mut added: Vec<(Pif, Rule, Served)> = Vec::new();
+        let mut failure = None;
+        'all: for (pif, rules) in new {
+            for rule in rules {
+                if old.iter().any(|(p, r, _)| p == pif && r == rule) {
+                    continue;
+                }
+                match self.serve(plane, &mut tables, *pif, rule) {
+                    Ok(served) => added.push((*pif, *rule, served)),
+                    Err(err) => {
+                        failure = Some(err.context(format!("{} rule {rule}", pif.name())));
+                        break 'all;
+                    }
+                }
+            }
+        }
+        if let Some(err) = failure {
+            for (_, _, served) in added {
+                self.unserve(plane, served);
+            }
+            // The old rules' sockets were closed: bind them again. A port taken in the
+            // meantime is lost, and said.
+            let mut restored = Vec::new();
+            for (pif, rule, _) in &gone {
+                let served = self
+                    .serve(plane, &mut tables, *pif, rule)
+                    .unwrap_or_else(|e| {
+                        warn!("{} rule {rule}: cannot be restored: {e:#}", pif.name());
+                        Served::Nothing
+                    });
+                restored.push((*pif, *rule, served));
+            }
+            for (pif, rules) in &mut tables.tables {
+                for (rule, served) in rules.iter_mut() {
+                    if let Some((_, _, s)) = restored.iter().find(|(p, r, _)| p == pif && r == rule)
+                    {
+                        *served = *s;
+                    }
+                }
+            }
+            self.rules = Some(tables);
+            return Err(err);
+        }
+        tables.tables = new
+            .iter()
+            .map(|(pif, rules)| {
+                let served = rules
+                    .iter()
+                    .map(|rule| {
+                        let s = old
+                            .iter()
+                            .chain(added.iter())
+                            .find(|(p, r, _)| p == pif && r == rule)
+                            .map_or(Served::Nothing, |(_, _, s)| *s);
+                        (*rule, s)
+                    })
+                    .collect();
+                (*pif, served)
+            })
+            .collect();
+        for (pif, rules) in &tables.tables {
+            info!(
+                table = pif.name(),
+                rules = rules.len(),
+                "new forwarding rules"
+            );
+            for (rule, _) in rules {
+                info!("    {rule}");
+            }
+        }
+        self.rules = Some(tables);
+        Ok(())
+    }
+
+    /// Binds what `rule` asks for and records it.
+    fn serve(
+        &mut self,
+        plane: &dyn Plane,
+        tables: &mut RuleTables,
+        pif: Pif,
+        rule: &Rule,
+    ) -> Result<Served> {
+        match rule.realize(pif)? {
+            Realize::Scan(kind, spec) => {
+                let tag = tables.next_tag;
+                tables.next_tag = tables.next_tag.wrapping_add(1);
+                self.auto.push(AutoState {
+                    kind,
+                    spec,
+                    ports: BTreeMap::new(),
+                    failed: BTreeSet::new(),
+                    rule: Some(tag),
+                });
+                Ok(Served::Scan(tag))
+            }
+            Realize::Ports {
+                kind,
+                maps,
+                weak: false,
+            } => self.add(plane, kind, maps, Origin::Rule).map(Served::Entry),
+            Realize::Ports {
+                kind,
+                maps,
+                weak: true,
+            } => {
+                let (listeners, bound) = if kind.in_namespace() {
+                    let mut listeners = Vec::new();
+                    let mut bound = Vec::new();
+                    for m in &maps {
+                        if let Ok(mut l) = self.bind(kind, std::slice::from_ref(m)) {
+                            listeners.append(&mut l);
+                            bound.push(*m);
+                        }
+                    }
+                    (listeners, bound)
+                } else {
+                    match io::bind_best_effort(&maps, kind.is_udp()) {
+                        Ok(got) => got,
+                        Err(err) => {
+                            // pasta: a best-effort rule with no port bound is a failure
+                            // unless it scans; forwarder keeps the rule and says so.
+                            warn!("{} rule {rule}: {err:#}", pif.name());
+                            return Ok(Served::Nothing);
+                        }
+                    }
+                };
+                if bound.is_empty() {
+                    return Ok(Served::Nothing);
+                }
+                let id = self.insert(kind, bound, Origin::Rule);
+                plane.send(io::Command::AddForward(id, listeners));
+                Ok(Served::Entry(id))
+            }
+        }
+    }
+
+    /// Closes what serves a rule.
+    fn unserve(&mut self, plane: &dyn Plane, served: Served) {
+        match served {
+            Served::Entry(id) => {
+                if self.entries.remove(&id).is_some() {
+                    plane.send(io::Command::RemoveForward(id));
+                }
+            }
+            Served::Scan(tag) => {
+                let Some(i) = self.auto.iter().position(|a| a.rule == Some(tag)) else {
+                    return;
+                };
+                let state = self.auto.remove(i);
+                for id in state.ports.values() {
+                    self.entries.remove(id);
+                    plane.send(io::Command::RemoveForward(*id));
+                }
+            }
+            Served::Nothing => {}
+        }
+    }
+
     /// Serves one API request; the reply is a JSON document.
     pub fn handle(&mut self, plane: &dyn Plane, request: &[u8]) -> Value {
         match self.dispatch(plane, request) {
@@ -457,7 +710,7 @@ impl Control {
                     .filter(|id| {
                         self.entries
                             .get(id)
-                            .is_some_and(|e| e.origin != Origin::Auto)
+                            .is_some_and(|e| e.origin == Origin::Api || e.origin == Origin::Cli)
                     })
                     .ok_or("bad request: remove_hostfwd: bad arguments.id")?;
                 self.remove(plane, id)
@@ -758,5 +1011,86 @@ mod tests {
         );
         assert_eq!(c.entries().count(), 0);
         assert_eq!(p.0.borrow().len(), 2, "{:?}", p.0.borrow());
+    }
+
+    #[test]
+    fn rule_updates_are_all_or_nothing() {
+        use crate::forward::rule::{Side, parse};
+        let caps = Caps(0x1d); // IPv4, TCP, UDP, auto
+        let rule = |port: u16| {
+            parse(
+                &format!("127.0.0.1/{port}"),
+                Side {
+                    splice: false,
+                    udp: false,
+                },
+                caps,
+                (32768, 60999),
+            )
+            .unwrap()[0]
+        };
+        let free = || {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let mut c = Control::new(None, Vec::new(), Vec::new());
+        let p = NoPlane(Default::default());
+        c.serve_rules(caps);
+        let (a, b) = (free(), free());
+        c.apply_rules(&p, &[(Pif::Host, vec![rule(a)]), (Pif::Splice, vec![])])
+            .unwrap();
+        let before = c.rule_dump();
+        assert_eq!(c.entries().count(), 1);
+        // b is taken: an update replacing a with b fails, and a is served again.
+        let blocker = std::net::TcpListener::bind(("127.0.0.1", b)).unwrap();
+        let e = c
+            .apply_rules(&p, &[(Pif::Host, vec![rule(b)]), (Pif::Splice, vec![])])
+            .unwrap_err();
+        assert!(format!("{e:#}").contains(&b.to_string()), "{e:#}");
+        assert_eq!(c.rule_dump(), before, "the tables are as they were");
+        // a's forward was closed for the update, then bound and handed to the data plane
+        // again (this test's plane drops the sockets it is given).
+        let ports: Vec<u16> = c
+            .entries()
+            .flat_map(|e| e.maps.iter().map(|m| m.listen))
+            .collect();
+        assert_eq!(ports, [a]);
+        let sent = p.0.borrow().clone();
+        assert!(
+            sent.iter().any(|c| c.starts_with("RemoveForward"))
+                && sent.last().is_some_and(|c| c.starts_with("AddForward")),
+            "{sent:?}"
+        );
+        drop(blocker);
+        // Now it works; a is closed.
+        c.apply_rules(&p, &[(Pif::Host, vec![rule(b)]), (Pif::Splice, vec![])])
+            .unwrap();
+        assert_ne!(c.rule_dump(), before);
+        let ports: Vec<u16> = c
+            .entries()
+            .flat_map(|e| e.maps.iter().map(|m| m.listen))
+            .collect();
+        assert_eq!(ports, [b]);
+        // A rule forwarder cannot serve yet is refused by name, nothing changes.
+        let now = c.rule_dump();
+        let mut targeted = rule(a);
+        targeted.0[16..32].copy_from_slice(
+            &std::net::Ipv4Addr::new(192, 0, 2, 5)
+                .to_ipv6_mapped()
+                .octets(),
+        );
+        let e = c
+            .apply_rules(&p, &[(Pif::Host, vec![targeted]), (Pif::Splice, vec![])])
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("target address"), "{e:#}");
+        assert_eq!(c.rule_dump(), now);
+        // An entry serving a rule is pesto's to change, not the API's.
+        let id = c.entries().next().unwrap().id;
+        let v = call(
+            &mut c,
+            &p,
+            &format!(r#"{{"execute":"remove_forward","arguments":{{"id":{id}}}}}"#),
+        );
+        assert!(desc(&v).contains("pasta rule"), "{v}");
     }
 }

@@ -11,6 +11,7 @@ use forwarder::cli::{self as cli, Args, Face, Invocation};
 use forwarder::control::Control;
 use forwarder::engine::Engine;
 use forwarder::forward::Kind;
+use forwarder::forward::rule::Tables;
 use forwarder::{io, netconf, ns};
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitStatus, waitpid};
@@ -193,7 +194,16 @@ fn run(args: Args, background: &mut Option<Background>) -> Result<ExitCode> {
             "port forwards bound"
         );
     }
-    let api = cfg.api_socket.as_deref().map(api_listener).transpose()?;
+    let api = cfg
+        .api_socket
+        .as_deref()
+        .map(|p| unix_listener("--api-socket", p))
+        .transpose()?;
+    let conf = cfg
+        .rules
+        .as_ref()
+        .map(|r| unix_listener("--conf-path", &r.path))
+        .transpose()?;
     if cfg.ebpf && forwarder::ebpf::precheck().is_none() {
         // The fast path hands the namespace's packets to the uplink as they are.
         match netconf::uplink_mtu() {
@@ -226,7 +236,7 @@ fn run(args: Args, background: &mut Option<Background>) -> Result<ExitCode> {
             (_, None) => anyhow::bail!("no namespace to serve"),
         };
     // The agent must be forked now, while the process has one thread.
-    let agent = if api.is_some() || !cfg.auto.is_empty() {
+    let agent = if api.is_some() || !cfg.auto.is_empty() || cfg.rules.is_some() {
         Some(ns::Agent::start(userns.as_deref(), &netns)?)
     } else {
         None
@@ -301,6 +311,20 @@ fn run(args: Args, background: &mut Option<Background>) -> Result<ExitCode> {
         Instant::now(),
     );
     let plane = io::spawn(tap, engine, cfg.io.clone(), forwards, fast)?;
+    if let Some(rules) = &cfg.rules {
+        // Bound now, before the namespace's command runs or the foreground returns: a port
+        // in use stops start-up, as pasta's does.
+        if !rules.tables.iter().all(|(_, t)| t.is_empty()) {
+            match netconf::raise_nofile() {
+                Ok(n) => debug!(limit = n, "open-file limit raised for the rules"),
+                Err(err) => debug!("{err:#}"),
+            }
+        }
+        control.serve_rules(rules.caps);
+        control
+            .apply_rules(&plane, &rules.tables)
+            .context("forwarding rules")?;
+    }
     let child = command.map(ns::PendingCommand::release).transpose()?;
     info!(tap = %cfg.ifname, "forwarding");
     let watch = cfg
@@ -319,13 +343,15 @@ fn run(args: Args, background: &mut Option<Background>) -> Result<ExitCode> {
         child,
         &plane,
         &mut control,
-        api,
+        Sockets { api, conf },
         watch,
         cfg.process.stats_every,
     ));
     if let Some(path) = &cfg.api_socket {
         let _ = std::fs::remove_file(path);
     }
+    // pasta leaves its control socket file behind (clients then get ECONNREFUSED); so does
+    // forwarder, for the same clients.
     drop(control);
     let stats = plane.stop()?;
     info!("final stats: {}", stats.summary());
@@ -335,35 +361,84 @@ fn run(args: Args, background: &mut Option<Background>) -> Result<ExitCode> {
 /// API connections served at once; more are closed at once.
 const API_CONNECTIONS: usize = 64;
 
-/// Binds the API socket before anything is set up: a bad path stops start-up. A stale
-/// socket file (nothing accepts on it) is replaced; a live one or another file is an error.
-fn api_listener(path: &std::path::Path) -> Result<std::os::unix::net::UnixListener> {
+/// Binds a control socket (`option`: the API's or pesto's) before anything is set up: a
+/// bad path stops start-up. A stale socket file (nothing accepts on it) is replaced; a live
+/// one or another file is an error.
+fn unix_listener(option: &str, path: &std::path::Path) -> Result<std::os::unix::net::UnixListener> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
         if !meta.file_type().is_socket() {
-            anyhow::bail!(
-                "--api-socket {}: exists and is not a socket",
-                path.display()
-            );
+            anyhow::bail!("{option} {}: exists and is not a socket", path.display());
         }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!("--api-socket {}: another process serves it", path.display());
+            anyhow::bail!("{option} {}: another process serves it", path.display());
         }
         std::fs::remove_file(path)
-            .with_context(|| format!("--api-socket {}: remove the stale socket", path.display()))?;
+            .with_context(|| format!("{option} {}: remove the stale socket", path.display()))?;
     }
     let listener = std::os::unix::net::UnixListener::bind(path)
-        .with_context(|| format!("--api-socket {}", path.display()))?;
+        .with_context(|| format!("{option} {}", path.display()))?;
     // Whoever can connect can open ports: the socket is the owner's alone.
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("--api-socket {}: restrict to the owner", path.display()))?;
+            .with_context(|| format!("{option} {}: restrict to the owner", path.display()))?;
     }
     listener
         .set_nonblocking(true)
-        .context("--api-socket: non-blocking")?;
+        .with_context(|| format!("{option}: non-blocking"))?;
     Ok(listener)
+}
+
+/// How long a pesto client may take between connecting and finishing its update; pasta
+/// waits forever (and stops forwarding meanwhile), forwarder drops the client and changes
+/// nothing.
+const PESTO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One pesto connection: write the greeting and tables, read one update to its
+/// terminator (checked as it arrives, [`forwarder::forward::pesto::Update`]), hand a
+/// complete one to the control loop. Never a reply: the server closes, as pasta's does.
+async fn pesto_connection(
+    mut stream: tokio::net::UnixStream,
+    dump: Vec<u8>,
+    mut update: forwarder::forward::pesto::Update,
+    done: tokio::sync::mpsc::Sender<Option<Tables>>,
+) {
+    use forwarder::forward::pesto::Progress;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let outcome = tokio::time::timeout(PESTO_TIMEOUT, async {
+        stream.write_all(&dump).await.map_err(|e| format!("{e}"))?;
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut chunk).await.map_err(|e| format!("{e}"))?;
+            if n == 0 {
+                return if update.untouched() {
+                    Ok(None)
+                } else {
+                    Err("the update ended early".to_string())
+                };
+            }
+            match update.feed(chunk.get(..n).unwrap_or_default()) {
+                Ok(Progress::Complete(tables)) => return Ok(Some(tables)),
+                Ok(Progress::More) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    })
+    .await;
+    let tables = match outcome {
+        Ok(Ok(tables)) => tables,
+        Ok(Err(why)) => {
+            warn!("pesto: update refused, nothing changed: {why}");
+            None
+        }
+        Err(_) => {
+            warn!("pesto: the client took too long, nothing changed");
+            None
+        }
+    };
+    let _ = done.send(tables).await;
+    let _ = stream.shutdown().await;
 }
 
 /// One API connection: read the request until the client shuts down its side, keeping at
@@ -442,14 +517,30 @@ impl NamespaceWatch {
     }
 }
 
+/// The control sockets the loop serves.
+struct Sockets {
+    /// `--api-socket`.
+    api: Option<std::os::unix::net::UnixListener>,
+    /// `-c/--conf-path` (pesto).
+    conf: Option<std::os::unix::net::UnixListener>,
+}
+
 async fn supervise(
     child: Option<Pid>,
     plane: &io::Handle,
     control: &mut Control,
-    api: Option<std::os::unix::net::UnixListener>,
+    sockets: Sockets,
     watch: Option<NamespaceWatch>,
     stats_every: Option<Duration>,
 ) -> Result<ExitCode> {
+    let Sockets { api, conf } = sockets;
+    let conf = conf
+        .map(tokio::net::UnixListener::from_std)
+        .transpose()
+        .context("serve the --conf-path socket")?;
+    // One pesto client at a time (pasta's rule): the next waits in the backlog.
+    let mut pesto_busy = false;
+    let (pesto_tx, mut pesto_rx) = tokio::sync::mpsc::channel(1);
     let mut watch_tick = tokio::time::interval(NamespaceWatch::EVERY);
     let mut stats_tick = tokio::time::interval(stats_every.unwrap_or(Duration::from_secs(3600)));
     stats_tick.tick().await;
@@ -460,7 +551,6 @@ async fn supervise(
     let (req_tx, mut req_rx) = tokio::sync::mpsc::channel(16);
     let api_slots = std::sync::Arc::new(tokio::sync::Semaphore::new(API_CONNECTIONS));
     let mut auto = tokio::time::interval(forwarder::forward::AUTO_SCAN_INTERVAL);
-    let has_auto = control.has_auto();
     let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let mut usr1 = signal(SignalKind::user_defined1()).context("install SIGUSR1 handler")?;
@@ -514,7 +604,26 @@ async fn supervise(
                 let answer = control.handle(plane, &request);
                 let _ = reply.send(answer.to_string().into_bytes());
             }
-            _ = auto.tick(), if has_auto => control.scan_auto(plane),
+            _ = auto.tick(), if control.has_auto() => control.scan_auto(plane),
+            accepted = async { match &conf { Some(l) => l.accept().await, None => std::future::pending().await } }, if !pesto_busy => {
+                match (accepted, control.rule_reader()) {
+                    (Ok((stream, _)), Some(update)) => {
+                        pesto_busy = true;
+                        debug!("pesto: client connected");
+                        tokio::spawn(pesto_connection(stream, control.rule_dump(), update, pesto_tx.clone()));
+                    }
+                    (Err(err), _) => debug!(%err, "pesto: accept failed"),
+                    (Ok(_), None) => {}
+                }
+            }
+            Some(update) = pesto_rx.recv() => {
+                pesto_busy = false;
+                if let Some(tables) = update
+                    && let Err(err) = control.apply_rules(plane, &tables)
+                {
+                    warn!("pesto: update not applied, the rules are as they were: {err:#}");
+                }
+            }
             _ = rescan.tick() => {
                 match tokio::task::spawn_blocking(netconf::local_prefixes).await {
                     Ok(Ok(local)) => plane.send(io::Command::SetLocalPrefixes(local)),

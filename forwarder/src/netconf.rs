@@ -444,14 +444,25 @@ pub fn delete_link(name: &str) -> Result<()> {
 const MAIN_TABLE: u8 = 254;
 const LOCAL_TABLE: u8 = 255;
 
-/// The first port of the host's ephemeral range (`net.ipv4.ip_local_port_range`; 32768
-/// when it cannot be read): `all` forwards the ports below it.
+/// The first port of the host's ephemeral range ([`ephemeral_range`]): `all` forwards
+/// the ports below it.
 #[must_use]
 pub fn ephemeral_start() -> u16 {
+    ephemeral_range().0
+}
+
+/// The host's ephemeral port range (`net.ipv4.ip_local_port_range`); pasta's fallback,
+/// 49152–65535, when it cannot be read.
+#[must_use]
+pub fn ephemeral_range() -> (u16, u16) {
     std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
-        .and_then(|t| t.split_whitespace().next()?.parse().ok())
-        .unwrap_or(32768)
+        .and_then(|t| {
+            let mut words = t.split_whitespace();
+            Some((words.next()?.parse().ok()?, words.next()?.parse().ok()?))
+        })
+        .filter(|(a, b)| a <= b)
+        .unwrap_or((49152, 65535))
 }
 
 /// Raises the soft open-file limit to the hard one (for `all`, one socket per port).

@@ -311,3 +311,127 @@ fn a_failing_start_returns_non_zero_with_the_reason() {
         text(&out.stdout)
     );
 }
+
+/// The `pesto` client: `PESTO`, or the upstream build in `../shared/peers/`.
+fn pesto_bin() -> Option<PathBuf> {
+    let path = std::env::var_os("PESTO").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/peers/pesto"),
+        PathBuf::from,
+    );
+    path.exists().then_some(path)
+}
+
+/// Runs `pesto ARGS... CTL` in the host namespace (where the control socket is).
+fn pesto(w: &World, pesto: &Path, args: &[&str], ctl: &Path) -> std::process::Output {
+    Command::new("ip")
+        .args(["netns", "exec", &w.host])
+        .arg(pesto)
+        .args(args)
+        .arg(ctl)
+        .output()
+        .expect("run pesto")
+}
+
+/// The HOST table as pesto lists it: the rule lines between `HOST` and `SPLICE`.
+fn host_rules(listing: &str) -> Vec<String> {
+    listing
+        .lines()
+        .skip_while(|l| l.trim() != "HOST")
+        .skip(1)
+        .take_while(|l| l.trim() != "SPLICE")
+        .map(|l| l.trim().to_string())
+        .collect()
+}
+
+#[test]
+fn pesto_lists_adds_deletes_and_replaces_forwards_at_run_time() {
+    if !privileged() {
+        return;
+    }
+    let Some(client) = pesto_bin() else {
+        println!("skipped: no pesto client (set PESTO, or provide ../shared/peers/pesto)");
+        return;
+    };
+    let mut w = World::new();
+    let guest = w.add_guest();
+    let pid_file = w.dir.join("pasta.pid");
+    let _daemon = Daemon(pid_file.clone());
+    let log = w.dir.join("pasta.log");
+    let ctl = w.dir.join("pasta.ctl");
+    let netns = format!("/run/netns/{guest}");
+    let (out, _) = start(
+        &w,
+        &[
+            "--config-net",
+            "-c",
+            ctl.to_str().unwrap(),
+            "-t",
+            "18080",
+            "-u",
+            "none",
+            "-T",
+            "none",
+            "-U",
+            "none",
+            "--netns",
+            &netns,
+            "--dns-host",
+            "203.0.113.1",
+            "--pid",
+            pid_file.to_str().unwrap(),
+            "-l",
+            log.to_str().unwrap(),
+        ],
+    );
+    assert_started(&out, "pasta -c");
+    for port in [18080, 18081, 18082] {
+        w.tcp_echo(&guest, port);
+    }
+    let remote = w.remote.clone();
+    let reaches = |port: u16| {
+        let out = w.socat(&remote, "hello", &format!("TCP:198.51.100.2:{port}"));
+        text(&out.stdout).trim() == "hello"
+    };
+    let list = |w: &World| {
+        let out = pesto(w, &client, &[], &ctl);
+        assert!(out.status.success(), "pesto: {}", text(&out.stderr));
+        host_rules(&text(&out.stdout))
+    };
+    // The command line's rule, in pesto's own format.
+    assert_eq!(list(&w), ["TCP [*]:18080  =>  18080"], "{}", read(&log));
+    assert!(
+        reaches(18080),
+        "18080 from the command line: {}",
+        read(&log)
+    );
+    assert!(!reaches(18081));
+    // Add. pesto gets no reply; the next connection is served after the update is applied,
+    // so the listing that follows sees it.
+    let out = pesto(&w, &client, &["-A", "-t", "18081"], &ctl);
+    assert!(out.status.success(), "pesto -A: {}", text(&out.stderr));
+    assert_eq!(
+        list(&w),
+        ["TCP [*]:18080  =>  18080", "TCP [*]:18081  =>  18081"]
+    );
+    assert!(reaches(18081), "added 18081: {}", read(&log));
+    // Delete: the rule pesto builds from the spec must match the stored one byte for byte.
+    let out = pesto(&w, &client, &["-D", "-t", "18081"], &ctl);
+    assert!(out.status.success(), "pesto -D: {}", text(&out.stderr));
+    assert_eq!(list(&w), ["TCP [*]:18080  =>  18080"]);
+    assert!(!reaches(18081), "deleted 18081 still forwards");
+    assert!(reaches(18080));
+    // Deleting what is not there fails in pesto and changes nothing.
+    let out = pesto(&w, &client, &["-D", "-t", "18099"], &ctl);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("Couldn't find forwarding rule to delete"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Replace the table.
+    let out = pesto(&w, &client, &["-t", "18082"], &ctl);
+    assert!(out.status.success(), "pesto -t: {}", text(&out.stderr));
+    assert_eq!(list(&w), ["TCP [*]:18082  =>  18082"]);
+    assert!(reaches(18082), "replacement 18082: {}", read(&log));
+    assert!(!reaches(18080), "replaced 18080 still forwards");
+}

@@ -131,8 +131,23 @@ use crate::forward::Spec;
 use crate::policy::Rule;
 use crate::wire::EthernetAddress;
 
-pub(super) fn parse_ports(s: &str) -> Result<Spec, String> {
-    crate::forward::parse_spec(s).map_err(|e| e.to_string())
+/// A `-t`/`-u`/`-T`/`-U` value: as written (pasta's rules are built from the text, see
+/// `forward::rule`) and as forwarder's grammar reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortsArg {
+    /// The value as given.
+    pub text: String,
+    /// What it means.
+    pub spec: Spec,
+}
+
+pub(super) fn parse_ports(s: &str) -> Result<PortsArg, String> {
+    crate::forward::parse_spec(s)
+        .map(|spec| PortsArg {
+            text: s.to_string(),
+            spec,
+        })
+        .map_err(|e| e.to_string())
 }
 
 pub(super) fn parse_remote(s: &str) -> Result<crate::forward::RemoteForward, String> {

@@ -18,8 +18,8 @@ use crate::services::Switches;
 use crate::wire::EthernetAddress;
 
 use super::{
-    iss_secret, parse_addr, parse_mac, parse_max_flows, parse_netmask, parse_ports, parse_remote,
-    parse_rule,
+    PortsArg, iss_secret, parse_addr, parse_mac, parse_max_flows, parse_netmask, parse_ports,
+    parse_remote, parse_rule,
 };
 
 /// forwarder — give a network namespace full IPv4/IPv6 connectivity without privileges.
@@ -115,27 +115,33 @@ pub struct Args {
     /// next to it restrict it). Connections arrive in the namespace from the real client's
     /// address.
     #[arg(short = 't', long = "tcp-ports", value_name = "SPEC", value_parser = parse_ports)]
-    pub tcp_ports: Vec<Spec>,
+    pub tcp_ports: Vec<PortsArg>,
 
     /// Forward host UDP ports to the namespace (same syntax as --tcp-ports).
     #[arg(short = 'u', long = "udp-ports", value_name = "SPEC", value_parser = parse_ports)]
-    pub udp_ports: Vec<Spec>,
+    pub udp_ports: Vec<PortsArg>,
 
     /// Forward TCP ports of the namespace's loopback to the host's loopback (repeatable; same
     /// syntax, LISTEN:TO maps a namespace port to a host port; auto follows the host's bound
     /// ports). Relayed with splice(2), no translation.
     #[arg(short = 'T', long = "tcp-ns", value_name = "SPEC", value_parser = parse_ports)]
-    pub tcp_ns: Vec<Spec>,
+    pub tcp_ns: Vec<PortsArg>,
 
     /// Forward UDP ports of the namespace's loopback to the host's loopback (same syntax as
     /// --tcp-ns). Relayed with recvmmsg/sendmmsg, no translation.
     #[arg(short = 'U', long = "udp-ns", value_name = "SPEC", value_parser = parse_ports)]
-    pub udp_ns: Vec<Spec>,
+    pub udp_ns: Vec<PortsArg>,
 
     /// Serve the runtime control API on this UNIX socket (JSON, see docs/api.md; used by
     /// `forwarder ctl`): add, list and remove forwards, read the counters.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+
+    /// Serve pasta's runtime forwarding protocol (pesto, version 2) on this UNIX socket:
+    /// the -t/-u/-T/-U forwards become pasta's rules, which `pesto PATH` lists, adds,
+    /// deletes and replaces while forwarder runs (see docs/faces.md).
+    #[arg(short = 'c', long = "conf-path", value_name = "PATH")]
+    pub conf_path: Option<PathBuf>,
 
     /// Load forwarder's eBPF programs (root in the initial user namespace): ARP and NDP
     /// answered in the kernel, and TCP/UDP flows to the world carried by the kernel from
@@ -387,9 +393,6 @@ pub struct Unsupported {
     /// Not served: vhost-user's capabilities.
     #[arg(long, hide = true)]
     pub print_capabilities: bool,
-    /// Not served yet: pasta's runtime forwarding protocol (pesto).
-    #[arg(short = 'c', long = "conf-path", value_name = "PATH", hide = true)]
-    pub conf_path: Option<PathBuf>,
     /// Not served yet: a pcap capture of the tap.
     #[arg(short = 'p', long = "pcap", value_name = "FILE", hide = true)]
     pub pcap: Option<PathBuf>,
@@ -443,12 +446,6 @@ impl Unsupported {
             self.fd
                 .is_some()
                 .then(|| later("--fd", "forwarder opens the tap itself")),
-            self.conf_path.is_some().then(|| {
-                later(
-                    "--conf-path",
-                    "no pesto protocol server; forwarder's JSON API is --api-socket",
-                )
-            }),
             self.pcap
                 .is_some()
                 .then(|| later("--pcap", "no capture writer")),
@@ -564,15 +561,29 @@ impl Args {
         let mut auto = Vec::new();
         let mut all = Vec::new();
         let mut fixed = Vec::new();
-        for (kind, specs) in [
-            (Kind::Tcp, &self.tcp_ports),
-            (Kind::Udp, &self.udp_ports),
-            (Kind::TcpNs, &self.tcp_ns),
-            (Kind::UdpNs, &self.udp_ns),
-        ] {
+        // With -c, the forwards are pasta's rules (built from the same values) instead.
+        let rules = self
+            .conf_path
+            .as_ref()
+            .map(|path| self.rule_tables(path, &network))
+            .transpose()?;
+        let kinds = if rules.is_some() {
+            Vec::new()
+        } else {
+            vec![
+                (Kind::Tcp, &self.tcp_ports),
+                (Kind::Udp, &self.udp_ports),
+                (Kind::TcpNs, &self.tcp_ns),
+                (Kind::UdpNs, &self.udp_ns),
+            ]
+        };
+        for (kind, specs) in kinds {
             let mut lists = Vec::new();
             // pasta's default for each of -t/-u/-T/-U is auto; the native face's is none.
-            let pasta_default = [Spec::Auto(crate::forward::Auto::default())];
+            let pasta_default = [PortsArg {
+                text: "auto".into(),
+                spec: Spec::Auto(crate::forward::Auto::default()),
+            }];
             let defaulted = specs.is_empty() && self.face == super::Face::Pasta;
             let specs = if defaulted {
                 &pasta_default[..]
@@ -585,14 +596,14 @@ impl Args {
                 fixed.push(Vec::new());
                 continue;
             }
-            if disabled && specs.iter().any(|s| *s != Spec::Ports(Vec::new())) {
+            if disabled && specs.iter().any(|s| s.spec != Spec::Ports(Vec::new())) {
                 bail!(
                     "{}: forwards of a protocol turned off by --no-tcp/--no-udp",
                     kind.option()
                 );
             }
             for spec in specs {
-                match spec {
+                match &spec.spec {
                     Spec::Ports(maps) => lists.push(maps.clone()),
                     Spec::Auto(a) => {
                         if auto.iter().any(|(k, _)| *k == kind) {
@@ -694,6 +705,87 @@ impl Args {
             ebpf_grace: Duration::from_secs(self.ebpf_grace),
             ebpf_max_flows: self.ebpf_max_flows as usize,
             process,
+            rules,
+        })
+    }
+
+    /// pasta's rule tables for `-c PATH`: each -t/-u/-T/-U value (or pasta's `auto`
+    /// default) as pasta's parser builds it, checked as pasta checks a table.
+    fn rule_tables(
+        &self,
+        path: &std::path::Path,
+        network: &plan::Network,
+    ) -> Result<crate::config::Rules> {
+        use crate::forward::rule::{self, Caps, Pif, Side, Table};
+        if path.as_os_str().len() >= 108 {
+            bail!(
+                "--conf-path {}: a UNIX socket path must be shorter than 108 bytes",
+                path.display()
+            );
+        }
+        let mut caps = Caps::SCAN;
+        for (on, bit) in [
+            (network.ipv4.is_some(), Caps::IPV4),
+            (network.ipv6.is_some(), Caps::IPV6),
+            (!self.no_tcp, Caps::TCP),
+            (!self.no_udp, Caps::UDP),
+        ] {
+            if on {
+                caps |= bit;
+            }
+        }
+        let caps = Caps(caps);
+        let ephemeral = crate::netconf::ephemeral_range();
+        let mut tables = [
+            (Pif::Host, Table::default()),
+            (Pif::Splice, Table::default()),
+        ];
+        for (kind, specs) in [
+            (Kind::Tcp, &self.tcp_ports),
+            (Kind::Udp, &self.udp_ports),
+            (Kind::TcpNs, &self.tcp_ns),
+            (Kind::UdpNs, &self.udp_ns),
+        ] {
+            let disabled = (kind.is_udp() && self.no_udp) || (!kind.is_udp() && self.no_tcp);
+            let texts: Vec<&str> = if specs.is_empty() {
+                if self.face == super::Face::Pasta && !disabled {
+                    vec!["auto"]
+                } else {
+                    Vec::new()
+                }
+            } else {
+                specs.iter().map(|s| s.text.as_str()).collect()
+            };
+            if disabled && texts.iter().any(|t| *t != "none") {
+                bail!(
+                    "{}: forwards of a protocol turned off by --no-tcp/--no-udp",
+                    kind.option()
+                );
+            }
+            let side = Side {
+                splice: kind.in_namespace(),
+                udp: kind.is_udp(),
+            };
+            let Some((_, table)) = tables.iter_mut().find(|(p, _)| *p == Pif::of(kind)) else {
+                continue;
+            };
+            for text in texts {
+                for r in rule::parse(text, side, caps, ephemeral)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", kind.option()))?
+                {
+                    table
+                        .add(r, caps)
+                        .map_err(|e| anyhow::anyhow!("{} {text}: {e}", kind.option()))?;
+                }
+            }
+        }
+        Ok(crate::config::Rules {
+            path: path.to_owned(),
+            caps,
+            tables: tables
+                .into_iter()
+                .map(|(p, t)| (p, t.rules().to_vec()))
+                .collect(),
         })
     }
 

@@ -95,7 +95,7 @@ pub enum Progress {
     /// More bytes are needed.
     More,
     /// The update is complete: the new tables, one per served pif.
-    Complete(Vec<(Pif, Vec<Rule>)>),
+    Complete(rule::Tables),
 }
 
 impl Update {

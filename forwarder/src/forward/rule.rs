@@ -441,6 +441,9 @@ impl Pif {
     }
 }
 
+/// Every table's rules, in order: what an update sets, and what the command line gives.
+pub type Tables = Vec<(Pif, Vec<Rule>)>;
+
 /// What a rule is, in forwarder's terms.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Realize {

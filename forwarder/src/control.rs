@@ -131,6 +131,9 @@ pub struct Control {
     guest: Vec<IpAddr>,
     kernel: Option<crate::ebpf::Kernel>,
     rules: Option<RuleTables>,
+    /// `--host-lo-to-ns-lo`: the namespace's loopback is reachable from the host's, so
+    /// `-t`/`-u` `auto` follows loopback-bound sockets too.
+    loopback_reach: bool,
 }
 
 /// The data plane, as the control plane sees it (a trait so the table is testable without
@@ -186,7 +189,14 @@ impl Control {
             guest,
             kernel: None,
             rules: None,
+            loopback_reach: false,
         }
+    }
+
+    /// `--host-lo-to-ns-lo`: `auto` of `-t`/`-u` forwards the namespace's loopback-bound
+    /// ports too (host loopback clients reach them).
+    pub fn set_loopback_reach(&mut self, on: bool) {
+        self.loopback_reach = on;
     }
 
     /// The eBPF programs, whose counters join the engine's in `stats`.
@@ -406,13 +416,16 @@ impl Control {
             all.retain(|b| b.addr.is_loopback() || b.addr.is_unspecified());
             all
         } else {
-            // -t/-u auto: the namespace's sockets that the tap reaches.
+            // -t/-u auto: the namespace's sockets that the tap reaches (and, with
+            // --host-lo-to-ns-lo, those host loopback clients reach).
             let agent = self
                 .agent
                 .as_ref()
                 .ok_or_else(|| anyhow!("no namespace agent runs"))?;
             let mut all = agent.bound(udp)?;
-            all.retain(|b| !b.addr.is_loopback());
+            if !self.loopback_reach {
+                all.retain(|b| !b.addr.is_loopback());
+            }
             all
         };
         Ok(bound

@@ -241,6 +241,12 @@ fn run(args: Args, background: &mut Option<Background>) -> Result<ExitCode> {
     } else {
         None
     };
+    // The data plane's own agent: its requests must not wait behind the control plane's.
+    let lo_agent = if cfg.io.host_lo_to_ns_lo {
+        Some(ns::Agent::start(userns.as_deref(), &netns)?)
+    } else {
+        None
+    };
     let (kernel, fast_maps) = if cfg.ebpf {
         match forwarder::ebpf::start(&netns, &cfg.ifname, &cfg.network, &cfg.services) {
             Ok((k, maps)) => (Some(k), maps),
@@ -281,6 +287,7 @@ fn run(args: Args, background: &mut Option<Background>) -> Result<ExitCode> {
         guest.push(std::net::IpAddr::V6(v6.guest));
     }
     let mut control = Control::new(agent, cfg.auto.clone(), guest);
+    control.set_loopback_reach(cfg.io.host_lo_to_ns_lo);
     if let Some(k) = kernel {
         control.set_kernel(k);
     }
@@ -311,6 +318,9 @@ fn run(args: Args, background: &mut Option<Background>) -> Result<ExitCode> {
         Instant::now(),
     );
     let plane = io::spawn(tap, engine, cfg.io.clone(), forwards, fast)?;
+    if let Some(agent) = lo_agent {
+        plane.send(io::Command::NamespaceSockets(Box::new(agent)));
+    }
     if let Some(rules) = &cfg.rules {
         // Bound now, before the namespace's command runs or the foreground returns: a port
         // in use stops start-up, as pasta's does.

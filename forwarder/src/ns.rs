@@ -440,7 +440,10 @@ pub const MAX_MESSAGE: usize = 4096;
 /// ## Messages
 ///
 /// `b"B" + (b't'|b'u') + ADDR:PORT` → `b"F"` + `SCM_RIGHTS(fd)` or `b"E"` + error text;
-/// `b"P" + (b't'|b'u')` → `b"L"` + lines `ADDR PORT` (at most [`MAX_AGENT_ENTRIES`]).
+/// `b"P" + (b't'|b'u')` → `b"L"` + lines `ADDR PORT` (at most [`MAX_AGENT_ENTRIES`]);
+/// `b"S" + (b'4'|b'6')` → `b"F"` + `SCM_RIGHTS(fd)`: a new non-blocking TCP socket, not
+/// bound, for the data plane to connect (`--host-lo-to-ns-lo`; that agent is the data
+/// plane's own, so the control plane's requests never wait behind it).
 #[derive(Debug)]
 pub struct Agent {
     sock: OwnedFd,
@@ -570,8 +573,33 @@ impl Agent {
             .collect())
     }
 
+    /// A new non-blocking TCP socket of the family made in the namespace.
+    ///
+    /// # Errors
+    ///
+    /// The agent's error, or a lost agent.
+    pub fn tcp_socket(&self, v6: bool) -> Result<OwnedFd> {
+        nix::unistd::write(&self.sock, if v6 { b"S6" } else { b"S4" })
+            .context("ask the namespace agent")?;
+        let (data, mut fds) = self.reply()?;
+        match (data.first(), fds.pop()) {
+            (Some(b'F'), Some(fd)) => Ok(fd),
+            (Some(b'E'), _) => bail!(
+                "{}",
+                String::from_utf8_lossy(data.get(1..).unwrap_or_default())
+            ),
+            _ => bail!("the namespace agent did not answer"),
+        }
+    }
+
     fn reply(&self) -> Result<(Vec<u8>, Vec<OwnedFd>)> {
         recv_with_fds(&self.sock, AGENT_REPLY).context("read the namespace agent's answer")
+    }
+}
+
+impl crate::io::NamespaceSockets for Agent {
+    fn tcp_socket(&self, v6: bool) -> Result<OwnedFd> {
+        Agent::tcp_socket(self, v6)
     }
 }
 
@@ -605,6 +633,29 @@ fn agent_main(sock: &OwnedFd) {
                         .map_err(|e| anyhow!("{e}"))
                     });
                 match bound {
+                    Ok(fd) => sendmsg::<()>(
+                        sock.as_raw_fd(),
+                        &[IoSlice::new(b"F")],
+                        &[ControlMessage::ScmRights(&[fd.as_raw_fd()])],
+                        MsgFlags::empty(),
+                        None,
+                    )
+                    .map(drop),
+                    Err(err) => nix::unistd::write(sock, format!("E{err}").as_bytes()).map(drop),
+                }
+            }
+            [b'S', family] => {
+                let made = nix::sys::socket::socket(
+                    if *family == b'6' {
+                        AddressFamily::Inet6
+                    } else {
+                        AddressFamily::Inet
+                    },
+                    SockType::Stream,
+                    SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+                    None,
+                );
+                match made {
                     Ok(fd) => sendmsg::<()>(
                         sock.as_raw_fd(),
                         &[IoSlice::new(b"F")],

@@ -251,13 +251,24 @@ fn rootlesskit_argv_with_a_pid_and_with_namespace_paths() {
             "--netmask=24".into(),
             "--gateway=10.0.2.2".into(),
             "--dns-forward=10.0.2.3".into(),
-            "--tcp-ports=none".into(),
-            "--udp-ports=none".into(),
-            "--pid".into(),
+        ];
+        // rootlesskit's two port setups: none (its own port driver), or pasta's auto with
+        // host loopback reaching the namespace's loopback (its "implicit" driver).
+        if form == "pid" {
+            args.extend([
+                "--tcp-ports=auto".to_string(),
+                "--udp-ports=auto".into(),
+                "--host-lo-to-ns-lo".into(),
+            ]);
+        } else {
+            args.extend(["--tcp-ports=none".to_string(), "--udp-ports=none".into()]);
+        }
+        args.extend([
+            "--pid".to_string(),
             pid_file.display().to_string(),
             "-l".into(),
             log.display().to_string(),
-        ];
+        ]);
         if form == "pid" {
             args.push(child.clone());
         } else {
@@ -275,6 +286,30 @@ fn rootlesskit_argv_with_a_pid_and_with_namespace_paths() {
         let remote = w.remote.clone();
         w.tcp_echo(&remote, 7007);
         w.assert_echoes(&guest, "kit", "TCP:198.51.100.1:7007", &log);
+        if form == "pid" {
+            // A service on the namespace's loopback only, found by auto, reached from the
+            // host's loopback.
+            w.serve(
+                &guest,
+                "exec socat TCP-LISTEN:18091,bind=127.0.0.1,reuseaddr,fork PIPE",
+            );
+            w.wait_listening(&guest, 18091, false);
+            let host = w.host.clone();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let out = w.socat(&host, "lo-to-lo", "TCP:127.0.0.1:18091");
+                if text(&out.stdout).trim() == "lo-to-lo" {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "host loopback never reached the namespace's loopback service: {}{}",
+                    text(&out.stderr),
+                    read(&log)
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
         // The PID's process exits: the daemon follows.
         w.kill_guest_processes();
         let killed = Instant::now();

@@ -266,9 +266,11 @@ pub struct Args {
     #[arg(long, conflicts_with = "userns")]
     pub netns_only: bool,
 
-    /// pasta's: host loopback clients of -t reach the namespace's loopback. Not served yet:
-    /// refused with the reason.
-    #[arg(long, conflicts_with = "no_splice", hide = true)]
+    /// TCP clients of a -t port that connect from the host's loopback reach the
+    /// namespace's loopback (the same loopback address, the forward's port), spliced
+    /// through a socket made in the namespace, instead of the namespace's address over the
+    /// tap.
+    #[arg(long, conflicts_with = "no_splice")]
     pub host_lo_to_ns_lo: bool,
 
     /// Accepted for pasta: forwarder has no loopback bypass for -t/-u unless
@@ -490,11 +492,6 @@ impl Args {
     pub fn into_config(self, host: &HostInfo) -> Result<Config> {
         if let Some(why) = self.unsupported.refusal(self.face) {
             bail!("{why}");
-        }
-        if self.host_lo_to_ns_lo {
-            bail!(
-                "--host-lo-to-ns-lo: not supported yet (host loopback clients of -t reach the namespace's address over the tap)"
-            );
         }
         let pid = self.pid_operand();
         let netns = self.netns.clone().or(pid.map(str::to_owned));
@@ -981,6 +978,7 @@ impl Args {
             outbound,
             udp_idle: Duration::from_secs(self.udp_timeout),
             drop_every: self.drop_every,
+            host_lo_to_ns_lo: self.host_lo_to_ns_lo,
         })
     }
 }

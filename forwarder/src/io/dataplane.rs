@@ -37,6 +37,8 @@ pub(super) struct Dataplane {
     /// The `-U` relays, and how long an idle one lives.
     pub(super) udp_relays: udp_splice::Relays,
     pub(super) udp_idle: Duration,
+    /// `--host-lo-to-ns-lo`'s source of namespace sockets.
+    pub(super) ns_sockets: Option<Box<dyn super::NamespaceSockets>>,
 }
 
 impl Dataplane {
@@ -89,6 +91,9 @@ impl Dataplane {
                                 }
                                 Command::SetLocalPrefixes(prefixes) => {
                                     self.engine.set_local_prefixes(prefixes);
+                                }
+                                Command::NamespaceSockets(source) => {
+                                    self.ns_sockets = Some(source);
                                 }
                                 Command::Stop => {
                                     if self.drop_every.is_some() {
@@ -200,6 +205,9 @@ impl Dataplane {
             let ns_port = l.ns_port;
             match &l.socket {
                 ListenSocket::Tcp(t) => match t.accept() {
+                    Ok((stream, peer)) if self.ns_sockets.is_some() && loopback(peer) => {
+                        self.splice_to_namespace_loopback(stream, peer, ns_port);
+                    }
                     Ok((stream, peer)) => {
                         let _ = stream.set_nonblocking(true);
                         let _ = stream.set_nodelay(true);
@@ -261,8 +269,6 @@ impl Dataplane {
         } else {
             SocketAddr::from((Ipv4Addr::LOCALHOST, to))
         };
-        let _ = stream.set_nonblocking(true);
-        let ns_fd = OwnedFd::from(stream);
         let host_fd = match self.sockets.new_socket(target, SockType::Stream) {
             Ok(fd) => fd,
             Err(err) => {
@@ -270,15 +276,61 @@ impl Dataplane {
                 return;
             }
         };
-        match connect(host_fd.as_raw_fd(), &SockaddrStorage::from(target)) {
+        self.splice(stream, host_fd, peer, target);
+    }
+
+    /// `--host-lo-to-ns-lo`: a `-t` client from the host's loopback goes to the same
+    /// loopback address in the namespace, at the forward's port, through a socket the
+    /// namespace agent made there.
+    fn splice_to_namespace_loopback(
+        &mut self,
+        stream: std::net::TcpStream,
+        peer: SocketAddr,
+        to: u16,
+    ) {
+        if self.sockets.relays.len() >= MAX_RELAYS {
+            debug!("too many spliced connections, refusing one");
+            return;
+        }
+        let local = stream.local_addr().map(|a| unmapped(a.ip()));
+        let ip = match local {
+            Ok(ip) if ip.is_loopback() => ip,
+            _ if unmapped(peer.ip()).is_ipv4() => Ipv4Addr::LOCALHOST.into(),
+            _ => Ipv6Addr::LOCALHOST.into(),
+        };
+        let target = SocketAddr::new(ip, to);
+        let Some(source) = &self.ns_sockets else {
+            return;
+        };
+        let ns_fd = match source.tcp_socket(target.is_ipv6()) {
+            Ok(fd) => fd,
+            Err(err) => {
+                debug!("splice: namespace socket: {err:#}");
+                return;
+            }
+        };
+        self.splice(stream, ns_fd, peer, target);
+    }
+
+    /// Connects `connecting` to `target` and splices it with the accepted `stream`.
+    fn splice(
+        &mut self,
+        stream: std::net::TcpStream,
+        connecting: OwnedFd,
+        peer: SocketAddr,
+        target: SocketAddr,
+    ) {
+        let _ = stream.set_nonblocking(true);
+        let accepted = OwnedFd::from(stream);
+        match connect(connecting.as_raw_fd(), &SockaddrStorage::from(target)) {
             Ok(()) | Err(Errno::EINPROGRESS) => {}
             Err(err) => {
                 debug!(%err, %target, "splice: connect");
-                reset(&ns_fd);
+                reset(&accepted);
                 return;
             }
         }
-        let relay = match splice::Relay::new(ns_fd, host_fd) {
+        let relay = match splice::Relay::new(accepted, connecting) {
             Ok(r) => r,
             Err(err) => {
                 debug!(%err, "splice: pipes");
@@ -449,6 +501,18 @@ impl Dataplane {
 }
 
 /// What the `-U` relays work with, from the sockets they do not own.
+/// Whether a client is on the host's loopback (IPv4-mapped on a dual-stack socket too).
+fn loopback(peer: SocketAddr) -> bool {
+    unmapped(peer.ip()).is_loopback()
+}
+
+fn unmapped(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+        v4 => v4,
+    }
+}
+
 fn relay_ends(sockets: &Sockets) -> udp_splice::Ends<'_> {
     udp_splice::Ends {
         listeners: &sockets.listeners,

@@ -129,6 +129,8 @@ pub enum Command {
     SetLocalPrefixes(Vec<Prefix>),
     /// Answer with every flow, userspace's and the kernel's.
     Flows(mpsc::Sender<Vec<FlowRow>>),
+    /// Where `--host-lo-to-ns-lo` gets its namespace sockets.
+    NamespaceSockets(Box<dyn NamespaceSockets>),
     /// Stop the loop and return the final counters.
     Stop,
 }
@@ -222,6 +224,20 @@ pub struct Options {
     pub udp_idle: Duration,
     /// Test hook: drop every Nth tap frame each way.
     pub drop_every: Option<u32>,
+    /// `--host-lo-to-ns-lo`: `-t` clients from the host's loopback go to the namespace's
+    /// loopback, spliced (the sockets come from [`Command::NamespaceSockets`]).
+    pub host_lo_to_ns_lo: bool,
+}
+
+/// Makes sockets inside the served namespace (the namespace agent, `ns::Agent`): a socket
+/// keeps the namespace it was made in, so the data plane can connect it from here.
+pub trait NamespaceSockets: Send + std::fmt::Debug {
+    /// A new non-blocking TCP socket of the family (`v6`), not yet connected.
+    ///
+    /// # Errors
+    ///
+    /// When the namespace's side cannot make one.
+    fn tcp_socket(&self, v6: bool) -> Result<OwnedFd>;
 }
 
 /// The control plane's handle on the data-plane thread.
@@ -323,6 +339,7 @@ pub fn spawn(
         frames_dropped: [0; 2],
         udp_relays: udp_splice::Relays::default(),
         udp_idle: options.udp_idle,
+        ns_sockets: None,
     };
     let mut plane = plane;
     for (id, listeners) in forwards {

@@ -363,11 +363,7 @@ impl Control {
                 );
             }
             for port in new {
-                let map = PortMap {
-                    bind,
-                    listen: port,
-                    to: port,
-                };
+                let map = PortMap::new(bind, port, port);
                 let added = self.add(plane, kind, vec![map], Origin::Auto);
                 let Some(s) = self.auto.get_mut(i) else {
                     continue;
@@ -818,11 +814,7 @@ impl Control {
                 return Err(bad("guest_addr"));
             }
         }
-        let map = PortMap {
-            bind: Some(host_addr),
-            listen: host_port,
-            to: guest_port,
-        };
+        let map = PortMap::new(Some(host_addr), host_port, guest_port);
         let id = self
             .add(plane, kind, vec![map], Origin::Api)
             .map_err(|_| "bad request: add_hostfwd: slirp_add_hostfwd failed".to_string())?;
@@ -1084,18 +1076,15 @@ mod tests {
             .flat_map(|e| e.maps.iter().map(|m| m.listen))
             .collect();
         assert_eq!(ports, [b]);
-        // A rule forwarder cannot serve yet is refused by name, nothing changes.
+        // A rule that cannot be served (no such interface) is refused by name; nothing
+        // changes.
         let now = c.rule_dump();
-        let mut targeted = rule(a);
-        targeted.0[16..32].copy_from_slice(
-            &std::net::Ipv4Addr::new(192, 0, 2, 5)
-                .to_ipv6_mapped()
-                .octets(),
-        );
+        let mut on_iface = rule(a);
+        on_iface.0[32..41].copy_from_slice(b"fwt-nope0");
         let e = c
-            .apply_rules(&p, &[(Pif::Host, vec![targeted]), (Pif::Splice, vec![])])
+            .apply_rules(&p, &[(Pif::Host, vec![on_iface]), (Pif::Splice, vec![])])
             .unwrap_err();
-        assert!(format!("{e:#}").contains("target address"), "{e:#}");
+        assert!(format!("{e:#}").contains("%fwt-nope0"), "{e:#}");
         assert_eq!(c.rule_dump(), now);
         // An entry serving a rule is pesto's to change, not the API's.
         let id = c.entries().next().unwrap().id;

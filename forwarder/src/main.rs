@@ -241,9 +241,12 @@ fn run(args: Args, background: &mut Option<Background>) -> Result<ExitCode> {
     } else {
         None
     };
-    // The data plane's own agent: its requests must not wait behind the control plane's.
-    let lo_agent = if cfg.io.host_lo_to_ns_lo {
-        Some(ns::Agent::start(userns.as_deref(), &netns)?)
+    // The data plane's own agent, for splicing host loopback clients: its requests must
+    // not wait behind the control plane's. Without it those clients take the tap.
+    let lo_agent = if cfg.io.splice_loopback {
+        ns::Agent::start(userns.as_deref(), &netns)
+            .map_err(|err| warn!("host loopback clients go over the tap: {err:#}"))
+            .ok()
     } else {
         None
     };
@@ -286,7 +289,7 @@ fn run(args: Args, background: &mut Option<Background>) -> Result<ExitCode> {
     if let Some(v6) = &cfg.network.ipv6 {
         guest.push(std::net::IpAddr::V6(v6.guest));
     }
-    let mut control = Control::new(agent, cfg.auto.clone(), guest);
+    let mut control = Control::new(agent, cfg.auto.clone(), guest.clone());
     control.set_loopback_reach(cfg.io.host_lo_to_ns_lo);
     if let Some(k) = kernel {
         control.set_kernel(k);
@@ -319,7 +322,11 @@ fn run(args: Args, background: &mut Option<Background>) -> Result<ExitCode> {
     );
     let plane = io::spawn(tap, engine, cfg.io.clone(), forwards, fast)?;
     if let Some(agent) = lo_agent {
-        plane.send(io::Command::NamespaceSockets(Box::new(agent)));
+        plane.send(io::Command::LoopbackSplice(io::LoopbackSplice {
+            source: Box::new(agent),
+            to_loopback: cfg.io.host_lo_to_ns_lo,
+            guest: guest.clone(),
+        }));
     }
     if let Some(rules) = &cfg.rules {
         // Bound now, before the namespace's command runs or the foreground returns: a port

@@ -22,7 +22,7 @@ use forwarder_tests::{World, forwarder_bin, privileged, read, scripts, text};
 
 /// The `pasta` under test.
 fn pasta(w: &World) -> PathBuf {
-    if let Some(p) = std::env::var_os("FACES_PASTA") {
+    if let Some(p) = std::env::var_os("FACES_PASTA").filter(|p| !p.is_empty()) {
         return PathBuf::from(p);
     }
     let link = w.dir.join("pasta");
@@ -165,6 +165,12 @@ fn podman_5_argv_backgrounds_serves_and_ends_with_the_namespace() {
         "TCP:198.51.100.2:8080",
         &log,
     );
+    // And from the host itself (`curl localhost:8080`): from its loopback, both families,
+    // and from the address it shares with the namespace.
+    let host = w.host.clone();
+    w.assert_echoes(&host, "host-lo", "TCP:127.0.0.1:8080", &log);
+    w.assert_echoes(&host, "host-lo6", "TCP:[::1]:8080", &log);
+    w.assert_echoes(&host, "host-own", "TCP:198.51.100.2:8080", &log);
     // DNS to the --dns-forward address is answered by the host's resolver.
     let answer = w.run_ok(
         &guest,
@@ -469,4 +475,65 @@ fn pesto_lists_adds_deletes_and_replaces_forwards_at_run_time() {
     assert_eq!(list(&w), ["TCP [*]:18082  =>  18082"]);
     assert!(reaches(18082), "replacement 18082: {}", read(&log));
     assert!(!reaches(18080), "replaced 18080 still forwards");
+}
+
+#[test]
+fn pasta_port_grammar_interface_target_address_and_brackets() {
+    if !privileged() {
+        return;
+    }
+    let mut w = World::new();
+    let guest = w.add_guest();
+    let pid_file = w.dir.join("pasta.pid");
+    let _daemon = Daemon(pid_file.clone());
+    let log = w.dir.join("pasta.log");
+    let netns = format!("/run/netns/{guest}");
+    let (out, _) = start(
+        &w,
+        &[
+            "--config-net",
+            // Only on the uplink interface.
+            "-t",
+            "198.51.100.2%up0/18100",
+            // To another address of the namespace instead of its main one.
+            "-t",
+            "0.0.0.0/18101:198.51.100.77",
+            // A bracketed IPv6 listening address, to another port.
+            "-t",
+            "[2001:db8:1::2]/18102:18100",
+            "-u",
+            "none",
+            "-T",
+            "none",
+            "-U",
+            "none",
+            "--netns",
+            &netns,
+            "--dns-host",
+            "203.0.113.1",
+            "--pid",
+            pid_file.to_str().unwrap(),
+            "-l",
+            log.to_str().unwrap(),
+        ],
+    );
+    assert_started(&out, "pasta with pasta's port forms");
+    w.run_ok(&guest, "ip addr add 198.51.100.77/32 dev lo", &log);
+    w.tcp_echo(&guest, 18100);
+    w.serve(
+        &guest,
+        "exec socat TCP-LISTEN:18101,bind=198.51.100.77,reuseaddr,fork PIPE",
+    );
+    w.wait_listening(&guest, 18101, false);
+    let remote = w.remote.clone();
+    w.assert_echoes(&remote, "on-up0", "TCP:198.51.100.2:18100", &log);
+    // The listening socket is bound to the device (SO_BINDTODEVICE), as ss shows it.
+    let host = w.host.clone();
+    let listening = w.run_ok(&host, "ss -Htln", &log);
+    assert!(
+        listening.contains("198.51.100.2%up0:18100"),
+        "not bound to up0: {listening}"
+    );
+    w.assert_echoes(&remote, "to-taddr", "TCP:198.51.100.2:18101", &log);
+    w.assert_echoes(&remote, "bracketed", "TCP:[2001:db8:1::2]:18102", &log);
 }

@@ -267,14 +267,15 @@ pub struct Args {
     pub netns_only: bool,
 
     /// TCP clients of a -t port that connect from the host's loopback reach the
-    /// namespace's loopback (the same loopback address, the forward's port), spliced
-    /// through a socket made in the namespace, instead of the namespace's address over the
-    /// tap.
+    /// namespace's loopback (the same loopback address, the forward's port) instead of the
+    /// namespace's address.
     #[arg(long, conflicts_with = "no_splice")]
     pub host_lo_to_ns_lo: bool,
 
-    /// Accepted for pasta: forwarder has no loopback bypass for -t/-u unless
-    /// --host-lo-to-ns-lo asks for one.
+    /// Do not splice: TCP clients of a -t port from the host's loopback go over the tap
+    /// like any other, shown to the namespace from the gateway (or --map-host-loopback)
+    /// address. By default they are spliced through a socket made in the namespace and
+    /// arrive from the namespace's own address, as with pasta.
     #[arg(long)]
     pub no_splice: bool,
 
@@ -601,6 +602,18 @@ impl Args {
             }
             for spec in specs {
                 match &spec.spec {
+                    Spec::Ports(maps)
+                        if kind.in_namespace()
+                            && maps
+                                .iter()
+                                .any(|m| m.iface.is_some() || m.to_addr.is_some()) =>
+                    {
+                        bail!(
+                            "{} {}: the namespace side listens on its loopback and forwards to the host's (no %IF, no target address)",
+                            kind.option(),
+                            spec.text
+                        );
+                    }
                     Spec::Ports(maps) => lists.push(maps.clone()),
                     Spec::Auto(a) => {
                         if auto.iter().any(|(k, _)| *k == kind) {
@@ -620,11 +633,7 @@ impl Args {
                         lists.push(
                             (1..below)
                                 .filter(|p| a.wants(*p))
-                                .map(|p| PortMap {
-                                    bind: None,
-                                    listen: p,
-                                    to: p,
-                                })
+                                .map(|p| PortMap::new(a.bind, p, p))
                                 .collect(),
                         );
                     }
@@ -726,6 +735,7 @@ impl Args {
             (network.ipv6.is_some(), Caps::IPV6),
             (!self.no_tcp, Caps::TCP),
             (!self.no_udp, Caps::UDP),
+            (crate::io::can_bind_to_device(), Caps::IFNAME),
         ] {
             if on {
                 caps |= bit;
@@ -978,6 +988,7 @@ impl Args {
             outbound,
             udp_idle: Duration::from_secs(self.udp_timeout),
             drop_every: self.drop_every,
+            splice_loopback: !self.no_splice,
             host_lo_to_ns_lo: self.host_lo_to_ns_lo,
         })
     }

@@ -256,13 +256,27 @@ impl Auto {
 ///
 /// [`SpecError`] naming the part that is wrong.
 pub fn parse_spec(spec: &str) -> Result<Spec, SpecError> {
-    let items: Vec<&str> = spec.split(',').collect();
+    let err = |why: String| SpecError(format!("{spec:?}: {why}"));
+    if spec == "none" {
+        return Ok(Spec::Ports(Vec::new()));
+    }
+    let (at, ports) = listen_part(spec).map_err(err)?;
+    let items: Vec<&str> = ports.split(',').collect();
     let all = items.contains(&"all");
-    if !items.contains(&"auto") && !all {
+    // Only exclusions: every port but those, as pasta reads it (`~22` is `all,~22`).
+    let only_excluded = items.iter().all(|i| i.starts_with('~'));
+    if !items.contains(&"auto") && !all && !only_excluded {
         return parse(spec).map(Spec::Ports);
     }
-    let err = |why: String| SpecError(format!("{spec:?}: {why}"));
-    let mut auto = Auto::default();
+    if at.iface.is_some() {
+        return Err(err(
+            "auto and all listen on every interface (%IF is for port lists)".into(),
+        ));
+    }
+    let mut auto = Auto {
+        bind: at.bind,
+        ..Auto::default()
+    };
     for item in items {
         if item == "auto" || item == "all" {
             if all && item == "auto" {
@@ -272,15 +286,15 @@ pub fn parse_spec(spec: &str) -> Result<Spec, SpecError> {
         }
         if let Some(ex) = item.strip_prefix('~') {
             auto.exclude.push(range(ex).map_err(err)?);
-        } else if item.contains(':') || item.contains('/') {
+        } else if item.contains(':') {
             return Err(err(format!(
-                "{item:?}: auto and all forward each port to the same port, on every address"
+                "{item:?}: auto and all forward each port to the same port"
             )));
         } else {
             auto.include.push(range(item).map_err(err)?);
         }
     }
-    Ok(if all {
+    Ok(if all || only_excluded {
         Spec::All(auto)
     } else {
         Spec::Auto(auto)
@@ -383,10 +397,135 @@ pub const AUTO_SCAN_INTERVAL: std::time::Duration = std::time::Duration::from_se
 pub struct PortMap {
     /// Host address to listen on; `None`: all addresses.
     pub bind: Option<IpAddr>,
+    /// Listen on this interface only (`ADDR%IF/`, `SO_BINDTODEVICE`); `-t`/`-u` only.
+    pub iface: Option<IfName>,
     /// The port listened on: on the host for `-t`/`-u`, in the namespace for `-T`.
     pub listen: u16,
     /// The port connected to: in the namespace for `-t`/`-u`, on the host for `-T`.
     pub to: u16,
+    /// The address connected to in the namespace (`:TADDR`); `None`: the guest's address.
+    /// `-t`/`-u` only.
+    pub to_addr: Option<IpAddr>,
+}
+
+impl PortMap {
+    /// `listen` → `to` on every address, no interface, to the guest.
+    #[must_use]
+    pub fn new(bind: Option<IpAddr>, listen: u16, to: u16) -> Self {
+        Self {
+            bind,
+            iface: None,
+            listen,
+            to,
+            to_addr: None,
+        }
+    }
+
+    /// Where a client of this port goes in the namespace.
+    #[must_use]
+    pub fn dest(&self) -> Dest {
+        Dest {
+            addr: self.to_addr,
+            port: self.to,
+        }
+    }
+}
+
+/// Where a forwarded client goes in the namespace: an address (`None`: the guest's, of the
+/// client's family) and a port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Dest {
+    /// The target address, if not the guest's.
+    pub addr: Option<IpAddr>,
+    /// The target port.
+    pub port: u16,
+}
+
+impl From<u16> for Dest {
+    fn from(port: u16) -> Self {
+        Self { addr: None, port }
+    }
+}
+
+/// An interface name (1–15 bytes, as `IFNAMSIZ` allows), kept inline so a [`PortMap`]
+/// stays `Copy`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IfName([u8; 16]);
+
+impl IfName {
+    /// `name`, if it is one: 1–15 bytes, no `/`, whitespace or NUL, not `.` or `..`.
+    #[must_use]
+    pub fn new(name: &str) -> Option<Self> {
+        let ok = (1..16).contains(&name.len())
+            && name != "."
+            && name != ".."
+            && !name
+                .bytes()
+                .any(|b| b == b'/' || b == 0 || b.is_ascii_whitespace());
+        ok.then(|| {
+            let mut raw = [0u8; 16];
+            for (d, s) in raw.iter_mut().zip(name.bytes()) {
+                *d = s;
+            }
+            Self(raw)
+        })
+    }
+
+    /// The name.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        let end = self.0.iter().position(|b| *b == 0).unwrap_or(self.0.len());
+        std::str::from_utf8(self.0.get(..end).unwrap_or_default()).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for IfName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+/// The address part of a spec, before its first `/`: `ADDR`, `[ADDR]`, `*`, each with an
+/// optional `%IF`, or `%IF` alone, or nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Listen {
+    bind: Option<IpAddr>,
+    iface: Option<IfName>,
+}
+
+/// Splits a spec into its address part and its ports.
+fn listen_part(spec: &str) -> Result<(Listen, &str), String> {
+    let Some((part, ports)) = spec.split_once('/') else {
+        return Ok((Listen::default(), spec));
+    };
+    let (addr, iface) = match part.split_once('%') {
+        Some((a, name)) => (
+            a,
+            Some(IfName::new(name).ok_or_else(|| format!("{name:?} is not an interface name"))?),
+        ),
+        None => (part, None),
+    };
+    let bind = match addr {
+        "" | "*" => None,
+        a => match ip_of(a) {
+            Some(ip) => Some(ip),
+            // `80:192.0.2.5/6000`: the `/` is the target's; there is no listening address.
+            None if iface.is_none() && a.contains(':') => {
+                return Ok((Listen::default(), spec));
+            }
+            None => return Err(format!("{a:?} is not an IP address")),
+        },
+    };
+    Ok((Listen { bind, iface }, ports))
+}
+
+/// An address, bare or in brackets.
+fn ip_of(s: &str) -> Option<IpAddr> {
+    s.strip_prefix('[')
+        .and_then(|s| s.strip_suffix(']'))
+        .unwrap_or(s)
+        .parse()
+        .ok()
 }
 
 /// Why a spec did not parse.
@@ -404,15 +543,7 @@ pub fn parse(spec: &str) -> Result<Vec<PortMap>, SpecError> {
     if spec == "none" {
         return Ok(Vec::new());
     }
-    let (bind, ports) = match spec.rsplit_once('/') {
-        Some((addr, ports)) => {
-            let ip: IpAddr = addr
-                .parse()
-                .map_err(|_| err(format!("{addr:?} is not an IP address")))?;
-            (Some(ip), ports)
-        }
-        None => (None, spec),
-    };
+    let (at, ports) = listen_part(spec).map_err(err)?;
     let mut maps: Vec<PortMap> = Vec::new();
     let mut excluded: Vec<(u16, u16)> = Vec::new();
     for item in ports.split(',') {
@@ -420,11 +551,34 @@ pub fn parse(spec: &str) -> Result<Vec<PortMap>, SpecError> {
             excluded.push(range(ex).map_err(err)?);
             continue;
         }
-        let (host, ns) = match item.split_once(':') {
-            Some((h, n)) => (range(h).map_err(err)?, Some(range(n).map_err(err)?)),
+        let (host, target) = match item.split_once(':') {
+            Some((h, t)) => (range(h).map_err(err)?, Some(t)),
             None => (range(item).map_err(err)?, None),
         };
-        let ns = ns.unwrap_or(host);
+        // TARGET: NS ports, TADDR, or TADDR/NS ports.
+        let (to_addr, ns) = match target {
+            None => (None, host),
+            Some(t) => match t.rsplit_once('/') {
+                Some((a, p)) => (
+                    Some(ip_of(a).ok_or_else(|| err(format!("{a:?} is not an IP address")))?),
+                    range(p).map_err(err)?,
+                ),
+                None => match ip_of(t) {
+                    Some(a) => (Some(a), host),
+                    None => (None, range(t).map_err(err)?),
+                },
+            },
+        };
+        if let (Some(a), Some(b)) = (to_addr, at.bind)
+            && a.is_ipv4() != b.is_ipv4()
+        {
+            return Err(err(format!(
+                "{item:?}: the target address is not of the listening address's family"
+            )));
+        }
+        if to_addr.is_some_and(|a| a.is_multicast() || a.is_unspecified()) {
+            return Err(err(format!("{item:?}: the target address cannot be used")));
+        }
         let (len_h, len_n) = (host.1 - host.0, ns.1 - ns.0);
         if len_n != 0 && len_n != len_h {
             return Err(err(format!("{item:?}: the two ranges differ in length")));
@@ -433,9 +587,11 @@ pub fn parse(spec: &str) -> Result<Vec<PortMap>, SpecError> {
             let offset = u16::try_from(i).unwrap_or(0);
             let ns_port = if len_n == 0 { ns.0 } else { ns.0 + offset };
             maps.push(PortMap {
-                bind,
+                bind: at.bind,
+                iface: at.iface,
                 listen: port,
                 to: ns_port,
+                to_addr,
             });
         }
     }
@@ -530,6 +686,27 @@ mod tests {
             (m[0].bind.unwrap().to_string(), m[0].listen, m[0].to),
             ("198.51.100.2".into(), 8080, 80)
         );
+        // pasta's newer forms: brackets, an interface, a target address.
+        let m = parse("[2001:db8::1]%veth0/80").unwrap();
+        assert_eq!(m[0].bind, Some("2001:db8::1".parse().unwrap()));
+        assert_eq!(m[0].iface.unwrap().as_str(), "veth0");
+        let m = parse("%lo/81").unwrap();
+        assert_eq!((m[0].bind, m[0].iface.unwrap().as_str()), (None, "lo"));
+        let m = parse("0.0.0.0/5000:192.0.2.5/6000,5001:192.0.2.6").unwrap();
+        assert_eq!(
+            m.iter()
+                .map(|m| (m.listen, m.to_addr.unwrap().to_string(), m.to))
+                .collect::<Vec<_>>(),
+            [
+                (5000, "192.0.2.5".into(), 6000),
+                (5001, "192.0.2.6".into(), 5001)
+            ]
+        );
+        let m = parse("80-81:[2001:db8::5]/90-91").unwrap();
+        assert_eq!(
+            (m[1].to_addr.unwrap().to_string(), m[1].to),
+            ("2001:db8::5".into(), 91)
+        );
     }
 
     #[test]
@@ -548,13 +725,18 @@ mod tests {
                 .to_string()
                 .contains("same port")
         );
+        // pasta's forms: an address for auto, exclusions alone meaning all but those.
+        let Spec::Auto(a) = parse_spec("[::1]/auto").unwrap() else {
+            panic!("not auto")
+        };
+        assert_eq!(a.bind, Some("::1".parse().unwrap()));
+        let Spec::All(a) = parse_spec("~22,~80-90").unwrap() else {
+            panic!("not all")
+        };
+        assert!(a.include.is_empty() && !a.wants(22) && !a.wants(85) && a.wants(23));
         assert_eq!(
             parse_spec("80").unwrap(),
-            Spec::Ports(vec![PortMap {
-                bind: None,
-                listen: 80,
-                to: 80
-            }])
+            Spec::Ports(vec![PortMap::new(None, 80, 80)])
         );
     }
 
@@ -631,6 +813,8 @@ mod tests {
             ("1-3:1-2", "differ"),
             ("x/80", "\"x\""),
             ("1,~1", "no port left"),
+            ("%/80", "interface name"),
+            ("127.0.0.1/80:[::1]/80", "family"),
         ] {
             let e = parse(bad).unwrap_err().to_string();
             assert!(e.contains(names), "{bad}: {e}");

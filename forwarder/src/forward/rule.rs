@@ -300,13 +300,20 @@ impl Rule {
             (Pif::Splice, false) => Kind::TcpNs,
             (Pif::Splice, true) => Kind::UdpNs,
         };
-        if self.taddr().is_some() {
-            return bad("forwarding to a target address is not supported yet");
-        }
         let ifname = self.ifname();
-        let loopback = pif == Pif::Splice && ifname == "lo";
-        if !ifname.is_empty() && !loopback {
-            return bad("binding to an interface is not supported yet");
+        let iface = match pif {
+            // The namespace side listens on loopback only: `lo` is what it does anyway.
+            Pif::Splice if ifname.is_empty() || ifname == "lo" => None,
+            Pif::Splice => return bad("the namespace side listens on lo only"),
+            Pif::Host if ifname.is_empty() => None,
+            Pif::Host => match super::IfName::new(&ifname) {
+                Some(n) => Some(n),
+                None => return bad("not an interface name"),
+            },
+        };
+        let to_addr = self.taddr();
+        if pif == Pif::Splice && to_addr.is_some() {
+            return bad("the namespace side forwards to the host's loopback only");
         }
         let addr = self.addr();
         let bind = match pif {
@@ -320,8 +327,10 @@ impl Rule {
         };
         let (first, last, to) = self.ports();
         if self.flags() & SCAN != 0 {
-            if to != first {
-                return bad("auto forwards each port to the same port");
+            if to != first || to_addr.is_some() || iface.is_some() {
+                return bad(
+                    "auto forwards each port to the same port, without an interface or target address",
+                );
             }
             return Ok(Realize::Scan(
                 kind,
@@ -335,8 +344,10 @@ impl Rule {
         let maps = (first..=last)
             .map(|p| PortMap {
                 bind,
+                iface,
                 listen: p,
                 to: to.wrapping_add(p - first),
+                to_addr,
             })
             .collect();
         Ok(Realize::Ports {
@@ -1014,10 +1025,20 @@ mod tests {
         assert_eq!(kind, Kind::Tcp);
         assert_eq!(auto.include, [(1, 32767)]);
         assert_eq!(auto.bind, Some("::1".parse().unwrap()));
-        let e = r("0.0.0.0/5000:192.0.2.5/6000")[0]
+        let Realize::Ports { maps, .. } = r("0.0.0.0/5000:192.0.2.5/6000")[0]
             .realize(Pif::Host)
-            .unwrap_err();
-        assert!(e.to_string().contains("target address"), "{e}");
+            .unwrap()
+        else {
+            panic!("not ports")
+        };
+        assert_eq!(
+            (maps[0].bind, maps[0].to_addr, maps[0].to),
+            (
+                Some("0.0.0.0".parse().unwrap()),
+                Some("192.0.2.5".parse().unwrap()),
+                6000
+            )
+        );
         // -T with pasta's `lo` rule: both loopbacks.
         let lo = parse(
             "9000",

@@ -37,8 +37,8 @@ pub(super) struct Dataplane {
     /// The `-U` relays, and how long an idle one lives.
     pub(super) udp_relays: udp_splice::Relays,
     pub(super) udp_idle: Duration,
-    /// `--host-lo-to-ns-lo`'s source of namespace sockets.
-    pub(super) ns_sockets: Option<Box<dyn super::NamespaceSockets>>,
+    /// How `-t` clients from the host's loopback are spliced into the namespace.
+    pub(super) lo_splice: Option<super::LoopbackSplice>,
 }
 
 impl Dataplane {
@@ -92,8 +92,8 @@ impl Dataplane {
                                 Command::SetLocalPrefixes(prefixes) => {
                                     self.engine.set_local_prefixes(prefixes);
                                 }
-                                Command::NamespaceSockets(source) => {
-                                    self.ns_sockets = Some(source);
+                                Command::LoopbackSplice(splice) => {
+                                    self.lo_splice = Some(splice);
                                 }
                                 Command::Stop => {
                                     if self.drop_every.is_some() {
@@ -203,17 +203,20 @@ impl Dataplane {
                 return;
             };
             let ns_port = l.ns_port;
+            let dest = l.dest();
             match &l.socket {
                 ListenSocket::Tcp(t) => match t.accept() {
-                    Ok((stream, peer)) if self.ns_sockets.is_some() && loopback(peer) => {
-                        self.splice_to_namespace_loopback(stream, peer, ns_port);
+                    Ok((stream, peer))
+                        if self.lo_splice.is_some() && dest.addr.is_none() && loopback(peer) =>
+                    {
+                        self.splice_to_namespace(stream, peer, ns_port);
                     }
                     Ok((stream, peer)) => {
                         let _ = stream.set_nonblocking(true);
                         let _ = stream.set_nodelay(true);
                         self.sockets.accepted = Some(OwnedFd::from(stream));
                         self.engine
-                            .handle_inbound_tcp(now, ns_port, peer, &mut self.sockets);
+                            .handle_inbound_tcp(now, dest, peer, &mut self.sockets);
                         if let Some(fd) = self.sockets.accepted.take() {
                             // Not taken (table full, family off): reset the client.
                             reset(&fd);
@@ -242,7 +245,7 @@ impl Dataplane {
                     Ok((n, peer)) => self.engine.handle_inbound_udp(
                         now,
                         index,
-                        ns_port,
+                        dest,
                         peer,
                         self.buf.get(..n).unwrap_or_default(),
                         &mut self.sockets,
@@ -279,30 +282,35 @@ impl Dataplane {
         self.splice(stream, host_fd, peer, target);
     }
 
-    /// `--host-lo-to-ns-lo`: a `-t` client from the host's loopback goes to the same
-    /// loopback address in the namespace, at the forward's port, through a socket the
-    /// namespace agent made there.
-    fn splice_to_namespace_loopback(
-        &mut self,
-        stream: std::net::TcpStream,
-        peer: SocketAddr,
-        to: u16,
-    ) {
+    /// A `-t` client from the host's loopback: spliced to the guest's address of its
+    /// family (or, with `--host-lo-to-ns-lo`, to the same loopback address) at the
+    /// forward's port, through a socket the namespace agent made there.
+    fn splice_to_namespace(&mut self, stream: std::net::TcpStream, peer: SocketAddr, to: u16) {
         if self.sockets.relays.len() >= MAX_RELAYS {
             debug!("too many spliced connections, refusing one");
             return;
         }
-        let local = stream.local_addr().map(|a| unmapped(a.ip()));
-        let ip = match local {
-            Ok(ip) if ip.is_loopback() => ip,
-            _ if unmapped(peer.ip()).is_ipv4() => Ipv4Addr::LOCALHOST.into(),
-            _ => Ipv6Addr::LOCALHOST.into(),
-        };
-        let target = SocketAddr::new(ip, to);
-        let Some(source) = &self.ns_sockets else {
+        let Some(splice) = &self.lo_splice else {
             return;
         };
-        let ns_fd = match source.tcp_socket(target.is_ipv6()) {
+        let v4 = unmapped(peer.ip()).is_ipv4();
+        let ip = if splice.to_loopback {
+            match stream.local_addr().map(|a| unmapped(a.ip())) {
+                Ok(ip) if ip.is_loopback() => ip,
+                _ if v4 => Ipv4Addr::LOCALHOST.into(),
+                _ => Ipv6Addr::LOCALHOST.into(),
+            }
+        } else {
+            match splice.guest.iter().find(|a| a.is_ipv4() == v4) {
+                Some(a) => *a,
+                None => {
+                    debug!(%peer, "splice: the namespace has no address of that family");
+                    return;
+                }
+            }
+        };
+        let target = SocketAddr::new(ip, to);
+        let ns_fd = match splice.source.tcp_socket(target.is_ipv6()) {
             Ok(fd) => fd,
             Err(err) => {
                 debug!("splice: namespace socket: {err:#}");

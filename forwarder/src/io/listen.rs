@@ -19,6 +19,8 @@ use super::family;
 pub struct Listener {
     pub(super) socket: ListenSocket,
     pub(super) ns_port: u16,
+    /// `-t`/`-u`: the namespace address clients go to (`None`: the guest's).
+    pub(super) ns_addr: Option<std::net::IpAddr>,
 }
 
 #[derive(Debug)]
@@ -44,12 +46,13 @@ impl Listener {
         Self {
             socket,
             ns_port: to,
+            ns_addr: None,
         }
     }
 
     /// A `-t` listening socket (`udp`: a `-u` socket) bound on the host, forwarding to
     /// namespace port `to`.
-    fn host(fd: OwnedFd, to: u16, udp: bool) -> Self {
+    fn host(fd: OwnedFd, to: crate::forward::Dest, udp: bool) -> Self {
         let socket = if udp {
             ListenSocket::Udp(std::net::UdpSocket::from(fd))
         } else {
@@ -57,7 +60,16 @@ impl Listener {
         };
         Self {
             socket,
-            ns_port: to,
+            ns_port: to.port,
+            ns_addr: to.addr,
+        }
+    }
+
+    /// Where this port's clients go in the namespace.
+    pub(super) fn dest(&self) -> crate::forward::Dest {
+        crate::forward::Dest {
+            addr: self.ns_addr,
+            port: self.ns_port,
         }
     }
 
@@ -75,7 +87,7 @@ impl Listener {
 ///
 /// The socket call that failed (e.g. the address is in use).
 pub fn bind_udp(addr: SocketAddr) -> std::io::Result<OwnedFd> {
-    bound_socket(addr, SockType::Datagram, true)
+    bound_socket(addr, SockType::Datagram, true, None)
 }
 
 /// A non-blocking TCP listening socket on `addr` (IPv6 only for IPv6 addresses).
@@ -84,7 +96,7 @@ pub fn bind_udp(addr: SocketAddr) -> std::io::Result<OwnedFd> {
 ///
 /// The socket call that failed (e.g. the address is in use).
 pub fn listen_tcp(addr: SocketAddr) -> std::io::Result<OwnedFd> {
-    bound_socket(addr, SockType::Stream, true)
+    bound_socket(addr, SockType::Stream, true, None)
 }
 
 /// Binds the forwarded ports `maps` (UDP with `udp`, else TCP), all or nothing: the first
@@ -98,11 +110,16 @@ pub fn bind_forwards(maps: &[crate::forward::PortMap], udp: bool) -> Result<Vec<
     let name = if udp { "udp" } else { "tcp" };
     maps.iter()
         .map(|m| {
-            let fd = bind_one(m, udp).with_context(|| match m.bind {
-                Some(a) => format!("forward {name} port {} on {a}", m.listen),
-                None => format!("forward {name} port {}", m.listen),
+            let fd = bind_one(m, udp).with_context(|| {
+                let on = match (m.bind, m.iface) {
+                    (Some(a), Some(i)) => format!(" on {a}%{}", i.as_str()),
+                    (Some(a), None) => format!(" on {a}"),
+                    (None, Some(i)) => format!(" on %{}", i.as_str()),
+                    (None, None) => String::new(),
+                };
+                format!("forward {name} port {}{on}", m.listen)
             })?;
-            Ok(Listener::host(fd, m.to, udp))
+            Ok(Listener::host(fd, m.dest(), udp))
         })
         .collect()
 }
@@ -123,7 +140,7 @@ pub fn bind_best_effort(
     for m in maps {
         match bind_one(m, udp) {
             Ok(fd) => {
-                out.push(Listener::host(fd, m.to, udp));
+                out.push(Listener::host(fd, m.dest(), udp));
                 bound.push(*m);
             }
             Err(err) if err.raw_os_error() == Some(libc::EMFILE) => {
@@ -157,28 +174,49 @@ fn bind_one(m: &crate::forward::PortMap, udp: bool) -> std::io::Result<OwnedFd> 
     } else {
         SockType::Stream
     };
+    let iface = m.iface.as_ref().map(crate::forward::IfName::as_str);
     match m.bind {
-        Some(a) => bound_socket(SocketAddr::new(a, m.listen), ty, true),
+        Some(a) => bound_socket(SocketAddr::new(a, m.listen), ty, true, iface),
         // One dual-stack socket: IPv4 clients arrive as IPv4-mapped addresses; IPv4 only
         // where the host has no IPv6.
         None => match bound_socket(
             SocketAddr::from((Ipv6Addr::UNSPECIFIED, m.listen)),
             ty,
             false,
+            iface,
         ) {
             Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => bound_socket(
                 SocketAddr::from((Ipv4Addr::UNSPECIFIED, m.listen)),
                 ty,
                 true,
+                iface,
             ),
             other => other,
         },
     }
 }
 
-/// A non-blocking socket bound to `addr` (and listening, for TCP); an IPv6 socket takes
-/// IPv4-mapped clients unless `v6_only`.
-fn bound_socket(addr: SocketAddr, ty: SockType, v6_only: bool) -> std::io::Result<OwnedFd> {
+/// Whether listening sockets can be bound to an interface here (`SO_BINDTODEVICE`
+/// without privileges needs Linux 5.7): pasta's interface capability.
+#[must_use]
+pub fn can_bind_to_device() -> bool {
+    socket(
+        nix::sys::socket::AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .is_ok_and(|fd| setsockopt(&fd, sockopt::BindToDevice, &std::ffi::OsString::from("lo")).is_ok())
+}
+
+/// A non-blocking socket bound to `addr` (and listening, for TCP), on interface `iface`
+/// if given; an IPv6 socket takes IPv4-mapped clients unless `v6_only`.
+fn bound_socket(
+    addr: SocketAddr,
+    ty: SockType,
+    v6_only: bool,
+    iface: Option<&str>,
+) -> std::io::Result<OwnedFd> {
     let fd = socket(
         family(addr),
         ty,
@@ -187,6 +225,9 @@ fn bound_socket(addr: SocketAddr, ty: SockType, v6_only: bool) -> std::io::Resul
     )?;
     if addr.is_ipv6() {
         setsockopt(&fd, sockopt::Ipv6V6Only, &v6_only)?;
+    }
+    if let Some(name) = iface {
+        setsockopt(&fd, sockopt::BindToDevice, &std::ffi::OsString::from(name))?;
     }
     let stream = ty == SockType::Stream;
     if stream {

@@ -107,7 +107,8 @@ mod token;
 mod udp_splice;
 
 pub use listen::{
-    ACCEPT_BATCH, LISTEN_BACKLOG, Listener, bind_best_effort, bind_forwards, bind_udp, listen_tcp,
+    ACCEPT_BATCH, LISTEN_BACKLOG, Listener, bind_best_effort, bind_forwards, bind_udp,
+    can_bind_to_device, listen_tcp,
 };
 pub use sockets::Sockets;
 
@@ -129,8 +130,8 @@ pub enum Command {
     SetLocalPrefixes(Vec<Prefix>),
     /// Answer with every flow, userspace's and the kernel's.
     Flows(mpsc::Sender<Vec<FlowRow>>),
-    /// Where `--host-lo-to-ns-lo` gets its namespace sockets.
-    NamespaceSockets(Box<dyn NamespaceSockets>),
+    /// Splice `-t` clients from the host's loopback into the namespace.
+    LoopbackSplice(LoopbackSplice),
     /// Stop the loop and return the final counters.
     Stop,
 }
@@ -224,9 +225,26 @@ pub struct Options {
     pub udp_idle: Duration,
     /// Test hook: drop every Nth tap frame each way.
     pub drop_every: Option<u32>,
-    /// `--host-lo-to-ns-lo`: `-t` clients from the host's loopback go to the namespace's
-    /// loopback, spliced (the sockets come from [`Command::NamespaceSockets`]).
+    /// `-t` TCP clients from the host's loopback are spliced to the namespace through a
+    /// socket made there (pasta's default; off with `--no-splice`), given the sockets'
+    /// source ([`Command::LoopbackSplice`]).
+    pub splice_loopback: bool,
+    /// `--host-lo-to-ns-lo`: those clients go to the namespace's loopback, not its address.
     pub host_lo_to_ns_lo: bool,
+}
+
+/// How `-t` TCP clients from the host's loopback reach the namespace: spliced, through a
+/// socket made there, to the guest's address of the client's family (pasta's way: the
+/// namespace sees the connection come from its own address) or to the same loopback
+/// address (`--host-lo-to-ns-lo`).
+#[derive(Debug)]
+pub struct LoopbackSplice {
+    /// Where the namespace's sockets come from.
+    pub source: Box<dyn NamespaceSockets>,
+    /// Connect to the namespace's loopback, not to `guest`.
+    pub to_loopback: bool,
+    /// The guest's addresses.
+    pub guest: Vec<std::net::IpAddr>,
 }
 
 /// Makes sockets inside the served namespace (the namespace agent, `ns::Agent`): a socket
@@ -339,7 +357,7 @@ pub fn spawn(
         frames_dropped: [0; 2],
         udp_relays: udp_splice::Relays::default(),
         udp_idle: options.udp_idle,
-        ns_sockets: None,
+        lo_splice: None,
     };
     let mut plane = plane;
     for (id, listeners) in forwards {

@@ -885,7 +885,7 @@ fn inbound_connection_opens_toward_the_guest_from_the_client_address() {
     // (T's frames use guest port `t.port` and remote port 80).
     let client = format!("{REMOTE}:80").parse().unwrap();
     let flow =
-        t.e.handle_inbound_tcp(t.now, t.port, client, &mut t.host)
+        t.e.handle_inbound_tcp(t.now, t.port.into(), client, &mut t.host)
             .unwrap();
     let out = t.out();
     assert_eq!(out.len(), 1);
@@ -916,7 +916,7 @@ fn inbound_to_a_closed_guest_port_resets_the_client() {
     let mut t = T::new();
     let client = format!("{REMOTE}:80").parse().unwrap();
     let flow =
-        t.e.handle_inbound_tcp(t.now, t.port, client, &mut t.host)
+        t.e.handle_inbound_tcp(t.now, t.port.into(), client, &mut t.host)
             .unwrap();
     let iss = t.out()[0].seq;
     // An unrelated RST is ignored; the one acknowledging our SYN closes the port.
@@ -928,7 +928,7 @@ fn inbound_to_a_closed_guest_port_resets_the_client() {
     assert_eq!(t.host.closed, vec![(flow, true)], "client reset");
     // An unanswered SYN is retransmitted.
     let flow =
-        t.e.handle_inbound_tcp(t.now, t.port, client, &mut t.host)
+        t.e.handle_inbound_tcp(t.now, t.port.into(), client, &mut t.host)
             .unwrap();
     let _ = t.out();
     t.advance(tcp::RTO_INITIAL);

@@ -326,12 +326,12 @@ fn all_forwards_every_free_port_below_the_ephemeral_range() {
         read(&log)
     );
     // The whole range: one socket per port, so it needs a hard open-file limit above the
-    // ephemeral start; below that, start-up fails naming the limit (this machine's hard
-    // limit is 20000, and root here may not raise it).
+    // ephemeral start; below that, it forwards what the limit allows and says so (this
+    // machine's hard limit is 20000, and root here may not raise it).
     let out = w.run_in(
         &host,
         &format!(
-            "ulimit -Sn 1024; {} --netns {guest} -q -t all & pid=$!; sleep 3; echo LISTEN $(ss -Htln | wc -l); echo HARD $(ulimit -Hn); kill $pid; wait $pid; echo EXIT $?",
+            "ulimit -Sn 1024; {} --netns {guest} --ns-ifname tap9 -q -t all & pid=$!; sleep 3; echo LISTEN $(ss -Htln | wc -l); echo HARD $(ulimit -Hn); kill $pid; wait $pid; echo EXIT $?",
             forwarder_bin().display()
         ),
     );
@@ -348,15 +348,17 @@ fn all_forwards_every_free_port_below_the_ephemeral_range() {
     if value("HARD ") > low + 1024 {
         assert!(value("LISTEN ") + 16 >= low, "{said}{}", text(&out.stderr));
     } else {
-        assert_eq!(value("EXIT "), 1, "{said}");
+        assert_eq!(value("EXIT "), 0, "{said}{}", text(&out.stderr));
         assert!(
-            text(&out.stderr).contains("raise the hard open-file limit"),
+            text(&out.stderr).contains("open-file limit is reached"),
             "{}",
             text(&out.stderr)
         );
+        // Every descriptor the limit leaves, less the 1024 kept for flows and forwarder's
+        // own few, is a forwarded port.
         assert!(
-            value("LISTEN ") < 300,
-            "sockets left bound after the failure: {said}"
+            value("LISTEN ") + 1024 + 64 >= value("HARD ") && value("LISTEN ") > 1000,
+            "fewer ports than the limit allows: {said}"
         );
     }
 }

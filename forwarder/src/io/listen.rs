@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 
 use anyhow::{Context, Result};
 use nix::sys::socket::{SockFlag, SockType, SockaddrStorage, bind, setsockopt, socket, sockopt};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::family;
 
@@ -124,8 +124,9 @@ pub fn bind_forwards(maps: &[crate::forward::PortMap], udp: bool) -> Result<Vec<
         .collect()
 }
 
-/// Binds what it can of `maps` (`all`): ports that fail are skipped and counted. Returns
-/// the sockets and the forwards they serve.
+/// Binds what it can of `maps` (`all`): ports that fail are skipped and counted, and at
+/// the open-file limit binding stops with what it has. Returns the sockets and the
+/// forwards they serve.
 ///
 /// # Errors
 ///
@@ -144,10 +145,18 @@ pub fn bind_best_effort(
                 bound.push(*m);
             }
             Err(err) if err.raw_os_error() == Some(libc::EMFILE) => {
-                anyhow::bail!(
-                    "all: out of file descriptors after {} ports: all needs one per port, raise the hard open-file limit (ulimit -Hn)",
-                    out.len()
-                )
+                // Out of descriptors: forward what was bound (as pasta does), less
+                // `FD_RESERVE` given back for the flows, the helpers and the control
+                // sockets, and say so.
+                let keep = out.len().saturating_sub(FD_RESERVE);
+                out.truncate(keep);
+                bound.truncate(keep);
+                warn!(
+                    bound = out.len(),
+                    left = maps.len() - out.len() - skipped,
+                    "all: the open-file limit is reached; the ports bound so far are forwarded (raise ulimit -Hn for more)"
+                );
+                break;
             }
             Err(_) => skipped += 1,
         }
@@ -239,6 +248,10 @@ fn bound_socket(
     }
     Ok(fd)
 }
+
+/// Descriptors `all` leaves free when it reaches the open-file limit: the flows' sockets,
+/// the namespace helpers and the control sockets need them.
+pub const FD_RESERVE: usize = 1024;
 
 /// Connections accepted (or datagrams received) per forwarded port per wakeup.
 pub const ACCEPT_BATCH: usize = 64;

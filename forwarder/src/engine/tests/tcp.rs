@@ -912,6 +912,41 @@ fn inbound_connection_opens_toward_the_guest_from_the_client_address() {
 }
 
 #[test]
+fn inbound_clients_on_the_host_come_from_the_address_that_stands_for_it() {
+    // The gateway (here: 203.0.113.1) maps to the host's loopback; 169.254.1.2 to the
+    // address the guest shares with the host.
+    let mut t = T::with(Settings {
+        policy: Policy {
+            maps: vec![
+                ("169.254.1.2".parse().unwrap(), GUEST.parse().unwrap()),
+                (REMOTE.parse().unwrap(), "127.0.0.1".parse().unwrap()),
+            ],
+            ..Policy::default()
+        },
+        ..Settings::default()
+    });
+    let from = |t: &mut T, client: &str| {
+        let flow =
+            t.e.handle_inbound_tcp(t.now, t.port.into(), client.parse().unwrap(), &mut t.host)?;
+        Some(t.e.flows().get(flow)?.initiator().addr.to_string())
+    };
+    assert_eq!(from(&mut t, "127.0.0.1:80").as_deref(), Some(REMOTE));
+    assert_eq!(
+        from(&mut t, "[::ffff:127.0.0.9]:81").as_deref(),
+        Some(REMOTE)
+    );
+    assert_eq!(
+        from(&mut t, "198.51.100.2:80").as_deref(),
+        Some("169.254.1.2")
+    );
+    assert_eq!(from(&mut t, "192.0.2.9:80").as_deref(), Some("192.0.2.9"));
+    // Nothing stands for the host: refused, counted.
+    let mut t = T::new();
+    assert_eq!(from(&mut t, "127.0.0.1:80"), None);
+    assert_eq!(t.e.stats().inbound_refused, 1);
+}
+
+#[test]
 fn inbound_to_a_closed_guest_port_resets_the_client() {
     let mut t = T::new();
     let client = format!("{REMOTE}:80").parse().unwrap();

@@ -487,11 +487,14 @@ fn pasta_port_grammar_interface_target_address_and_brackets() {
     let pid_file = w.dir.join("pasta.pid");
     let _daemon = Daemon(pid_file.clone());
     let log = w.dir.join("pasta.log");
+    let pcap = w.dir.join("tap.pcap");
     let netns = format!("/run/netns/{guest}");
     let (out, _) = start(
         &w,
         &[
             "--config-net",
+            "--pcap",
+            pcap.to_str().unwrap(),
             // Only on the uplink interface.
             "-t",
             "198.51.100.2%up0/18100",
@@ -536,4 +539,18 @@ fn pasta_port_grammar_interface_target_address_and_brackets() {
     );
     w.assert_echoes(&remote, "to-taddr", "TCP:198.51.100.2:18101", &log);
     w.assert_echoes(&remote, "bracketed", "TCP:[2001:db8:1::2]:18102", &log);
+    // --pcap recorded the tap's frames, both ways, for tcpdump.
+    let host = w.host.clone();
+    let seen = w.run_ok(
+        &host,
+        &format!(
+            "tcpdump -nr {} 'tcp port 18101' 2>/dev/null",
+            pcap.display()
+        ),
+        &log,
+    );
+    assert!(
+        seen.contains("> 198.51.100.77.18101: Flags [S]") && seen.contains("198.51.100.77.18101 >"),
+        "{seen}"
+    );
 }

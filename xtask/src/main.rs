@@ -30,6 +30,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("socat", "socat"),
     ("dnsmasq", "dnsmasq-base"),
     ("ss", "iproute2"),
+    ("tcpdump", "tcpdump"),
 ];
 
 fn main() -> ExitCode {

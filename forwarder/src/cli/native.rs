@@ -137,6 +137,10 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
 
+    /// Capture the tap's frames (both ways) to FILE in pcap format (tcpdump -r FILE).
+    #[arg(short = 'p', long = "pcap", value_name = "FILE")]
+    pub pcap: Option<PathBuf>,
+
     /// Serve pasta's runtime forwarding protocol (pesto, version 2) on this UNIX socket:
     /// the -t/-u/-T/-U forwards become pasta's rules, which `pesto PATH` lists, adds,
     /// deletes and replaces while forwarder runs (see docs/faces.md).
@@ -396,9 +400,6 @@ pub struct Unsupported {
     /// Not served: vhost-user's capabilities.
     #[arg(long, hide = true)]
     pub print_capabilities: bool,
-    /// Not served yet: a pcap capture of the tap.
-    #[arg(short = 'p', long = "pcap", value_name = "FILE", hide = true)]
-    pub pcap: Option<PathBuf>,
     /// Not served yet: derive addresses from this host interface.
     #[arg(short = 'i', long = "interface", value_name = "NAME", hide = true)]
     pub interface: Option<String>,
@@ -449,9 +450,6 @@ impl Unsupported {
             self.fd
                 .is_some()
                 .then(|| later("--fd", "forwarder opens the tap itself")),
-            self.pcap
-                .is_some()
-                .then(|| later("--pcap", "no capture writer")),
             self.interface
                 .is_some()
                 .then(|| later("--interface", "the default route's interface is used")),
@@ -990,6 +988,7 @@ impl Args {
             drop_every: self.drop_every,
             splice_loopback: !self.no_splice,
             host_lo_to_ns_lo: self.host_lo_to_ns_lo,
+            pcap: self.pcap.clone(),
         })
     }
 }

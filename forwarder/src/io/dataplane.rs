@@ -39,6 +39,8 @@ pub(super) struct Dataplane {
     pub(super) udp_idle: Duration,
     /// How `-t` clients from the host's loopback are spliced into the namespace.
     pub(super) lo_splice: Option<super::LoopbackSplice>,
+    /// `-p/--pcap`.
+    pub(super) capture: Option<super::capture::Capture>,
 }
 
 impl Dataplane {
@@ -408,6 +410,9 @@ impl Dataplane {
                         continue;
                     }
                     let frame = self.buf.get(..n).unwrap_or_default();
+                    if let Some(c) = &mut self.capture {
+                        c.frame(frame);
+                    }
                     self.engine.handle_frame(now, frame, &mut self.sockets);
                     if self.sockets.reinject {
                         self.sockets.reinject = false;
@@ -498,6 +503,9 @@ impl Dataplane {
 
     fn flush(&mut self) {
         while let Some(frame) = self.engine.poll_transmit() {
+            if let Some(c) = &mut self.capture {
+                c.frame(&frame);
+            }
             if !self.test_drop(1)
                 && let Err(err) = nix::unistd::write(&self.tap, &frame)
             {
@@ -505,10 +513,12 @@ impl Dataplane {
             }
             self.engine.recycle(frame);
         }
+        if let Some(c) = &mut self.capture {
+            c.flush();
+        }
     }
 }
 
-/// What the `-U` relays work with, from the sockets they do not own.
 /// Whether a client is on the host's loopback (IPv4-mapped on a dual-stack socket too).
 fn loopback(peer: SocketAddr) -> bool {
     unmapped(peer.ip()).is_loopback()
@@ -521,6 +531,7 @@ fn unmapped(ip: std::net::IpAddr) -> std::net::IpAddr {
     }
 }
 
+/// What the `-U` relays work with, from the sockets they do not own.
 fn relay_ends(sockets: &Sockets) -> udp_splice::Ends<'_> {
     udp_splice::Ends {
         listeners: &sockets.listeners,

@@ -98,6 +98,7 @@ use nix::sys::socket::{
 };
 use tracing::debug;
 
+mod capture;
 mod dataplane;
 pub mod fastpath;
 mod listen;
@@ -231,6 +232,8 @@ pub struct Options {
     pub splice_loopback: bool,
     /// `--host-lo-to-ns-lo`: those clients go to the namespace's loopback, not its address.
     pub host_lo_to_ns_lo: bool,
+    /// `-p/--pcap`: capture the tap's frames to this file.
+    pub pcap: Option<std::path::PathBuf>,
 }
 
 /// How `-t` TCP clients from the host's loopback reach the namespace: spliced, through a
@@ -309,6 +312,11 @@ pub fn spawn(
     forwards: Vec<(u32, Vec<Listener>)>,
     fast: Option<fastpath::FastPath>,
 ) -> Result<Handle> {
+    let capture = options
+        .pcap
+        .as_deref()
+        .map(capture::Capture::create)
+        .transpose()?;
     let poll = Poll::new().context("create poller")?;
     let waker =
         std::sync::Arc::new(Waker::new(poll.registry(), token::WAKER).context("create waker")?);
@@ -358,6 +366,7 @@ pub fn spawn(
         udp_relays: udp_splice::Relays::default(),
         udp_idle: options.udp_idle,
         lo_splice: None,
+        capture,
     };
     let mut plane = plane;
     for (id, listeners) in forwards {

@@ -58,6 +58,8 @@ pub struct Config {
     /// pasta's rule tables, served to pesto on `-c/--conf-path`; with them, the forwards
     /// above are empty and the rules are what is forwarded.
     pub rules: Option<Rules>,
+    /// `--ns-mac-addr`: the tap's MAC address in the namespace.
+    pub ns_mac: Option<crate::wire::EthernetAddress>,
 }
 
 /// pasta's forwarding rules and the socket pesto changes them on.

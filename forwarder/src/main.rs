@@ -162,6 +162,7 @@ fn run(args: Args, background: &mut Option<Background>) -> Result<ExitCode> {
         );
     }
     log_plan(&cfg);
+    io::set_freebind(cfg.io.freebind);
     // Bound before anything else starts: a port in use stops start-up with nothing half done.
     if !cfg.all.is_empty() {
         match netconf::raise_nofile() {

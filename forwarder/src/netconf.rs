@@ -76,7 +76,12 @@ pub fn host_info() -> Result<HostInfo> {
 /// # Errors
 ///
 /// The failing step, naming the interface and address.
-pub fn configure_namespace(ifname: &str, net: &Network, config_net: bool) -> Result<()> {
+pub fn configure_namespace(
+    ifname: &str,
+    net: &Network,
+    config_net: bool,
+    mac: Option<[u8; 6]>,
+) -> Result<()> {
     block_on(async {
         let handle = connect()?;
         let lo = link_index(&handle, "lo").await?;
@@ -86,6 +91,19 @@ pub fn configure_namespace(ifname: &str, net: &Network, config_net: bool) -> Res
             .execute()
             .await
             .context("bring lo up")?;
+        if let Some(mac) = mac {
+            let tap = link_index(&handle, ifname).await?;
+            handle
+                .link()
+                .set(
+                    LinkUnspec::new_with_index(tap)
+                        .address(mac.to_vec())
+                        .build(),
+                )
+                .execute()
+                .await
+                .with_context(|| format!("set {ifname}'s MAC address (--ns-mac-addr)"))?;
+        }
         if !config_net {
             return Ok(());
         }

@@ -207,7 +207,12 @@ fn child_main(cfg: &Config, sock: &OwnedFd) -> Result<()> {
 fn open_in_namespace(cfg: &Config) -> Result<(OwnedFd, Vec<OwnedFd>)> {
     let tap = sys::open_tap(&cfg.ifname)
         .with_context(|| format!("open tap {} in the namespace", cfg.ifname))?;
-    netconf::configure_namespace(&cfg.ifname, &cfg.network, cfg.config_net)?;
+    netconf::configure_namespace(
+        &cfg.ifname,
+        &cfg.network,
+        cfg.config_net,
+        cfg.ns_mac.map(|m| m.0),
+    )?;
     let mut listeners = Vec::new();
     for (addr, _, udp) in ns_listen_addrs(cfg) {
         listeners.push(if udp {

@@ -495,6 +495,12 @@ fn pasta_port_grammar_interface_target_address_and_brackets() {
             "--config-net",
             "--pcap",
             pcap.to_str().unwrap(),
+            "--ns-mac-addr",
+            "02:00:00:00:00:42",
+            // An address the host does not have: needs --freebind.
+            "--freebind",
+            "-t",
+            "198.51.100.99/18103",
             // Only on the uplink interface.
             "-t",
             "198.51.100.2%up0/18100",
@@ -521,6 +527,11 @@ fn pasta_port_grammar_interface_target_address_and_brackets() {
         ],
     );
     assert_started(&out, "pasta with pasta's port forms");
+    let links = w.run_ok(&guest, "ip -o link", &log);
+    assert!(
+        links.contains("02:00:00:00:00:42"),
+        "--ns-mac-addr: {links}"
+    );
     w.run_ok(&guest, "ip addr add 198.51.100.77/32 dev lo", &log);
     w.tcp_echo(&guest, 18100);
     w.serve(
@@ -536,6 +547,10 @@ fn pasta_port_grammar_interface_target_address_and_brackets() {
     assert!(
         listening.contains("198.51.100.2%up0:18100"),
         "not bound to up0: {listening}"
+    );
+    assert!(
+        listening.contains("198.51.100.99:18103"),
+        "--freebind: {listening}"
     );
     w.assert_echoes(&remote, "to-taddr", "TCP:198.51.100.2:18101", &log);
     w.assert_echoes(&remote, "bracketed", "TCP:[2001:db8:1::2]:18102", &log);

@@ -137,6 +137,15 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
 
+    /// Let -t/-u listen on addresses the host does not have (yet): IP_FREEBIND /
+    /// IPV6_FREEBIND on the forwarded ports' sockets.
+    #[arg(long)]
+    pub freebind: bool,
+
+    /// The tap's MAC address in the namespace (default: the kernel's random one).
+    #[arg(long, value_name = "MAC", value_parser = parse_mac)]
+    pub ns_mac_addr: Option<EthernetAddress>,
+
     /// Capture the tap's frames (both ways) to FILE in pcap format (tcpdump -r FILE).
     #[arg(short = 'p', long = "pcap", value_name = "FILE")]
     pub pcap: Option<PathBuf>,
@@ -421,12 +430,6 @@ pub struct Unsupported {
     /// Not served yet: no tap at all.
     #[arg(long, hide = true)]
     pub splice_only: bool,
-    /// Not served yet: IP_FREEBIND on listeners.
-    #[arg(long, hide = true)]
-    pub freebind: bool,
-    /// Not served yet: the tap's MAC in the namespace.
-    #[arg(long, value_name = "MAC", hide = true)]
-    pub ns_mac_addr: Option<String>,
     /// Not served yet: change user after set-up.
     #[arg(long, value_name = "UID[:GID]", hide = true)]
     pub runas: Option<String>,
@@ -466,11 +469,6 @@ impl Unsupported {
                 .then(|| later("--fqdn", "no DHCP FQDN option")),
             self.splice_only
                 .then(|| later("--splice-only", "the tap is always created")),
-            self.freebind
-                .then(|| later("--freebind", "listeners bind existing addresses")),
-            self.ns_mac_addr
-                .is_some()
-                .then(|| later("--ns-mac-addr", "the tap keeps the kernel's address")),
             self.runas
                 .as_deref()
                 .filter(|r| !runas_is_self(r))
@@ -710,6 +708,7 @@ impl Args {
             ebpf_max_flows: self.ebpf_max_flows as usize,
             process,
             rules,
+            ns_mac: self.ns_mac_addr,
         })
     }
 
@@ -989,6 +988,7 @@ impl Args {
             splice_loopback: !self.no_splice,
             host_lo_to_ns_lo: self.host_lo_to_ns_lo,
             pcap: self.pcap.clone(),
+            freebind: self.freebind,
         })
     }
 }

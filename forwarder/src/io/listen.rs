@@ -205,6 +205,15 @@ fn bind_one(m: &crate::forward::PortMap, udp: bool) -> std::io::Result<OwnedFd> 
     }
 }
 
+/// `--freebind`, for every forwarded-port socket bound from now on (a process-wide
+/// setting, set once at start-up before the first bind).
+static FREEBIND: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Turns `--freebind` on or off.
+pub fn set_freebind(on: bool) {
+    FREEBIND.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Whether listening sockets can be bound to an interface here (`SO_BINDTODEVICE`
 /// without privileges needs Linux 5.7): pasta's interface capability.
 #[must_use]
@@ -237,6 +246,10 @@ fn bound_socket(
     }
     if let Some(name) = iface {
         setsockopt(&fd, sockopt::BindToDevice, &std::ffi::OsString::from(name))?;
+    }
+    // IP_FREEBIND is honoured by IPv6 sockets' bind too (Linux shares the flag).
+    if FREEBIND.load(std::sync::atomic::Ordering::Relaxed) {
+        setsockopt(&fd, sockopt::IpFreebind, &true)?;
     }
     let stream = ty == SockType::Stream;
     if stream {

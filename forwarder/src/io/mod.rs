@@ -109,7 +109,7 @@ mod udp_splice;
 
 pub use listen::{
     ACCEPT_BATCH, LISTEN_BACKLOG, Listener, bind_best_effort, bind_forwards, bind_udp,
-    can_bind_to_device, listen_tcp,
+    can_bind_to_device, listen_tcp, set_freebind,
 };
 pub use sockets::Sockets;
 
@@ -234,6 +234,9 @@ pub struct Options {
     pub host_lo_to_ns_lo: bool,
     /// `-p/--pcap`: capture the tap's frames to this file.
     pub pcap: Option<std::path::PathBuf>,
+    /// `--freebind`: forwarded ports may listen on addresses the host does not have
+    /// (applied by [`set_freebind`] before anything is bound).
+    pub freebind: bool,
 }
 
 /// How `-t` TCP clients from the host's loopback reach the namespace: spliced, through a

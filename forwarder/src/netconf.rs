@@ -184,6 +184,20 @@ pub fn read_resolvers(text: &str) -> Vec<IpAddr> {
         .collect()
 }
 
+/// The search domains of a resolv.conf: its last `search` or `domain` line wins, as for
+/// the resolver.
+#[must_use]
+pub fn read_search(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if let Some("search" | "domain") = words.next() {
+            out = words.map(str::to_string).collect();
+        }
+    }
+    out
+}
+
 fn block_on<T>(fut: impl Future<Output = Result<T>>) -> Result<T> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()

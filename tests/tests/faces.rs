@@ -569,3 +569,67 @@ fn pasta_port_grammar_interface_target_address_and_brackets() {
         "{seen}"
     );
 }
+
+#[test]
+fn dhcp_hands_out_the_search_list_hostname_and_fqdn() {
+    if !privileged() {
+        return;
+    }
+    let mut w = World::new();
+    let guest = w.add_guest();
+    let pid_file = w.dir.join("pasta.pid");
+    let _daemon = Daemon(pid_file.clone());
+    let log = w.dir.join("pasta.log");
+    let netns = format!("/run/netns/{guest}");
+    let (out, _) = start(
+        &w,
+        &[
+            "--ns-ifname",
+            "tap0",
+            "-S",
+            "a.example b.example",
+            "--dhcp-search",
+            "-H",
+            "box",
+            "--fqdn",
+            "box.a.example",
+            "-t",
+            "none",
+            "-u",
+            "none",
+            "-T",
+            "none",
+            "-U",
+            "none",
+            "--netns",
+            &netns,
+            "--dns-host",
+            "203.0.113.1",
+            "--pid",
+            pid_file.to_str().unwrap(),
+            "-l",
+            log.to_str().unwrap(),
+        ],
+    );
+    assert_started(&out, "pasta -S -H --fqdn");
+    let dir = w.dir.display().to_string();
+    std::fs::write(
+        w.dir.join("udhcpc.sh"),
+        format!(
+            "#!/bin/sh\n[ \"$1\" = bound ] && echo \"ip=$ip hostname=$hostname search=$search\" > {dir}/udhcpc.out\nexit 0\n"
+        ),
+    )
+    .unwrap();
+    w.run_ok(
+        &guest,
+        &format!(
+            "ip link set tap0 up; chmod +x {dir}/udhcpc.sh; timeout 15 busybox udhcpc -i tap0 -n -q -t5 -T1 -O search -O hostname -s {dir}/udhcpc.sh"
+        ),
+        &log,
+    );
+    let got = read(&w.dir.join("udhcpc.out"));
+    assert!(
+        got.contains("ip=198.51.100.2 hostname=box search=a.example b.example"),
+        "{got}"
+    );
+}

@@ -137,6 +137,28 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
 
+    /// The DNS search list (space-separated; `none`: no list), instead of resolv.conf's
+    /// `search` line; sent only with --dhcp-search.
+    #[arg(short = 'S', long = "search", value_name = "LIST")]
+    pub search: Option<String>,
+
+    /// Send the DNS search list (DHCP option 119, DHCPv6 option 24, the RA's DNSSL).
+    /// Default: not sent, as pasta.
+    #[arg(long, overrides_with = "no_dhcp_search")]
+    pub dhcp_search: bool,
+
+    /// Do not send the DNS search list (the default).
+    #[arg(long, overrides_with = "dhcp_search")]
+    pub no_dhcp_search: bool,
+
+    /// The host name to give the namespace (DHCP option 12).
+    #[arg(short = 'H', long = "hostname", value_name = "NAME")]
+    pub hostname: Option<String>,
+
+    /// The FQDN to give the namespace (DHCP option 81, DHCPv6 option 39).
+    #[arg(long, value_name = "NAME")]
+    pub fqdn: Option<String>,
+
     /// Let -t/-u listen on addresses the host does not have (yet): IP_FREEBIND /
     /// IPV6_FREEBIND on the forwarded ports' sockets.
     #[arg(long)]
@@ -412,21 +434,6 @@ pub struct Unsupported {
     /// Not served yet: derive addresses from this host interface.
     #[arg(short = 'i', long = "interface", value_name = "NAME", hide = true)]
     pub interface: Option<String>,
-    /// Not served yet: the DNS search list.
-    #[arg(short = 'S', long = "search", value_name = "LIST", hide = true)]
-    pub search: Option<String>,
-    /// Not served yet: DHCP's hostname option.
-    #[arg(short = 'H', long = "hostname", value_name = "NAME", hide = true)]
-    pub hostname: Option<String>,
-    /// Not served yet: DHCP's client FQDN option.
-    #[arg(long, value_name = "NAME", hide = true)]
-    pub fqdn: Option<String>,
-    /// Not served yet: send the search list.
-    #[arg(long, hide = true)]
-    pub dhcp_search: bool,
-    /// Do not send a DNS search list (forwarder never sends one).
-    #[arg(long, hide = true)]
-    pub no_dhcp_search: bool,
     /// Not served yet: no tap at all.
     #[arg(long, hide = true)]
     pub splice_only: bool,
@@ -456,17 +463,6 @@ impl Unsupported {
             self.interface
                 .is_some()
                 .then(|| later("--interface", "the default route's interface is used")),
-            self.search
-                .is_some()
-                .then(|| later("--search", "no DNS search list is sent")),
-            self.dhcp_search
-                .then(|| later("--dhcp-search", "no DNS search list is sent")),
-            self.hostname
-                .is_some()
-                .then(|| later("--hostname", "no DHCP hostname option")),
-            self.fqdn
-                .is_some()
-                .then(|| later("--fqdn", "no DHCP FQDN option")),
             self.splice_only
                 .then(|| later("--splice-only", "the tap is always created")),
             self.runas
@@ -550,6 +546,7 @@ impl Args {
             host.resolvers = crate::netconf::read_resolvers(&text);
         }
         let mut network = plan::resolve(&host, &overrides)?;
+        network.names = self.names()?;
         let translation = self.translation(&host, &mut network)?;
         let io = self.io_options()?;
         let mut auto = Vec::new();
@@ -710,6 +707,50 @@ impl Args {
             rules,
             ns_mac: self.ns_mac_addr,
         })
+    }
+
+    /// The names handed out: `-H`, `--fqdn`, and with `--dhcp-search` the search list of
+    /// `-S` or resolv.conf.
+    fn names(&self) -> Result<plan::Names> {
+        let check = |option: &str, name: &str| {
+            if plan::dns_name_ok(name) {
+                Ok(name.to_string())
+            } else {
+                Err(anyhow::anyhow!(
+                    "{option} {name:?}: not a DNS name (labels of 1-63 letters, digits or -, at most 253 bytes)"
+                ))
+            }
+        };
+        let mut names = plan::Names {
+            hostname: self
+                .hostname
+                .as_deref()
+                .map(|h| check("--hostname", h))
+                .transpose()?,
+            fqdn: self
+                .fqdn
+                .as_deref()
+                .map(|f| check("--fqdn", f))
+                .transpose()?,
+            search: Vec::new(),
+        };
+        let list: Vec<String> = match self.search.as_deref() {
+            Some("none") => Vec::new(),
+            Some(list) => list.split_whitespace().map(str::to_string).collect(),
+            None => std::fs::read_to_string(&self.resolv_conf)
+                .map(|t| crate::netconf::read_search(&t))
+                .unwrap_or_default(),
+        };
+        if self.search.is_some() {
+            // Given by name: each must be one.
+            for name in &list {
+                check("--search", name)?;
+            }
+        }
+        if self.dhcp_search {
+            names.search = list.into_iter().filter(|n| plan::dns_name_ok(n)).collect();
+        }
+        Ok(names)
     }
 
     /// pasta's rule tables for `-c PATH`: each -t/-u/-T/-U value (or pasta's `auto`
@@ -1057,12 +1098,48 @@ mod tests {
 
     #[test]
     fn options_not_served_are_refused_by_name() {
-        let err = parse(&["--pcap", "/tmp/x", "--", "true"])
+        let err = parse(&["--splice-only", "--", "true"])
             .unwrap()
             .into_config(&HostInfo::default())
             .unwrap_err()
             .to_string();
-        assert!(err.contains("--pcap"), "{err}");
+        assert!(err.contains("--splice-only"), "{err}");
+    }
+
+    #[test]
+    fn names_for_dhcp() {
+        let cfg = parse(&[
+            "-S",
+            "a.example b.example",
+            "--dhcp-search",
+            "-H",
+            "box",
+            "--fqdn",
+            "box.a.example",
+            "--",
+            "true",
+        ])
+        .unwrap()
+        .into_config(&HostInfo::default())
+        .unwrap();
+        let n = &cfg.network.names;
+        assert_eq!(n.search, ["a.example", "b.example"]);
+        assert_eq!(
+            (n.hostname.as_deref(), n.fqdn.as_deref()),
+            (Some("box"), Some("box.a.example"))
+        );
+        // Without --dhcp-search the list is not sent (pasta's default).
+        let cfg = parse(&["-S", "a.example", "--", "true"])
+            .unwrap()
+            .into_config(&HostInfo::default())
+            .unwrap();
+        assert!(cfg.network.names.search.is_empty());
+        let err = parse(&["-H", "bad name", "--", "true"])
+            .unwrap()
+            .into_config(&HostInfo::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--hostname \"bad name\""), "{err}");
     }
 
     #[test]

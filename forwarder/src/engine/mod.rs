@@ -762,6 +762,11 @@ impl Engine {
             u32::try_from(ndp::ROUTER_LIFETIME.as_secs()).unwrap_or(u32::MAX),
             ndp::rdnss(&self.net),
         );
+        build::dnssl_option(
+            &mut options,
+            u32::try_from(ndp::ROUTER_LIFETIME.as_secs()).unwrap_or(u32::MAX),
+            &self.net.names.search,
+        );
         let (our_mac, src) = (self.net.our_mac, plan.router_ll);
         let dst_mac = dst_mac.unwrap_or_else(|| multicast_mac(dst));
         self.transmit(|out| {

@@ -35,6 +35,35 @@ pub struct Network {
     pub ipv6: Option<Ipv6Plan>,
     /// DHCP lease time handed out.
     pub lease: Duration,
+    /// The names handed out with the addresses.
+    pub names: Names,
+}
+
+/// Names the guest is told (pasta's `-S/--dhcp-search`, `-H`, `--fqdn`): the DNS search
+/// list (DHCP option 119, DHCPv6 option 24, the RA's DNSSL), the host name (DHCP option
+/// 12) and the FQDN (DHCP option 81, DHCPv6 option 39). Each name passed [`dns_name_ok`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Names {
+    /// Search domains, in order.
+    pub search: Vec<String>,
+    /// Host name.
+    pub hostname: Option<String>,
+    /// Fully qualified domain name.
+    pub fqdn: Option<String>,
+}
+
+/// Whether `name` can be sent as a DNS name: labels of 1–63 letters, digits, `-` or `_`,
+/// at most 253 bytes, an optional final dot.
+#[must_use]
+pub fn dns_name_ok(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            (1..=63).contains(&l.len())
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 /// IPv4 addresses of the namespace.
@@ -170,6 +199,7 @@ pub(crate) mod testing {
 
     pub(crate) fn network() -> Network {
         Network {
+            names: super::Names::default(),
             our_mac: DEFAULT_MAC,
             mtu: 65520,
             ipv4: Some(Ipv4Plan {

@@ -116,6 +116,7 @@ pub fn resolve(host: &HostInfo, o: &Overrides) -> Result<Network, PlanError> {
         ipv4,
         ipv6,
         lease: o.lease,
+        names: super::Names::default(),
     })
 }
 

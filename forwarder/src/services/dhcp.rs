@@ -102,11 +102,18 @@ impl Reply {
         };
         let lease_s = u32::try_from(net.lease.as_secs()).unwrap_or(u32::MAX);
         let mtu = net.mtu.to_be_bytes();
-        let extra = [DhcpOption {
-            kind: OPTION_INTERFACE_MTU,
-            data: &mtu,
-        }];
         let full = self.message_type != DhcpMessageType::Nak;
+        let names = NameOptions::of(&net.names);
+        let mut extra = Vec::new();
+        if full && net.mtu >= MIN_MTU {
+            extra.push(DhcpOption {
+                kind: OPTION_INTERFACE_MTU,
+                data: &mtu,
+            });
+        }
+        if full {
+            names.push_onto(&mut extra);
+        }
         let mut dns = heapless_dns();
         if full {
             for server in plan.dns.iter().take(super::MAX_DNS) {
@@ -134,15 +141,69 @@ impl Reply {
             lease_duration: self.with_lease.then_some(lease_s),
             renew_duration: self.with_lease.then_some(lease_s / 2),
             rebind_duration: self.with_lease.then_some(lease_s / 8 * 7),
-            additional_options: if full && net.mtu >= MIN_MTU {
-                &extra
-            } else {
-                &[]
-            },
+            additional_options: &extra,
         };
         crate::wire::dhcp::encode_v4(&repr, out)
     }
 }
+
+/// The name options' bodies, encoded once per reply.
+struct NameOptions {
+    search: Vec<u8>,
+    hostname: Option<Vec<u8>>,
+    fqdn: Option<Vec<u8>>,
+}
+
+impl NameOptions {
+    fn of(names: &crate::plan::Names) -> Self {
+        let mut search = Vec::new();
+        for name in &names.search {
+            crate::wire::dhcp::dns_name(name, &mut search);
+        }
+        let fqdn = names.fqdn.as_ref().map(|n| {
+            // RFC 4702 §2: flags (E: the name is in wire format), RCODE1 and RCODE2 (255
+            // from a server), then the name.
+            let mut body = vec![FQDN_FLAG_E, 255, 255];
+            crate::wire::dhcp::dns_name(n, &mut body);
+            body
+        });
+        Self {
+            search,
+            hostname: names.hostname.as_ref().map(|h| h.as_bytes().to_vec()),
+            fqdn,
+        }
+    }
+
+    /// Options 119 (split over several when longer than 255 bytes, RFC 3396), 12 and 81.
+    fn push_onto<'a>(&'a self, extra: &mut Vec<DhcpOption<'a>>) {
+        for chunk in self.search.chunks(255) {
+            extra.push(DhcpOption {
+                kind: OPTION_DOMAIN_SEARCH,
+                data: chunk,
+            });
+        }
+        if let Some(h) = &self.hostname {
+            extra.push(DhcpOption {
+                kind: OPTION_HOSTNAME,
+                data: h.get(..h.len().min(255)).unwrap_or(h),
+            });
+        }
+        if let Some(f) = &self.fqdn {
+            extra.push(DhcpOption {
+                kind: OPTION_CLIENT_FQDN,
+                data: f.get(..f.len().min(255)).unwrap_or(f),
+            });
+        }
+    }
+}
+
+/// DHCP option 12, Host Name (RFC 2132 §3.14).
+pub const OPTION_HOSTNAME: u8 = 12;
+/// DHCP option 81, Client FQDN (RFC 4702).
+pub const OPTION_CLIENT_FQDN: u8 = 81;
+/// DHCP option 119, Domain Search (RFC 3397).
+pub const OPTION_DOMAIN_SEARCH: u8 = 119;
+const FQDN_FLAG_E: u8 = 0x04;
 
 fn heapless_dns() -> heapless::Vec<Ipv4Addr, { smoltcp::wire::DHCP_MAX_DNS_SERVER_COUNT }> {
     heapless::Vec::new()
@@ -185,6 +246,39 @@ mod tests {
             rebind_duration: None,
             additional_options: &[],
         }
+    }
+
+    #[test]
+    fn names_are_sent_as_options_12_81_and_119() {
+        let mut net = network();
+        net.names = crate::plan::Names {
+            search: vec!["a.example".into(), "b.example".into()],
+            hostname: Some("box".into()),
+            fqdn: Some("box.a.example".into()),
+        };
+        let reply = handle(&net, &request(DhcpMessageType::Discover)).unwrap();
+        let mut out = Vec::new();
+        reply.encode(&net, &mut out).unwrap();
+        let packet = DhcpPacket::new_checked(&out[..]).unwrap();
+        let options: Vec<(u8, Vec<u8>)> = packet
+            .options()
+            .map(|o| (o.kind, o.data.to_vec()))
+            .collect();
+        let get = |k: u8| {
+            options
+                .iter()
+                .find(|(kind, _)| *kind == k)
+                .map(|(_, d)| d.clone())
+        };
+        assert_eq!(get(OPTION_HOSTNAME).unwrap(), b"box");
+        assert_eq!(
+            get(OPTION_DOMAIN_SEARCH).unwrap(),
+            b"\x01a\x07example\x00\x01b\x07example\x00"
+        );
+        assert_eq!(
+            get(OPTION_CLIENT_FQDN).unwrap(),
+            b"\x04\xff\xff\x03box\x01a\x07example\x00"
+        );
     }
 
     #[test]

@@ -99,6 +99,28 @@ pub fn handle(net: &Network, request: &Message) -> Option<Message> {
     {
         opts.insert(DhcpOption::DomainNameServers(dns));
     }
+    if !matches!(
+        request.msg_type(),
+        MessageType::Release | MessageType::Decline
+    ) {
+        let search: Vec<crate::wire::dhcp::Name> = net
+            .names
+            .search
+            .iter()
+            .filter_map(|n| crate::wire::dhcp::Name::from_ascii(n).ok())
+            .collect();
+        if !search.is_empty() {
+            opts.insert(DhcpOption::DomainSearchList(search));
+        }
+        if let Some(fqdn) = &net.names.fqdn {
+            // RFC 4704 §4: flags (none: the server does the updates it does), the name.
+            let mut body = vec![0u8];
+            crate::wire::dhcp::dns_name(fqdn, &mut body);
+            opts.insert(DhcpOption::Unknown(
+                crate::wire::dhcp::v6::UnknownOption::new(OptionCode::ClientFqdn, body),
+            ));
+        }
+    }
     Some(reply)
 }
 

@@ -431,6 +431,32 @@ pub fn rdnss_option(out: &mut Vec<u8>, lifetime_s: u32, servers: &[Ipv6Addr]) {
     }
 }
 
+/// Encodes an NDP DNS Search List option (RFC 8106 §5.2): the names in DNS wire format,
+/// zero-padded to a multiple of 8 octets. Names past the option's size limit are left out.
+pub fn dnssl_option(out: &mut Vec<u8>, lifetime_s: u32, names: &[String]) {
+    let mut encoded = Vec::new();
+    for name in names {
+        let mut one = Vec::new();
+        super::dhcp::dns_name(name, &mut one);
+        // The length byte counts 8-octet units: at most 255 × 8 bytes with the header.
+        if 8 + encoded.len() + one.len() > 255 * 8 {
+            break;
+        }
+        encoded.extend_from_slice(&one);
+    }
+    if encoded.is_empty() {
+        return;
+    }
+    while (8 + encoded.len()) % 8 != 0 {
+        encoded.push(0);
+    }
+    out.push(NDP_OPTION_DNSSL);
+    out.push(u8::try_from((8 + encoded.len()) / 8).unwrap_or(u8::MAX));
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(&lifetime_s.to_be_bytes());
+    out.extend_from_slice(&encoded);
+}
+
 fn emit_udp(
     body: &mut [u8],
     (src, dst): (&IpAddress, &IpAddress),
@@ -456,6 +482,8 @@ fn reset(out: &mut Vec<u8>, len: usize) {
 
 /// NDP option type of the Recursive DNS Server option (RFC 8106).
 pub const NDP_OPTION_RDNSS: u8 = 25;
+/// NDP option type of the DNS Search List option (RFC 8106).
+pub const NDP_OPTION_DNSSL: u8 = 31;
 
 /// Builds the ICMP/ICMPv6 echo request a ping socket sends (header + data, no IP header).
 /// The kernel sets the identifier and the checksum of ping-socket messages.

@@ -10,6 +10,7 @@
 //! (bulk-leasequery options 91–94), so a malformed DISCOVER from the guest panics a debug
 //! build — found by `arbitrary_bytes_never_panic`. Its v6 decoder has no such assertions.
 
+pub use dhcproto::Name;
 pub use dhcproto::v6;
 use dhcproto::{Decodable, Decoder, Encodable, Encoder};
 pub use smoltcp::wire::{DhcpMessageType, DhcpOption, DhcpPacket, DhcpRepr};
@@ -55,4 +56,16 @@ pub fn encode_v4(repr: &DhcpRepr<'_>, out: &mut Vec<u8>) -> Result<(), smoltcp::
 pub fn encode_v6(msg: &v6::Message, out: &mut Vec<u8>) -> Result<(), dhcproto::error::EncodeError> {
     out.clear();
     msg.encode(&mut Encoder::new(out))
+}
+
+/// Appends `name` in DNS wire format (RFC 1035 §3.1, uncompressed): each label with its
+/// length, then the root's zero. The name must have passed `plan::dns_name_ok`.
+pub fn dns_name(name: &str, out: &mut Vec<u8>) {
+    for label in name.strip_suffix('.').unwrap_or(name).split('.') {
+        let bytes = label.as_bytes();
+        let bytes = bytes.get(..bytes.len().min(63)).unwrap_or(bytes);
+        out.push(u8::try_from(bytes.len()).unwrap_or(63));
+        out.extend_from_slice(bytes);
+    }
+    out.push(0);
 }

@@ -152,7 +152,7 @@ impl Background {
 }
 
 fn run(args: Args, background: &mut Option<Background>) -> Result<ExitCode> {
-    let host = netconf::host_info().context("read the host's routes")?;
+    let host = netconf::host_info(args.template()).context("read the host's routes")?;
     debug!(?host, "host network");
     let mut cfg = args.into_config(&host)?;
     if cfg.services.icmp && !io::ping_sockets_allowed() {

@@ -40,11 +40,25 @@ use crate::plan::Network;
 /// # Errors
 ///
 /// When netlink cannot be opened or queried.
-pub fn host_info() -> Result<HostInfo> {
+pub fn host_info(template: Template<'_>) -> Result<HostInfo> {
     let mut info = block_on(async {
         let handle = connect()?;
-        let v4 = default_route(&handle, AddressFamily::Inet).await?;
-        let v6 = default_route(&handle, AddressFamily::Inet6).await?;
+        let only = |name: Option<&str>| {
+            let handle = handle.clone();
+            let name = name.map(str::to_owned);
+            async move {
+                match name {
+                    Some(n) => link_index(&handle, &n)
+                        .await
+                        .map(Some)
+                        .with_context(|| format!("template interface {n}")),
+                    None => Ok(None),
+                }
+            }
+        };
+        let (if4, if6) = (only(template.v4).await?, only(template.v6).await?);
+        let v4 = default_route(&handle, AddressFamily::Inet, if4).await?;
+        let v6 = default_route(&handle, AddressFamily::Inet6, if6).await?;
         let mut info = HostInfo::default();
         if let Some((oif, IpAddr::V4(gw))) = v4 {
             info.v4 = addresses(&handle, oif)
@@ -261,7 +275,22 @@ pub fn local_prefixes() -> Result<Vec<crate::policy::Prefix>> {
     })
 }
 
-async fn default_route(handle: &Handle, family: AddressFamily) -> Result<Option<(u32, IpAddr)>> {
+/// The host interfaces the plan is derived from, per family (`-i`, `--outbound-if4/6`);
+/// `None`: the one with the best default route.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Template<'a> {
+    /// For IPv4.
+    pub v4: Option<&'a str>,
+    /// For IPv6.
+    pub v6: Option<&'a str>,
+}
+
+/// The best default route of `family` (through interface `only`, if given).
+async fn default_route(
+    handle: &Handle,
+    family: AddressFamily,
+    only: Option<u32>,
+) -> Result<Option<(u32, IpAddr)>> {
     let query = match family {
         AddressFamily::Inet6 => RouteMessageBuilder::<Ipv6Addr>::new().build(),
         _ => RouteMessageBuilder::<Ipv4Addr>::new().build(),
@@ -273,6 +302,7 @@ async fn default_route(handle: &Handle, family: AddressFamily) -> Result<Option<
             continue;
         }
         if let Some((oif, gw, metric)) = gateway_of(&route)
+            && only.is_none_or(|i| i == oif)
             && best.is_none_or(|(m, _, _)| metric < m)
         {
             best = Some((metric, oif, gw));
@@ -329,9 +359,9 @@ async fn addresses(handle: &Handle, index: u32) -> Result<Vec<(IpAddr, u8)>> {
 pub fn uplink_mtu() -> Result<Option<u32>> {
     block_on(async {
         let handle = connect()?;
-        let mut oif = default_route(&handle, AddressFamily::Inet).await?;
+        let mut oif = default_route(&handle, AddressFamily::Inet, None).await?;
         if oif.is_none() {
-            oif = default_route(&handle, AddressFamily::Inet6).await?;
+            oif = default_route(&handle, AddressFamily::Inet6, None).await?;
         }
         let Some((index, _)) = oif else {
             return Ok(None);

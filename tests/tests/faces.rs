@@ -633,3 +633,57 @@ fn dhcp_hands_out_the_search_list_hostname_and_fqdn() {
         "{got}"
     );
 }
+
+#[test]
+fn interface_option_takes_the_plan_from_another_host_interface() {
+    if !privileged() {
+        return;
+    }
+    let mut w = World::new();
+    let guest = w.add_guest();
+    // A second host interface with a worse default route.
+    let host = w.host.clone();
+    let log = w.dir.join("pasta.log");
+    let remote = w.remote.clone();
+    w.run_ok(
+        &host,
+        &format!(
+            "ip link add up1 type veth peer name dn1 netns {remote} && ip addr add 203.0.113.50/24 dev up1 && ip link set up1 up && ip -n {remote} link set dn1 up && ip route add default via 203.0.113.49 dev up1 metric 500"
+        ),
+        &log,
+    );
+    let pid_file = w.dir.join("pasta.pid");
+    let _daemon = Daemon(pid_file.clone());
+    let netns = format!("/run/netns/{guest}");
+    let (out, _) = start(
+        &w,
+        &[
+            "--config-net",
+            "-4",
+            "-i",
+            "up1",
+            "--ns-ifname",
+            "tap0",
+            "-t",
+            "none",
+            "-u",
+            "none",
+            "-T",
+            "none",
+            "-U",
+            "none",
+            "--netns",
+            &netns,
+            "--dns-host",
+            "203.0.113.1",
+            "--pid",
+            pid_file.to_str().unwrap(),
+            "-l",
+            log.to_str().unwrap(),
+        ],
+    );
+    assert_started(&out, "pasta -i up1");
+    let addrs = w.run_ok(&guest, "ip -o -4 addr show tap0; ip route", &log);
+    assert!(addrs.contains("203.0.113.50/24"), "{addrs}");
+    assert!(addrs.contains("default via 203.0.113.49"), "{addrs}");
+}

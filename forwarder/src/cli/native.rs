@@ -137,6 +137,11 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
 
+    /// Derive the namespace's addresses and gateways from this host interface (its default
+    /// routes) instead of the interface of the best default route.
+    #[arg(short = 'i', long = "interface", value_name = "NAME")]
+    pub interface: Option<String>,
+
     /// The DNS search list (space-separated; `none`: no list), instead of resolv.conf's
     /// `search` line; sent only with --dhcp-search.
     #[arg(short = 'S', long = "search", value_name = "LIST")]
@@ -431,9 +436,6 @@ pub struct Unsupported {
     /// Not served: vhost-user's capabilities.
     #[arg(long, hide = true)]
     pub print_capabilities: bool,
-    /// Not served yet: derive addresses from this host interface.
-    #[arg(short = 'i', long = "interface", value_name = "NAME", hide = true)]
-    pub interface: Option<String>,
     /// Not served yet: no tap at all.
     #[arg(long, hide = true)]
     pub splice_only: bool,
@@ -460,9 +462,6 @@ impl Unsupported {
             self.fd
                 .is_some()
                 .then(|| later("--fd", "forwarder opens the tap itself")),
-            self.interface
-                .is_some()
-                .then(|| later("--interface", "the default route's interface is used")),
             self.splice_only
                 .then(|| later("--splice-only", "the tap is always created")),
             self.runas
@@ -832,6 +831,16 @@ impl Args {
                 .map(|(p, t)| (p, t.rules().to_vec()))
                 .collect(),
         })
+    }
+
+    /// The host interfaces the address plan comes from: `-i`, else `--outbound-if4/6`.
+    #[must_use]
+    pub fn template(&self) -> crate::netconf::Template<'_> {
+        let i = self.interface.as_deref();
+        crate::netconf::Template {
+            v4: i.or(self.outbound_if4.as_deref()),
+            v6: i.or(self.outbound_if6.as_deref()),
+        }
     }
 
     /// Whether this process forks into the background once ready: the pasta face serving

@@ -76,6 +76,8 @@ pub struct Rules {
 /// The process contract of the face that started forwarder.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Process {
+    /// `--runas`: the user and group to change to once set up (`None`: stay).
+    pub runas: Option<(u32, u32)>,
     /// Fork into the background once the namespace is served; the foreground exits 0 then
     /// (pasta's contract; never with a spawned command).
     pub background: bool,

@@ -350,6 +350,11 @@ fn run(args: Args, background: &mut Option<Background>) -> Result<ExitCode> {
         .netns_quit
         .then(|| NamespaceWatch::new(&netns))
         .flatten();
+    if let Some((uid, gid)) = cfg.process.runas {
+        forwarder::sys::run_as(uid, gid)
+            .with_context(|| format!("--runas: change to user {uid}, group {gid}"))?;
+        info!(uid, gid, "running as");
+    }
     if let Some(b) = background {
         b.ready();
     }

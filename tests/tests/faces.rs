@@ -687,3 +687,60 @@ fn interface_option_takes_the_plan_from_another_host_interface() {
     assert!(addrs.contains("203.0.113.50/24"), "{addrs}");
     assert!(addrs.contains("default via 203.0.113.49"), "{addrs}");
 }
+
+#[test]
+fn runas_drops_to_another_user_once_set_up() {
+    if !privileged() {
+        return;
+    }
+    let mut w = World::new();
+    let guest = w.add_guest();
+    let pid_file = w.dir.join("pasta.pid");
+    let daemon = Daemon(pid_file.clone());
+    let log = w.dir.join("pasta.log");
+    let netns = format!("/run/netns/{guest}");
+    // `start` passes --runas 0:0 first; the last one given wins.
+    let (out, _) = start(
+        &w,
+        &[
+            "--runas",
+            "65534:65534",
+            "--config-net",
+            "-t",
+            "18300",
+            "-u",
+            "none",
+            "-T",
+            "none",
+            "-U",
+            "none",
+            "--netns",
+            &netns,
+            "--dns-host",
+            "203.0.113.1",
+            "--pid",
+            pid_file.to_str().unwrap(),
+            "-l",
+            log.to_str().unwrap(),
+        ],
+    );
+    assert_started(&out, "pasta --runas 65534:65534");
+    let pid = daemon.pid().expect("daemon PID");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    assert_eq!(field("Uid:"), "65534 65534 65534 65534", "{status}");
+    assert_eq!(field("Gid:"), "65534 65534 65534 65534", "{status}");
+    // Only the right to listen below port 1024 is kept (CAP_NET_BIND_SERVICE is bit 10).
+    let eff = u64::from_str_radix(&field("CapEff:"), 16).unwrap();
+    assert_eq!(eff, 1 << 10, "{status}");
+    // Still forwarding.
+    w.tcp_echo(&guest, 18300);
+    let remote = w.remote.clone();
+    w.assert_echoes(&remote, "as-nobody", "TCP:198.51.100.2:18300", &log);
+}

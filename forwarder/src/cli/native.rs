@@ -137,6 +137,12 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
 
+    /// Once set up, run as this user (and group; default: the user's own), keeping only
+    /// the right to listen on ports below 1024. A UID or login name, a GID or group name.
+    /// Default: the user forwarder was started as.
+    #[arg(long, value_name = "UID[:GID]|LOGIN[:GROUP]", overrides_with = "runas")]
+    pub runas: Option<String>,
+
     /// Derive the namespace's addresses and gateways from this host interface (its default
     /// routes) instead of the interface of the best default route.
     #[arg(short = 'i', long = "interface", value_name = "NAME")]
@@ -390,29 +396,43 @@ pub struct Args {
     pub face: super::Face,
 }
 
-/// Whether `--runas UID[:GID]` names the user and group the process already runs as
-/// (pasta run as root is told `--runas 0:0` to stay root): a change of nothing.
-fn runas_is_self(spec: &str) -> bool {
+/// `--runas UID[:GID]|LOGIN[:GROUP]` as numeric ids; `None` when it names the user and
+/// group the process already runs as (pasta run as root is told `--runas 0:0` to stay
+/// root): a change of nothing.
+fn runas_ids(spec: &str) -> Result<Option<(u32, u32)>> {
+    use nix::unistd::{Gid, Group, Uid, User};
     let (user, group) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
     };
-    let uid = user.parse::<u32>().ok().or_else(|| {
-        nix::unistd::User::from_name(user)
-            .ok()
-            .flatten()
-            .map(|u| u.uid.as_raw())
-    });
-    let gid = group.map(|g| {
-        g.parse::<u32>().ok().or_else(|| {
-            nix::unistd::Group::from_name(g)
+    let account = match user.parse::<u32>() {
+        Ok(uid) => User::from_uid(Uid::from_raw(uid)).ok().flatten(),
+        Err(_) => Some(
+            User::from_name(user)
+                .ok()
+                .flatten()
+                .ok_or_else(|| anyhow::anyhow!("--runas {spec}: no user {user:?}"))?,
+        ),
+    };
+    let uid = user
+        .parse::<u32>()
+        .ok()
+        .or(account.as_ref().map(|a| a.uid.as_raw()))
+        .ok_or_else(|| anyhow::anyhow!("--runas {spec}: no user {user:?}"))?;
+    let gid = match group {
+        Some(g) => match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => Group::from_name(g)
                 .ok()
                 .flatten()
                 .map(|g| g.gid.as_raw())
-        })
-    });
-    uid == Some(nix::unistd::geteuid().as_raw())
-        && gid.is_none_or(|g| g == Some(nix::unistd::getegid().as_raw()))
+                .ok_or_else(|| anyhow::anyhow!("--runas {spec}: no group {g:?}"))?,
+        },
+        // A UID with no account: its group of the same number, as pasta does.
+        None => account.map_or(uid, |a| a.gid.as_raw()),
+    };
+    let same = uid == nix::unistd::geteuid().as_raw() && gid == Gid::effective().as_raw();
+    Ok((!same).then_some((uid, gid)))
 }
 
 /// pasta/passt options forwarder parses so that it can refuse them by name.
@@ -439,9 +459,6 @@ pub struct Unsupported {
     /// Not served yet: no tap at all.
     #[arg(long, hide = true)]
     pub splice_only: bool,
-    /// Not served yet: change user after set-up.
-    #[arg(long, value_name = "UID[:GID]", hide = true)]
-    pub runas: Option<String>,
 }
 
 impl Unsupported {
@@ -464,10 +481,6 @@ impl Unsupported {
                 .then(|| later("--fd", "forwarder opens the tap itself")),
             self.splice_only
                 .then(|| later("--splice-only", "the tap is always created")),
-            self.runas
-                .as_deref()
-                .filter(|r| !runas_is_self(r))
-                .map(|_| later("--runas", "forwarder keeps the user it was started as")),
         ]
         .into_iter()
         .flatten()
@@ -667,7 +680,9 @@ impl Args {
         if self.stats.is_some() && background {
             bail!("--stats: can't display statistics if not running in foreground (-f)");
         }
+        let runas = self.runas.as_deref().map(runas_ids).transpose()?.flatten();
         let process = crate::config::Process {
+            runas,
             background,
             netns_quit: !self.no_netns_quit && !spawned,
             stats_every: self.stats.map(Duration::from_secs),

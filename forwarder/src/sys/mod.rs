@@ -121,6 +121,36 @@ pub fn fork_single_threaded() -> io::Result<ForkResult> {
     unsafe { nix::unistd::fork() }.map_err(io::Error::from)
 }
 
+/// Changes the process to user `uid` and group `gid` (`--runas`), supplementary groups
+/// cleared, keeping `CAP_NET_BIND_SERVICE` on the calling thread when it had it (so
+/// forwards added later may still listen on ports below 1024).
+///
+/// # Errors
+///
+/// The call that failed (`EPERM` without the privilege to change).
+pub fn run_as(uid: u32, gid: u32) -> io::Result<()> {
+    use caps::{CapSet, Capability};
+    use nix::unistd::{Gid, Uid, setgroups, setresgid, setresuid};
+    let keep =
+        caps::has_cap(None, CapSet::Effective, Capability::CAP_NET_BIND_SERVICE).unwrap_or(false);
+    let errno = |e: nix::Error| io::Error::from_raw_os_error(e as i32);
+    let gid = Gid::from_raw(gid);
+    let uid = Uid::from_raw(uid);
+    setgroups(&[gid]).map_err(errno)?;
+    setresgid(gid, gid, gid).map_err(errno)?;
+    if keep {
+        nix::sys::prctl::set_keepcaps(true).map_err(errno)?;
+    }
+    setresuid(uid, uid, uid).map_err(errno)?;
+    if keep {
+        let only: caps::CapsHashSet = std::iter::once(Capability::CAP_NET_BIND_SERVICE).collect();
+        caps::set(None, CapSet::Permitted, &only).map_err(io::Error::other)?;
+        caps::set(None, CapSet::Effective, &only).map_err(io::Error::other)?;
+        let _ = nix::sys::prctl::set_keepcaps(false);
+    }
+    Ok(())
+}
+
 /// Points standard input, output and error at `/dev/null` (a daemon releasing the
 /// streams its supervisor waits on).
 ///

@@ -38,6 +38,9 @@ fn main() -> ExitCode {
         Face::Pasta => "pasta",
     };
     if face == Face::Pasta {
+        // pasta's start-up: inherited descriptors are closed (a supervisor's pipe must not
+        // be held by the daemon). The native face leaves them to the command it runs.
+        forwarder::sys::close_inherited_fds();
         return face_main(program, cli::parse(face, argv));
     }
     if std::env::args_os().nth(1).is_some_and(|a| a == "man") {

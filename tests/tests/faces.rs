@@ -79,11 +79,20 @@ fn dns_server(w: &mut World) {
 
 /// Runs the pasta under test in the host namespace the way a supervisor does
 /// (`out=$(pasta …)`): returns once the foreground exits *and* both of its output pipes
-/// reached EOF, with how long that took.
+/// reached EOF, with how long that took. The process also inherits a third copy of the
+/// output pipe as descriptor 3 (`3>&1`): a daemon that kept inherited descriptors would
+/// hold the pipe open and this would not return.
 fn start(w: &World, args: &[&str]) -> (std::process::Output, Duration) {
     let started = Instant::now();
     let out = Command::new("ip")
-        .args(["netns", "exec", &w.host])
+        .args([
+            "netns",
+            "exec",
+            &w.host,
+            "sh",
+            "-c",
+            "exec \"$0\" \"$@\" 3>&1",
+        ])
         .arg(pasta(w))
         .args(["--runas", "0:0"])
         .args(args)

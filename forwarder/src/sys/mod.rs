@@ -151,6 +151,39 @@ pub fn run_as(uid: u32, gid: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// Closes every descriptor above 2 the process inherited (pasta's start-up: a pipe its
+/// supervisor left open must not be held by the daemon). Call first thing in `main`,
+/// before the process opens anything itself. Returns how many were closed.
+pub fn close_inherited_fds() -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return 0;
+    };
+    // Collected first: the listing's own descriptor is one of them, and goes with `dir`.
+    let fds: Vec<RawFd> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    let mut closed = 0;
+    for fd in fds {
+        // Still open? (The listing's descriptor is closed by now.)
+        if nix::fcntl::fcntl(
+            // SAFETY: borrowed for the one call; `fd` is checked to be open by it.
+            unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
+            nix::fcntl::FcntlArg::F_GETFD,
+        )
+        .is_err()
+        {
+            continue;
+        }
+        // SAFETY: at the start of `main` nothing in this process owns a descriptor above 2:
+        // each one here was inherited, so adopting and dropping it closes it without
+        // pulling it from under an owner.
+        drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        closed += 1;
+    }
+    closed
+}
+
 /// Points standard input, output and error at `/dev/null` (a daemon releasing the
 /// streams its supervisor waits on).
 ///

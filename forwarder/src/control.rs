@@ -30,6 +30,18 @@
 //! slirp4netns' `add_hostfwd`, `list_hostfwd`, `remove_hostfwd` are served too, with its
 //! exact error texts.
 //!
+//! ## pasta's rules (`-c/--conf-path`, pesto)
+//!
+//! With `-c`, the `-t/-u/-T/-U` forwards are pasta's rules (`forward::rule`), kept per
+//! table (HOST, SPLICE) with what serves each: a forward of this table (origin `rule`; the
+//! API cannot remove it), or an `auto` state for a scanning rule. An update
+//! ([`Control::apply_rules`], already checked by `forward::pesto`) is applied by difference:
+//! rules in both keep their sockets; rules gone are closed first (their ports may be reused
+//! by the new ones); new rules are bound in order. The first that cannot be bound undoes
+//! the update: the new rules are closed, the old ones bound again, and the tables are left
+//! as they were. pasta instead keeps the new table and retries failed ports every second
+//! (`docs/faces.md`). Best-effort (`WEAK`) rules bind what they can.
+//!
 //! ## `auto`
 //!
 //! Every [`forward::AUTO_SCAN_INTERVAL`] the other side's bound sockets are listed (see

@@ -13,14 +13,21 @@
 //!
 //! ## Grammar (pasta's)
 //!
-//! `none` | `[ADDR/]PORTS`, PORTS a comma list of `PORT`, `A-B`, `HOST:NS`, `A-B:C-D`
-//! (ranges of equal length), and exclusions `~PORT` / `~A-B` (removed from the ranges given in
-//! the same spec). `ADDR` binds the listening sockets to one host address (IPv6 without
-//! brackets, e.g. `2001:db8::1/80`); without it they listen on every address, both families.
+//! `none` | `[ADDR[%IF]/]PORTS`, PORTS a comma list of `PORT`, `A-B`, `HOST:NS`, `A-B:C-D`
+//! (ranges of equal length, or many ports to one), `HOST:TADDR`, `HOST:TADDR/NS`, and
+//! exclusions `~PORT` / `~A-B` (removed from the ranges given in the same spec; a spec of
+//! exclusions only is `all` but those, as pasta reads it). `ADDR` binds the listening
+//! sockets to one host address (bare or in brackets: `2001:db8::1/80`, `[::1]/80`; `*` or
+//! nothing: every address, both families); `%IF` binds them to one interface
+//! (`SO_BINDTODEVICE`; `%IF/` alone too). `TADDR` sends the port's clients to that
+//! namespace address instead of the guest's (same family as `ADDR`). When the part before
+//! the first `/` is not an address but holds a `:`, the `/` is the target's
+//! (`80:192.0.2.5/90`). pasta's own rules for the same specs (`-c`, pesto) are
+//! [`rule`]'s, byte-exact with pasta.
 //!
 //! `auto` (pasta's): forward the ports that are bound on the other side, as they appear and
 //! disappear. Plain ports and ranges next to it restrict it (`8000-8010,auto`), exclusions
-//! apply (`auto,~22`). For `-t`/`-u` the namespace's sockets are read from its
+//! apply (`auto,~22`), an address restricts where it listens (`::1/auto`). For `-t`/`-u` the namespace's sockets are read from its
 //! `/proc/net/{tcp,udp}{,6}` (by the namespace agent, see `ns::Agent`) every
 //! [`AUTO_SCAN_INTERVAL`]; sockets bound only to a loopback address are skipped (nothing
 //! arriving over the tap could reach them), and so are ports forwarder itself bound there.
@@ -31,7 +38,8 @@
 //! `all` (pasta's, `-t`/`-u` only): every port below the host's ephemeral range
 //! (`net.ipv4.ip_local_port_range`) that can be bound, restricted and excluded like `auto`;
 //! ports that cannot be bound (in use, privileged) are skipped, and start-up fails only when
-//! none can. The soft open-file limit is raised to the hard one for it.
+//! none can. The soft open-file limit is raised to the hard one for it; at the limit the
+//! ports bound so far are kept, less `io::FD_RESERVE` given back for flows, with a warning.
 //!
 //! ## Remote forwards (`--remote-forward`, slirpnetstack's `-R`)
 //!

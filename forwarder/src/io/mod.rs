@@ -108,7 +108,7 @@ mod token;
 mod udp_splice;
 
 pub use listen::{
-    ACCEPT_BATCH, LISTEN_BACKLOG, Listener, bind_best_effort, bind_forwards, bind_udp,
+    ACCEPT_BATCH, FD_RESERVE, LISTEN_BACKLOG, Listener, bind_best_effort, bind_forwards, bind_udp,
     can_bind_to_device, listen_tcp, set_freebind,
 };
 pub use sockets::Sockets;

@@ -729,6 +729,15 @@ fn init_logging(args: &Args) -> Result<()> {
                 }))
                 .init();
         }
+        // pasta's default: syslog too (what the daemon says once its streams are gone),
+        // unless debugging to the terminal.
+        None if args.face == Face::Pasta && !args.debug && !args.trace => {
+            use tracing_subscriber::fmt::writer::MakeWriterExt;
+            builder
+                .with_ansi(false)
+                .with_writer(std::io::stderr.and(Syslog::connect("pasta")))
+                .init();
+        }
         None => {
             use std::io::IsTerminal;
             builder
@@ -738,6 +747,96 @@ fn init_logging(args: &Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The system log, as pasta writes it: one datagram per message to `/dev/log`
+/// (`FORWARDER_SYSLOG_SOCKET` names another socket, for tests), RFC 3164's
+/// `<PRI>IDENT[PID]: MESSAGE`, facility daemon. No socket there: nothing is sent.
+struct Syslog {
+    sock: Option<std::os::unix::net::UnixDatagram>,
+    ident: &'static str,
+    pid: u32,
+}
+
+impl Syslog {
+    fn connect(ident: &'static str) -> Self {
+        let path = std::env::var_os("FORWARDER_SYSLOG_SOCKET")
+            .unwrap_or_else(|| std::ffi::OsString::from("/dev/log"));
+        let sock = std::os::unix::net::UnixDatagram::unbound()
+            .and_then(|s| s.connect(&path).map(|()| s))
+            .and_then(|s| s.set_nonblocking(true).map(|()| s))
+            .ok();
+        Self {
+            sock,
+            ident,
+            pid: std::process::id(),
+        }
+    }
+}
+
+/// One message being formatted for [`Syslog`]; sent when dropped.
+struct SyslogLine<'a> {
+    to: &'a Syslog,
+    severity: u8,
+    text: Vec<u8>,
+}
+
+impl Write for SyslogLine<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        // Bounded: one message is one datagram.
+        let room = 8192usize.saturating_sub(self.text.len()).min(data.len());
+        self.text
+            .extend_from_slice(data.get(..room).unwrap_or_default());
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for SyslogLine<'_> {
+    fn drop(&mut self) {
+        let Some(sock) = &self.to.sock else {
+            return;
+        };
+        let text = String::from_utf8_lossy(&self.text);
+        let line = format!(
+            "<{}>{}[{}]: {}",
+            3 * 8 + self.severity,
+            self.to.ident,
+            self.to.pid,
+            text.trim_end()
+        );
+        // A full or gone log socket loses the message, never blocks forwarding.
+        let _ = sock.send(line.as_bytes());
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Syslog {
+    type Writer = SyslogLine<'a>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        SyslogLine {
+            to: self,
+            severity: 6,
+            text: Vec::new(),
+        }
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Self::Writer {
+        let severity = match *meta.level() {
+            tracing::Level::ERROR => 3,
+            tracing::Level::WARN => 4,
+            tracing::Level::INFO => 6,
+            _ => 7,
+        };
+        SyslogLine {
+            to: self,
+            severity,
+            text: Vec::new(),
+        }
+    }
 }
 
 /// The `-l` log file, kept under `--log-size` bytes: a write that would pass the limit first

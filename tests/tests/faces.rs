@@ -83,8 +83,14 @@ fn dns_server(w: &mut World) {
 /// output pipe as descriptor 3 (`3>&1`): a daemon that kept inherited descriptors would
 /// hold the pipe open and this would not return.
 fn start(w: &World, args: &[&str]) -> (std::process::Output, Duration) {
+    start_env(w, &[], args)
+}
+
+/// [`start`] with environment variables set.
+fn start_env(w: &World, env: &[(&str, &str)], args: &[&str]) -> (std::process::Output, Duration) {
     let started = Instant::now();
     let out = Command::new("ip")
+        .envs(env.iter().copied())
         .args([
             "netns",
             "exec",
@@ -752,4 +758,78 @@ fn runas_drops_to_another_user_once_set_up() {
     w.tcp_echo(&guest, 18300);
     let remote = w.remote.clone();
     w.assert_echoes(&remote, "as-nobody", "TCP:198.51.100.2:18300", &log);
+}
+
+#[test]
+fn the_daemon_logs_to_syslog_once_in_the_background() {
+    if !privileged() {
+        return;
+    }
+    if std::env::var_os("FACES_PASTA").is_some_and(|p| !p.is_empty()) {
+        println!(
+            "skipped: the syslog socket's path is forwarder's test hook (pasta uses /dev/log)"
+        );
+        return;
+    }
+    let mut w = World::new();
+    let guest = w.add_guest();
+    let host = w.host.clone();
+    let sock = w.dir.join("log.sock");
+    let got = w.dir.join("syslog.txt");
+    w.serve(
+        &host,
+        &format!(
+            "exec python3 -c \"import socket,sys; s=socket.socket(socket.AF_UNIX,socket.SOCK_DGRAM); s.bind(sys.argv[1]); f=open(sys.argv[2],'ab',0)\nwhile True: f.write(s.recv(65536)+b'\\n')\" {} {}",
+            sock.display(),
+            got.display()
+        ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "no syslog listener");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid_file = w.dir.join("pasta.pid");
+    let daemon = Daemon(pid_file.clone());
+    let netns = format!("/run/netns/{guest}");
+    let (out, _) = start_env(
+        &w,
+        &[("FORWARDER_SYSLOG_SOCKET", sock.to_str().unwrap())],
+        &[
+            "-t",
+            "none",
+            "-u",
+            "none",
+            "-T",
+            "none",
+            "-U",
+            "none",
+            "--netns",
+            &netns,
+            "--dns-host",
+            "203.0.113.1",
+            "--pid",
+            pid_file.to_str().unwrap(),
+        ],
+    );
+    assert_started(&out, "pasta without -l");
+    let pid = daemon.pid().expect("daemon PID");
+    // Deleting the namespace: the daemon's last words, said with no stderr left.
+    assert!(
+        Command::new("ip")
+            .args(["netns", "del", &guest])
+            .status()
+            .unwrap()
+            .success()
+    );
+    w.guest = None;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = read(&got);
+        if text.contains(&format!("<30>pasta[{pid}]: ")) && text.contains("the namespace is gone") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "syslog got: {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -324,6 +324,8 @@ fn run(args: Args, background: &mut Option<Background>) -> Result<ExitCode> {
         translation,
         Instant::now(),
     );
+    // --splice-only: the helper sent a stand-in for the tap; there is none.
+    let tap = (!cfg.io.splice_only).then_some(tap);
     let plane = io::spawn(tap, engine, cfg.io.clone(), forwards, fast)?;
     if let Some(agent) = lo_agent {
         plane.send(io::Command::LoopbackSplice(io::LoopbackSplice {

@@ -205,6 +205,13 @@ fn child_main(cfg: &Config, sock: &OwnedFd) -> Result<()> {
 }
 
 fn open_in_namespace(cfg: &Config) -> Result<(OwnedFd, Vec<OwnedFd>)> {
+    if cfg.io.splice_only {
+        // No tap: `lo` up, and a stand-in descriptor where the tap goes in the reply (the
+        // forwarder drops it).
+        netconf::configure_namespace(&cfg.ifname, &cfg.network, false, None)?;
+        let stand_in = OwnedFd::from(std::fs::File::open("/dev/null").context("open /dev/null")?);
+        return Ok((stand_in, ns_listeners(cfg)?));
+    }
     let tap = sys::open_tap(&cfg.ifname)
         .with_context(|| format!("open tap {} in the namespace", cfg.ifname))?;
     netconf::configure_namespace(
@@ -213,6 +220,11 @@ fn open_in_namespace(cfg: &Config) -> Result<(OwnedFd, Vec<OwnedFd>)> {
         cfg.config_net,
         cfg.ns_mac.map(|m| m.0),
     )?;
+    Ok((tap, ns_listeners(cfg)?))
+}
+
+/// The `-T`/`-U` sockets bound at start.
+fn ns_listeners(cfg: &Config) -> Result<Vec<OwnedFd>> {
     let mut listeners = Vec::new();
     for (addr, _, udp) in ns_listen_addrs(cfg) {
         listeners.push(if udp {
@@ -223,7 +235,7 @@ fn open_in_namespace(cfg: &Config) -> Result<(OwnedFd, Vec<OwnedFd>)> {
                 .with_context(|| format!("forward namespace tcp port {addr} (-T)"))?
         });
     }
-    Ok((tap, listeners))
+    Ok(listeners)
 }
 
 /// The addresses `-T` and `-U` bind inside the namespace, in order, with the host port

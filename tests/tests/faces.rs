@@ -833,3 +833,54 @@ fn the_daemon_logs_to_syslog_once_in_the_background() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn splice_only_forwards_loopback_traffic_without_a_tap() {
+    if !privileged() {
+        return;
+    }
+    let mut w = World::new();
+    let guest = w.add_guest();
+    let host = w.host.clone();
+    let pid_file = w.dir.join("pasta.pid");
+    let _daemon = Daemon(pid_file.clone());
+    let log = w.dir.join("pasta.log");
+    let netns = format!("/run/netns/{guest}");
+    let (out, _) = start(
+        &w,
+        &[
+            "--splice-only",
+            "-t",
+            "18500",
+            "-T",
+            "18501",
+            "-u",
+            "none",
+            "-U",
+            "none",
+            "--netns",
+            &netns,
+            "--dns-host",
+            "203.0.113.1",
+            "--pid",
+            pid_file.to_str().unwrap(),
+            "-l",
+            log.to_str().unwrap(),
+        ],
+    );
+    assert_started(&out, "pasta --splice-only");
+    let links = w.run_ok(&guest, "ip -o link", &log);
+    assert_eq!(links.lines().count(), 1, "only lo: {links}");
+    w.serve(
+        &guest,
+        "exec socat TCP-LISTEN:18500,bind=127.0.0.1,reuseaddr,fork PIPE",
+    );
+    w.wait_listening(&guest, 18500, false);
+    w.serve(
+        &host,
+        "exec socat TCP-LISTEN:18501,bind=127.0.0.1,reuseaddr,fork PIPE",
+    );
+    w.wait_listening(&host, 18501, false);
+    w.assert_echoes(&host, "host-to-ns", "TCP:127.0.0.1:18500", &log);
+    w.assert_echoes(&guest, "ns-to-host", "TCP:127.0.0.1:18501", &log);
+}

@@ -318,6 +318,12 @@ pub struct Args {
     #[arg(long, conflicts_with = "no_splice")]
     pub host_lo_to_ns_lo: bool,
 
+    /// No tap in the namespace: only loopback traffic is forwarded, -t (TCP) from the
+    /// host's loopback to the namespace's, -T/-U from the namespace's loopback to the
+    /// host's. -u needs the tap (its default auto is dropped, explicit ports refused).
+    #[arg(long, conflicts_with_all = ["no_splice", "ebpf"])]
+    pub splice_only: bool,
+
     /// Do not splice: TCP clients of a -t port from the host's loopback go over the tap
     /// like any other, shown to the namespace from the gateway (or --map-host-loopback)
     /// address. By default they are spliced through a socket made in the namespace and
@@ -456,9 +462,6 @@ pub struct Unsupported {
     /// Not served: vhost-user's capabilities.
     #[arg(long, hide = true)]
     pub print_capabilities: bool,
-    /// Not served yet: no tap at all.
-    #[arg(long, hide = true)]
-    pub splice_only: bool,
 }
 
 impl Unsupported {
@@ -479,8 +482,6 @@ impl Unsupported {
             self.fd
                 .is_some()
                 .then(|| later("--fd", "forwarder opens the tap itself")),
-            self.splice_only
-                .then(|| later("--splice-only", "the tap is always created")),
         ]
         .into_iter()
         .flatten()
@@ -594,6 +595,13 @@ impl Args {
                 &specs[..]
             };
             let disabled = (kind.is_udp() && self.no_udp) || (!kind.is_udp() && self.no_tcp);
+            if kind == Kind::Udp && self.splice_only {
+                if specs.iter().any(|s| s.spec != Spec::Ports(Vec::new())) && !defaulted {
+                    bail!("--udp-ports: needs the tap, which --splice-only leaves out");
+                }
+                fixed.push(Vec::new());
+                continue;
+            }
             if disabled && defaulted {
                 // A protocol turned off has no default forwards.
                 fixed.push(Vec::new());
@@ -806,6 +814,12 @@ impl Args {
             (Kind::UdpNs, &self.udp_ns),
         ] {
             let disabled = (kind.is_udp() && self.no_udp) || (!kind.is_udp() && self.no_tcp);
+            if kind == Kind::Udp && self.splice_only {
+                if specs.iter().any(|s| s.text != "none") {
+                    bail!("--udp-ports: needs the tap, which --splice-only leaves out");
+                }
+                continue;
+            }
             let texts: Vec<&str> = if specs.is_empty() {
                 if self.face == super::Face::Pasta && !disabled {
                     vec!["auto"]
@@ -1051,7 +1065,8 @@ impl Args {
             udp_idle: Duration::from_secs(self.udp_timeout),
             drop_every: self.drop_every,
             splice_loopback: !self.no_splice,
-            host_lo_to_ns_lo: self.host_lo_to_ns_lo,
+            host_lo_to_ns_lo: self.host_lo_to_ns_lo || self.splice_only,
+            splice_only: self.splice_only,
             pcap: self.pcap.clone(),
             freebind: self.freebind,
         })
@@ -1128,6 +1143,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("--splice-only"), "{err}");
+    }
+
+    #[test]
+    fn splice_only_has_no_udp_inbound() {
+        let err = parse(&["--splice-only", "-u", "53", "--", "true"])
+            .unwrap()
+            .into_config(&HostInfo::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--udp-ports") && err.contains("--splice-only"),
+            "{err}"
+        );
+        let cfg = parse(&["--splice-only", "-t", "80", "--", "true"])
+            .unwrap()
+            .into_config(&HostInfo::default())
+            .unwrap();
+        assert!(cfg.io.splice_only && cfg.io.host_lo_to_ns_lo);
+        assert!(parse(&["--splice-only", "--no-splice", "--", "true"]).is_err());
     }
 
     #[test]

@@ -25,7 +25,8 @@ use crate::wire;
 
 pub(super) struct Dataplane {
     pub(super) poll: Poll,
-    pub(super) tap: OwnedFd,
+    /// `None` with `--splice-only`.
+    pub(super) tap: Option<OwnedFd>,
     pub(super) engine: Engine,
     pub(super) rx: mpsc::Receiver<Command>,
     pub(super) sockets: Sockets,
@@ -41,6 +42,8 @@ pub(super) struct Dataplane {
     pub(super) lo_splice: Option<super::LoopbackSplice>,
     /// `-p/--pcap`.
     pub(super) capture: Option<super::capture::Capture>,
+    /// `--splice-only`: no tap; only host loopback clients of `-t` are served.
+    pub(super) splice_only: bool,
 }
 
 impl Dataplane {
@@ -212,6 +215,11 @@ impl Dataplane {
                         if self.lo_splice.is_some() && dest.addr.is_none() && loopback(peer) =>
                     {
                         self.splice_to_namespace(stream, peer, ns_port);
+                    }
+                    Ok((stream, peer)) if self.splice_only => {
+                        // --splice-only: only loopback clients are forwarded.
+                        debug!(%peer, "splice-only: a client not on the host's loopback, refused");
+                        reset(&OwnedFd::from(stream));
                     }
                     Ok((stream, peer)) => {
                         let _ = stream.set_nonblocking(true);
@@ -403,8 +411,17 @@ impl Dataplane {
 
     fn read_tap(&mut self, now: Instant) {
         self.tap_pending = false;
+        // Taken for the batch (the engine never touches it), put back after.
+        let Some(tap) = self.tap.take() else {
+            return;
+        };
+        self.read_tap_batch(&tap, now);
+        self.tap = Some(tap);
+    }
+
+    fn read_tap_batch(&mut self, tap: &OwnedFd, now: Instant) {
         for _ in 0..TAP_BATCH {
-            match nix::unistd::read(&self.tap, &mut self.buf) {
+            match nix::unistd::read(tap, &mut self.buf) {
                 Ok(n) if n > 0 => {
                     if self.test_drop(0) {
                         continue;
@@ -507,7 +524,8 @@ impl Dataplane {
                 c.frame(&frame);
             }
             if !self.test_drop(1)
-                && let Err(err) = nix::unistd::write(&self.tap, &frame)
+                && let Some(tap) = &self.tap
+                && let Err(err) = nix::unistd::write(tap, &frame)
             {
                 debug!(%err, len = frame.len(), "tap write failed");
             }

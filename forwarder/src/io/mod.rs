@@ -232,6 +232,9 @@ pub struct Options {
     pub splice_loopback: bool,
     /// `--host-lo-to-ns-lo`: those clients go to the namespace's loopback, not its address.
     pub host_lo_to_ns_lo: bool,
+    /// `--splice-only`: no tap; `-t` TCP clients from the host's loopback are spliced to
+    /// the namespace's loopback, others are refused.
+    pub splice_only: bool,
     /// `-p/--pcap`: capture the tap's frames to this file.
     pub pcap: Option<std::path::PathBuf>,
     /// `--freebind`: forwarded ports may listen on addresses the host does not have
@@ -309,7 +312,7 @@ impl Handle {
 ///
 /// When the poller cannot be created or the tap registered.
 pub fn spawn(
-    tap: OwnedFd,
+    tap: Option<OwnedFd>,
     engine: Engine,
     options: Options,
     forwards: Vec<(u32, Vec<Listener>)>,
@@ -323,13 +326,15 @@ pub fn spawn(
     let poll = Poll::new().context("create poller")?;
     let waker =
         std::sync::Arc::new(Waker::new(poll.registry(), token::WAKER).context("create waker")?);
-    poll.registry()
-        .register(
-            &mut SourceFd(&tap.as_raw_fd()),
-            token::TAP,
-            Interest::READABLE,
-        )
-        .context("register the tap")?;
+    if let Some(tap) = &tap {
+        poll.registry()
+            .register(
+                &mut SourceFd(&tap.as_raw_fd()),
+                token::TAP,
+                Interest::READABLE,
+            )
+            .context("register the tap")?;
+    }
     let mut fast = fast;
     if let Some(f) = &mut fast {
         poll.registry()
@@ -370,6 +375,7 @@ pub fn spawn(
         udp_idle: options.udp_idle,
         lo_splice: None,
         capture,
+        splice_only: options.splice_only,
     };
     let mut plane = plane;
     for (id, listeners) in forwards {

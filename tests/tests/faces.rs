@@ -884,3 +884,46 @@ fn splice_only_forwards_loopback_traffic_without_a_tap() {
     w.assert_echoes(&host, "host-to-ns", "TCP:127.0.0.1:18500", &log);
     w.assert_echoes(&guest, "ns-to-host", "TCP:127.0.0.1:18501", &log);
 }
+
+#[test]
+fn fd_option_serves_a_tap_the_caller_opened() {
+    if !privileged() {
+        return;
+    }
+    let mut w = World::new();
+    let guest = w.add_guest();
+    let remote = w.remote.clone();
+    w.tcp_echo(&remote, 7010);
+    let pid_file = w.dir.join("pasta.pid");
+    let _daemon = Daemon(pid_file.clone());
+    let log = w.dir.join("pasta.log");
+    // The caller opens tap `tapf` inside the namespace and hands it over as -F.
+    let script = format!(
+        r#"import fcntl, os, struct, sys
+fd = os.open("/dev/net/tun", os.O_RDWR)
+fcntl.ioctl(fd, 0x400454ca, struct.pack("16sH", b"tapf", 0x0002 | 0x1000))
+os.set_inheritable(fd, True)
+os.execvp("nsenter", ["nsenter", "--net=/run/netns/{host}", "{pasta}", "--runas", "0:0",
+    "-F", str(fd), "-t", "none", "-u", "none", "-T", "none", "-U", "none",
+    "--netns", "/run/netns/{guest}", "--dns-host", "203.0.113.1",
+    "--pid", "{pid}", "-l", "{log}"])
+"#,
+        host = w.host,
+        pasta = pasta(&w).display(),
+        guest = guest,
+        pid = pid_file.display(),
+        log = log.display(),
+    );
+    let out = Command::new("ip")
+        .args(["netns", "exec", &guest, "python3", "-c", &script])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_started(&out, "pasta -F");
+    w.run_ok(
+        &guest,
+        "ip addr add 198.51.100.2/24 dev tapf && ip link set tapf up && ip route add default via 198.51.100.1",
+        &log,
+    );
+    w.assert_echoes(&guest, "via-fd", "TCP:203.0.113.1:7010", &log);
+}

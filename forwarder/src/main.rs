@@ -39,10 +39,9 @@ fn main() -> ExitCode {
     };
     if face == Face::Pasta {
         // pasta's start-up: inherited descriptors are closed (a supervisor's pipe must not
-        // be held by the daemon), but -F's. The native face leaves them to its command.
-        let args = cli::parse(face, argv);
-        forwarder::sys::close_inherited_fds(args.fd);
-        return face_main(program, args);
+        // be held by the daemon). The native face leaves them to the command it runs.
+        forwarder::sys::close_inherited_fds();
+        return face_main(program, cli::parse(face, argv));
     }
     if std::env::args_os().nth(1).is_some_and(|a| a == "man") {
         // `forwarder man | man -l -`: the manual, generated from this command line.
@@ -325,15 +324,8 @@ fn run(args: Args, background: &mut Option<Background>) -> Result<ExitCode> {
         translation,
         Instant::now(),
     );
-    // --splice-only: the helper sent a stand-in for the tap; there is none. -F: the tap is
-    // the inherited descriptor.
-    let tap = match cfg.tap_fd {
-        Some(fd) => Some(
-            forwarder::sys::adopt_inherited_fd(fd)
-                .with_context(|| format!("--fd {fd}: not an open descriptor"))?,
-        ),
-        None => (!cfg.io.splice_only).then_some(tap),
-    };
+    // --splice-only: the helper sent a stand-in for the tap; there is none.
+    let tap = (!cfg.io.splice_only).then_some(tap);
     let plane = io::spawn(tap, engine, cfg.io.clone(), forwards, fast)?;
     if let Some(agent) = lo_agent {
         plane.send(io::Command::LoopbackSplice(io::LoopbackSplice {

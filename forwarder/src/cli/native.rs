@@ -318,12 +318,6 @@ pub struct Args {
     #[arg(long, conflicts_with = "no_splice")]
     pub host_lo_to_ns_lo: bool,
 
-    /// Use this inherited descriptor as the tap (a tap device opened in the namespace by the
-    /// caller) instead of creating one; configure its interface yourself.
-    #[arg(short = 'F', long = "fd", value_name = "FD", value_parser = clap::value_parser!(i32).range(3..),
-          conflicts_with_all = ["splice_only", "config_net", "ebpf"])]
-    pub fd: Option<i32>,
-
     /// No tap in the namespace: only loopback traffic is forwarded, -t (TCP) from the
     /// host's loopback to the namespace's, -T/-U from the namespace's loopback to the
     /// host's. -u needs the tap (its default auto is dropped, explicit ports refused).
@@ -459,6 +453,9 @@ pub struct Unsupported {
         hide = true
     )]
     pub socket: Option<PathBuf>,
+    /// Not served: an inherited tap or VM socket.
+    #[arg(short = 'F', long = "fd", value_name = "FD", hide = true)]
+    pub fd: Option<String>,
     /// Not served: passt's one-off mode.
     #[arg(short = '1', long = "one-off", hide = true)]
     pub one_off: bool,
@@ -477,10 +474,14 @@ impl Unsupported {
                 format!("{o}: VM mode (passt's sockets) is not supported yet")
             }
         };
+        let later = |o: &str, why: &str| format!("{o}: not supported yet ({why})");
         [
             self.socket.is_some().then(|| vm("-s")),
             self.one_off.then(|| vm("--one-off")),
             self.print_capabilities.then(|| vm("--print-capabilities")),
+            self.fd
+                .is_some()
+                .then(|| later("--fd", "forwarder opens the tap itself")),
         ]
         .into_iter()
         .flatten()
@@ -727,7 +728,6 @@ impl Args {
             process,
             rules,
             ns_mac: self.ns_mac_addr,
-            tap_fd: self.fd,
         })
     }
 
@@ -1137,25 +1137,12 @@ mod tests {
 
     #[test]
     fn options_not_served_are_refused_by_name() {
-        let err = parse(&["-1", "--", "true"])
+        let err = parse(&["--splice-only", "--", "true"])
             .unwrap()
             .into_config(&HostInfo::default())
             .unwrap_err()
             .to_string();
-        assert!(err.contains("--one-off"), "{err}");
-    }
-
-    #[test]
-    fn fd_takes_an_inherited_descriptor_and_not_config_net() {
-        let cfg = parse(&["-F", "5", "--netns", "x"])
-            .unwrap()
-            .into_config(&HostInfo::default());
-        assert_eq!(cfg.map(|c| c.tap_fd).ok().flatten(), Some(5));
-        assert!(parse(&["-F", "5", "--config-net", "--", "true"]).is_err());
-        assert!(
-            parse(&["-F", "1", "--", "true"]).is_err(),
-            "the standard streams are not taps"
-        );
+        assert!(err.contains("--splice-only"), "{err}");
     }
 
     #[test]

@@ -481,7 +481,7 @@ impl Unsupported {
             self.print_capabilities.then(|| vm("--print-capabilities")),
             self.fd
                 .is_some()
-                .then(|| later("--fd", "forwarder opens the tap itself")),
+                .then(|| later("--fd", "a connected socket in passt's protocol is VM mode")),
         ]
         .into_iter()
         .flatten()
@@ -1137,12 +1137,12 @@ mod tests {
 
     #[test]
     fn options_not_served_are_refused_by_name() {
-        let err = parse(&["--splice-only", "--", "true"])
+        let err = parse(&["-F", "5", "--", "true"])
             .unwrap()
             .into_config(&HostInfo::default())
             .unwrap_err()
             .to_string();
-        assert!(err.contains("--splice-only"), "{err}");
+        assert!(err.contains("--fd") && err.contains("VM mode"), "{err}");
     }
 
     #[test]

@@ -60,6 +60,8 @@ pub struct Config {
     pub rules: Option<Rules>,
     /// `--ns-mac-addr`: the tap's MAC address in the namespace.
     pub ns_mac: Option<crate::wire::EthernetAddress>,
+    /// `-F/--fd`: the tap is this inherited descriptor; none is created.
+    pub tap_fd: Option<i32>,
 }
 
 /// pasta's forwarding rules and the socket pesto changes them on.

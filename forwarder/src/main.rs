@@ -39,9 +39,10 @@ fn main() -> ExitCode {
     };
     if face == Face::Pasta {
         // pasta's start-up: inherited descriptors are closed (a supervisor's pipe must not
-        // be held by the daemon). The native face leaves them to the command it runs.
-        forwarder::sys::close_inherited_fds();
-        return face_main(program, cli::parse(face, argv));
+        // be held by the daemon), but -F's. The native face leaves them to its command.
+        let args = cli::parse(face, argv);
+        forwarder::sys::close_inherited_fds(args.fd);
+        return face_main(program, args);
     }
     if std::env::args_os().nth(1).is_some_and(|a| a == "man") {
         // `forwarder man | man -l -`: the manual, generated from this command line.
@@ -324,8 +325,24 @@ fn run(args: Args, background: &mut Option<Background>) -> Result<ExitCode> {
         translation,
         Instant::now(),
     );
-    // --splice-only: the helper sent a stand-in for the tap; there is none.
-    let tap = (!cfg.io.splice_only).then_some(tap);
+    // --splice-only: the helper sent a stand-in for the tap; there is none. -F: the frames
+    // come over the inherited socket, in passt's stream protocol.
+    let tap = match cfg.tap_fd {
+        Some(fd) => {
+            let fd = forwarder::sys::adopt_inherited_fd(fd)
+                .with_context(|| format!("--fd {fd}: not an open descriptor"))?;
+            // A stream socket speaks passt's protocol; a tap (or a datagram socket) gives
+            // one frame per read.
+            let stream = nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::SockType)
+                .is_ok_and(|t| t == nix::sys::socket::SockType::Stream);
+            Some(if stream {
+                io::Link::Stream(fd)
+            } else {
+                io::Link::Tap(fd)
+            })
+        }
+        None => (!cfg.io.splice_only).then_some(io::Link::Tap(tap)),
+    };
     let plane = io::spawn(tap, engine, cfg.io.clone(), forwards, fast)?;
     if let Some(agent) = lo_agent {
         plane.send(io::Command::LoopbackSplice(io::LoopbackSplice {
@@ -675,6 +692,9 @@ async fn supervise(
             _ = stats_tick.tick(), if stats_every.is_some() => plane.send(io::Command::LogStats),
             _ = tick.tick() => {
                 if plane.is_finished() {
+                    if plane.link_closed() {
+                        return Ok(ExitCode::SUCCESS);
+                    }
                     anyhow::bail!("the data plane stopped");
                 }
             }

@@ -205,9 +205,9 @@ fn child_main(cfg: &Config, sock: &OwnedFd) -> Result<()> {
 }
 
 fn open_in_namespace(cfg: &Config) -> Result<(OwnedFd, Vec<OwnedFd>)> {
-    if cfg.io.splice_only {
-        // No tap: `lo` up, and a stand-in descriptor where the tap goes in the reply (the
-        // forwarder drops it).
+    if cfg.io.splice_only || cfg.tap_fd.is_some() {
+        // No tap made here (none, or -F's): `lo` up, and a stand-in descriptor where the
+        // tap goes in the reply (the forwarder drops it).
         netconf::configure_namespace(&cfg.ifname, &cfg.network, false, None)?;
         let stand_in = OwnedFd::from(std::fs::File::open("/dev/null").context("open /dev/null")?);
         return Ok((stand_in, ns_listeners(cfg)?));

@@ -884,3 +884,123 @@ fn splice_only_forwards_loopback_traffic_without_a_tap() {
     w.assert_echoes(&host, "host-to-ns", "TCP:127.0.0.1:18500", &log);
     w.assert_echoes(&guest, "ns-to-host", "TCP:127.0.0.1:18501", &log);
 }
+
+#[test]
+fn fd_option_carries_frames_over_a_socket_in_passts_protocol() {
+    if !privileged() {
+        return;
+    }
+    let mut w = World::new();
+    let guest = w.add_guest();
+    let pid_file = w.dir.join("pasta.pid");
+    let daemon = Daemon(pid_file.clone());
+    let log = w.dir.join("pasta.log");
+    // The caller keeps one end of a socket pair and hands the other over as -F; it then
+    // asks, in passt's framing, for the gateway's MAC address (ARP), and closes.
+    let script = format!(
+        r#"import socket, struct, subprocess, sys
+ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+fd = theirs.fileno()
+r = subprocess.run(["{pasta}", "--runas", "0:0", "-F", str(fd), "-t", "none", "-u", "none",
+    "-T", "none", "-U", "none", "--netns", "/run/netns/{guest}", "--dns-host", "203.0.113.1",
+    "--pid", "{pid}", "-l", "{log}"], pass_fds=(fd,))
+if r.returncode != 0:
+    sys.exit("pasta exited %d" % r.returncode)
+theirs.close()
+mac = bytes.fromhex("02000000000b")
+arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, mac, socket.inet_aton("198.51.100.2"),
+    bytes(6), socket.inet_aton("198.51.100.1"))
+frame = b"\xff" * 6 + mac + b"\x08\x06" + arp
+ours.sendall(struct.pack("!I", len(frame)) + frame)
+ours.settimeout(5)
+def exact(n):
+    b = b""
+    while len(b) < n:
+        c = ours.recv(n - len(b))
+        if not c:
+            sys.exit("closed")
+        b += c
+    return b
+while True:
+    (n,) = struct.unpack("!I", exact(4))
+    f = exact(n)
+    if f[12:14] == b"\x08\x06" and struct.unpack("!H", f[20:22])[0] == 2:
+        print("reply", socket.inet_ntoa(f[28:32]), f[22:28].hex(), "to", f[0:6].hex())
+        break
+ours.close()
+"#,
+        pasta = pasta(&w).display(),
+        guest = guest,
+        pid = pid_file.display(),
+        log = log.display(),
+    );
+    let out = w.run_in(
+        &w.host,
+        &format!("python3 -c '{}'", script.replace('\'', "'\\''")),
+    );
+    assert!(
+        out.status.success(),
+        "{}{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr),
+        read(&log)
+    );
+    let said = text(&out.stdout);
+    assert!(
+        said.starts_with("reply 198.51.100.1 ") && said.trim_end().ends_with("to 02000000000b"),
+        "{said}"
+    );
+    // The socket closed: the daemon ends (pasta's one-off).
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while daemon.alive() {
+        assert!(
+            Instant::now() < deadline,
+            "still running after its socket closed: {}",
+            read(&log)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn fd_option_serves_a_tap_the_caller_opened() {
+    if !privileged() {
+        return;
+    }
+    let mut w = World::new();
+    let guest = w.add_guest();
+    let remote = w.remote.clone();
+    w.tcp_echo(&remote, 7010);
+    let pid_file = w.dir.join("pasta.pid");
+    let _daemon = Daemon(pid_file.clone());
+    let log = w.dir.join("pasta.log");
+    // The caller opens tap `tapf` inside the namespace and hands it over as -F.
+    let script = format!(
+        r#"import fcntl, os, struct, sys
+fd = os.open("/dev/net/tun", os.O_RDWR)
+fcntl.ioctl(fd, 0x400454ca, struct.pack("16sH", b"tapf", 0x0002 | 0x1000))
+os.set_inheritable(fd, True)
+os.execvp("nsenter", ["nsenter", "--net=/run/netns/{host}", "{pasta}", "--runas", "0:0",
+    "-F", str(fd), "-t", "none", "-u", "none", "-T", "none", "-U", "none",
+    "--netns", "/run/netns/{guest}", "--dns-host", "203.0.113.1",
+    "--pid", "{pid}", "-l", "{log}"])
+"#,
+        host = w.host,
+        pasta = pasta(&w).display(),
+        guest = guest,
+        pid = pid_file.display(),
+        log = log.display(),
+    );
+    let out = Command::new("ip")
+        .args(["netns", "exec", &guest, "python3", "-c", &script])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_started(&out, "pasta -F");
+    w.run_ok(
+        &guest,
+        "ip addr add 198.51.100.2/24 dev tapf && ip link set tapf up && ip route add default via 198.51.100.1",
+        &log,
+    );
+    w.assert_echoes(&guest, "via-fd", "TCP:203.0.113.1:7010", &log);
+}

@@ -318,6 +318,15 @@ pub struct Args {
     #[arg(long, conflicts_with = "no_splice")]
     pub host_lo_to_ns_lo: bool,
 
+    /// Carry the namespace's frames over this inherited descriptor instead of a tap made
+    /// here: a connected stream socket in passt's protocol (each frame after its length, 4
+    /// bytes big-endian), or a tap (or datagram socket) the caller opened, one frame per
+    /// read. forwarder exits when a socket closes (pasta's one-off). --config-net does not
+    /// apply: the caller owns the interface.
+    #[arg(short = 'F', long = "fd", value_name = "FD", value_parser = clap::value_parser!(i32).range(3..),
+          conflicts_with_all = ["splice_only", "config_net", "ebpf"])]
+    pub fd: Option<i32>,
+
     /// No tap in the namespace: only loopback traffic is forwarded, -t (TCP) from the
     /// host's loopback to the namespace's, -T/-U from the namespace's loopback to the
     /// host's. -u needs the tap (its default auto is dropped, explicit ports refused).
@@ -453,9 +462,6 @@ pub struct Unsupported {
         hide = true
     )]
     pub socket: Option<PathBuf>,
-    /// Not served: an inherited tap or VM socket.
-    #[arg(short = 'F', long = "fd", value_name = "FD", hide = true)]
-    pub fd: Option<String>,
     /// Not served: passt's one-off mode.
     #[arg(short = '1', long = "one-off", hide = true)]
     pub one_off: bool,
@@ -474,14 +480,10 @@ impl Unsupported {
                 format!("{o}: VM mode (passt's sockets) is not supported yet")
             }
         };
-        let later = |o: &str, why: &str| format!("{o}: not supported yet ({why})");
         [
             self.socket.is_some().then(|| vm("-s")),
             self.one_off.then(|| vm("--one-off")),
             self.print_capabilities.then(|| vm("--print-capabilities")),
-            self.fd
-                .is_some()
-                .then(|| later("--fd", "a connected socket in passt's protocol is VM mode")),
         ]
         .into_iter()
         .flatten()
@@ -728,6 +730,7 @@ impl Args {
             process,
             rules,
             ns_mac: self.ns_mac_addr,
+            tap_fd: self.fd,
         })
     }
 
@@ -1137,12 +1140,25 @@ mod tests {
 
     #[test]
     fn options_not_served_are_refused_by_name() {
-        let err = parse(&["-F", "5", "--", "true"])
+        let err = parse(&["-1", "--", "true"])
             .unwrap()
             .into_config(&HostInfo::default())
             .unwrap_err()
             .to_string();
-        assert!(err.contains("--fd") && err.contains("VM mode"), "{err}");
+        assert!(err.contains("--one-off"), "{err}");
+    }
+
+    #[test]
+    fn fd_takes_an_inherited_descriptor_and_not_config_net() {
+        let cfg = parse(&["-F", "5", "--netns", "x"])
+            .unwrap()
+            .into_config(&HostInfo::default());
+        assert_eq!(cfg.map(|c| c.tap_fd).ok().flatten(), Some(5));
+        assert!(parse(&["-F", "5", "--config-net", "--", "true"]).is_err());
+        assert!(
+            parse(&["-F", "1", "--", "true"]).is_err(),
+            "the standard streams are not taps"
+        );
     }
 
     #[test]

@@ -25,8 +25,10 @@ use crate::wire;
 
 pub(super) struct Dataplane {
     pub(super) poll: Poll,
-    /// `None` with `--splice-only`.
-    pub(super) tap: Option<OwnedFd>,
+    /// The tap, or `-F`'s socket; `None` with `--splice-only`.
+    pub(super) tap: Option<super::link::Port>,
+    /// Set when `-F`'s socket closed: the loop then ends (pasta's one-off).
+    pub(super) link_closed: std::sync::Arc<std::sync::atomic::AtomicBool>,
     pub(super) engine: Engine,
     pub(super) rx: mpsc::Receiver<Command>,
     pub(super) sockets: Sockets,
@@ -126,6 +128,9 @@ impl Dataplane {
             }
             if tap_ready {
                 self.read_tap(now);
+                if self.link_closed.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Ok(self.stats());
+                }
             }
             self.udp_relays
                 .expire(relay_ends(&self.sockets), now, self.udp_idle);
@@ -412,17 +417,17 @@ impl Dataplane {
     fn read_tap(&mut self, now: Instant) {
         self.tap_pending = false;
         // Taken for the batch (the engine never touches it), put back after.
-        let Some(tap) = self.tap.take() else {
+        let Some(mut tap) = self.tap.take() else {
             return;
         };
-        self.read_tap_batch(&tap, now);
+        self.read_tap_batch(&mut tap, now);
         self.tap = Some(tap);
     }
 
-    fn read_tap_batch(&mut self, tap: &OwnedFd, now: Instant) {
+    fn read_tap_batch(&mut self, tap: &mut super::link::Port, now: Instant) {
         for _ in 0..TAP_BATCH {
-            match nix::unistd::read(tap, &mut self.buf) {
-                Ok(n) if n > 0 => {
+            match tap.next_frame(&mut self.buf) {
+                Ok(n) => {
                     if self.test_drop(0) {
                         continue;
                     }
@@ -438,12 +443,14 @@ impl Dataplane {
                         }
                     }
                 }
-                Ok(_) | Err(Errno::EAGAIN | Errno::EINTR) => {
+                Err(super::link::Stop::Idle) => {
                     self.engine.end_batch(now, &mut self.sockets);
                     return;
                 }
-                Err(err) => {
-                    warn!(%err, "reading the tap failed");
+                Err(super::link::Stop::Closed) => {
+                    info!("the namespace's socket (-F) was closed");
+                    self.link_closed
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
                     self.engine.end_batch(now, &mut self.sockets);
                     return;
                 }
@@ -523,13 +530,17 @@ impl Dataplane {
             if let Some(c) = &mut self.capture {
                 c.frame(&frame);
             }
-            if !self.test_drop(1)
-                && let Some(tap) = &self.tap
-                && let Err(err) = nix::unistd::write(tap, &frame)
+            let dropped = self.test_drop(1);
+            if !dropped
+                && let Some(tap) = &mut self.tap
+                && let Err(err) = tap.send(&frame)
             {
                 debug!(%err, len = frame.len(), "tap write failed");
             }
             self.engine.recycle(frame);
+        }
+        if let Some(tap) = &mut self.tap {
+            tap.flush();
         }
         if let Some(c) = &mut self.capture {
             c.flush();

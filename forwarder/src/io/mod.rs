@@ -101,12 +101,14 @@ use tracing::debug;
 mod capture;
 mod dataplane;
 pub mod fastpath;
+mod link;
 mod listen;
 mod sockets;
 mod splice;
 mod token;
 mod udp_splice;
 
+pub use link::Link;
 pub use listen::{
     ACCEPT_BATCH, FD_RESERVE, LISTEN_BACKLOG, Listener, bind_best_effort, bind_forwards, bind_udp,
     can_bind_to_device, listen_tcp, set_freebind,
@@ -273,9 +275,16 @@ pub struct Handle {
     tx: mpsc::Sender<Command>,
     waker: std::sync::Arc<Waker>,
     thread: Option<std::thread::JoinHandle<Result<Stats>>>,
+    link_closed: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Handle {
+    /// Whether the loop ended because `-F`'s socket closed (a normal end).
+    #[must_use]
+    pub fn link_closed(&self) -> bool {
+        self.link_closed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Sends a command and wakes the loop.
     pub fn send(&self, cmd: Command) {
         if self.tx.send(cmd).is_ok() {
@@ -312,7 +321,7 @@ impl Handle {
 ///
 /// When the poller cannot be created or the tap registered.
 pub fn spawn(
-    tap: Option<OwnedFd>,
+    tap: Option<Link>,
     engine: Engine,
     options: Options,
     forwards: Vec<(u32, Vec<Listener>)>,
@@ -326,15 +335,19 @@ pub fn spawn(
     let poll = Poll::new().context("create poller")?;
     let waker =
         std::sync::Arc::new(Waker::new(poll.registry(), token::WAKER).context("create waker")?);
+    let tap = tap.map(link::Port::new);
     if let Some(tap) = &tap {
+        // A stream's queued writes go on when it is writable again.
+        let interest = if tap.is_stream() {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
         poll.registry()
-            .register(
-                &mut SourceFd(&tap.as_raw_fd()),
-                token::TAP,
-                Interest::READABLE,
-            )
+            .register(&mut SourceFd(&tap.raw_fd()), token::TAP, interest)
             .context("register the tap")?;
     }
+    let link_closed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut fast = fast;
     if let Some(f) = &mut fast {
         poll.registry()
@@ -376,6 +389,7 @@ pub fn spawn(
         lo_splice: None,
         capture,
         splice_only: options.splice_only,
+        link_closed: link_closed.clone(),
     };
     let mut plane = plane;
     for (id, listeners) in forwards {
@@ -392,6 +406,7 @@ pub fn spawn(
         tx,
         waker,
         thread: Some(thread),
+        link_closed,
     })
 }
 

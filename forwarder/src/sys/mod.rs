@@ -154,14 +154,14 @@ pub fn run_as(uid: u32, gid: u32) -> io::Result<()> {
 /// Closes every descriptor above 2 the process inherited (pasta's start-up: a pipe its
 /// supervisor left open must not be held by the daemon). Call first thing in `main`,
 /// before the process opens anything itself. Returns how many were closed.
-pub fn close_inherited_fds() -> usize {
+pub fn close_inherited_fds(keep: Option<RawFd>) -> usize {
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
         return 0;
     };
     // Collected first: the listing's own descriptor is one of them, and goes with `dir`.
     let fds: Vec<RawFd> = dir
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|fd| *fd > 2)
+        .filter(|fd| *fd > 2 && Some(*fd) != keep)
         .collect();
     let mut closed = 0;
     for fd in fds {
@@ -204,6 +204,27 @@ pub fn stdio_to_null() -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Takes ownership of descriptor `fd`, inherited from the parent and named on the command
+/// line (`-F/--fd`), set non-blocking.
+///
+/// # Errors
+///
+/// `EBADF` when no such descriptor is open.
+pub fn adopt_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: borrowed for the one call, which checks that `fd` is open.
+    let flags = nix::fcntl::fcntl(
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
+        nix::fcntl::FcntlArg::F_GETFL,
+    )
+    .map_err(io::Error::from)?;
+    // SAFETY: `fd` is open (checked above) and was inherited: `close_inherited_fds` kept it
+    // and nothing in this process took it since, so this is its only owner.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(&owned, nix::fcntl::FcntlArg::F_SETFL(flags)).map_err(io::Error::from)?;
+    Ok(owned)
 }
 
 /// Takes ownership of a descriptor received in an `SCM_RIGHTS` control message.
